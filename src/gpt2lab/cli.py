@@ -1,0 +1,81 @@
+"""The `gpt2lab` command line: one parser, subcommands imported only when they run.
+
+Each subcommand lives in its own module, which defines
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int | None
+
+so `gpt2lab --help` stays instant and `gpt2lab sample` never imports the trainer.
+Errors meant for users are raised as `gpt2lab.errors.UserError` and printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order shown by `gpt2lab --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("gpt2lab.commands.train", "pretrain (or continue training) a model from a YAML config"),
+    "finetune": ("gpt2lab.commands.finetune", "instruction-finetune a model on Alpaca/chat records (full or LoRA)"),
+    "prepare": ("gpt2lab.commands.prepare", "tokenize a corpus into token shards for training"),
+    "sample": ("gpt2lab.commands.sample", "generate text from a checkpoint, HF directory or OpenAI preset"),
+    "chat": ("gpt2lab.commands.chat", "talk to an instruction-finetuned model"),
+    "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, perplexity, lambada"),
+    "bench": ("gpt2lab.commands.bench", "measure training/decoding speed, MFU and memory"),
+    "convert": ("gpt2lab.commands.convert", "export a checkpoint to a Hugging Face GPT-2 directory"),
+    "merge-lora": ("gpt2lab.commands.merge_lora", "merge a LoRA adapter into its base and save a plain checkpoint"),
+    "model-info": ("gpt2lab.commands.model_info", "parameter count, FLOPs/token and KV-cache bytes/token of a config"),
+    "plot": ("gpt2lab.commands.plot", "draw train/val loss curves of a run directory to PNG"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="gpt2lab",
+        description="GPT-2 language models: pretrain, finetune, evaluate and sample.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `gpt2lab COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            # `gpt2lab` alone runs the quickstart: train the default config.
+            argv = ["train"]
+        else:
+            _top_parser().print_help()
+            return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"gpt2lab: error: unknown command '{name}'{hint}; see `gpt2lab --help`", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"gpt2lab {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+
+    from gpt2lab.errors import UserError
+
+    try:
+        code = module.run(args)
+    except UserError as e:
+        print(f"gpt2lab {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2lab {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

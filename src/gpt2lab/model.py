@@ -1,0 +1,517 @@
+"""The GPT-2 model family in one file, readable top to bottom.
+
+    GPTConfig  -> the architecture (presets: gpt2, gpt2-medium, gpt2-large, gpt2-xl, and tiny ones)
+    RoPE       -> rotary position embeddings (optional, `pos_emb="rope"`)
+    KVCache    -> preallocated key/value cache for fast generation (ring buffer under a sliding window)
+    Attention  -> causal self-attention: MHA / GQA / MQA, optional sliding window, through SDPA
+    MLP, Block -> the pre-LayerNorm transformer block of GPT-2
+    GPT        -> embeddings, blocks, final LayerNorm, tied LM head; `logits, loss = model(idx, targets)`
+
+With the default config this is OpenAI's GPT-2 exactly: learned absolute positions, pre-LayerNorm,
+GELU (tanh approximation), fused qkv projection, token embedding tied to the LM head, biases.
+Shape comments use B (batch), T (time), C (n_embd), nh (heads), nkv (kv heads), hs (head size).
+This module imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2lab.errors import UserError
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT model. Defaults are GPT-2 124M (`gpt2`)."""
+
+    block_size: int = 1024
+    """Maximum context length in tokens (the size of the learned position table)."""
+    vocab_size: int = 50257
+    """Number of token ids the tokenizer produces (50257 for GPT-2 BPE)."""
+    padded_vocab_size: int | None = None
+    """Rows of the embedding/LM head; >= vocab_size (e.g. 50304, a multiple of 64, for faster matmuls).
+    Padding ids are never produced: logits are returned for the first `vocab_size` ids only."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Number of query heads."""
+    n_kv_head: int | None = None
+    """Number of key/value heads: None or n_head = MHA, 1 = MQA, a divisor of n_head = GQA."""
+    n_embd: int = 768
+    """Model width C; must be a multiple of n_head."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 for pretraining)."""
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms (GPT-2 has them)."""
+    pos_emb: str = "learned"
+    """Position encoding: "learned" (GPT-2's absolute table) or "rope" (rotary)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (only with pos_emb="rope")."""
+    sliding_window: int | list[int | None] | None = None
+    """Attention window in tokens: None = full causal attention; an int applies to every layer;
+    a list gives one entry per layer (None or 0 = full attention for that layer)."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon (GPT-2 uses 1e-5)."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError with a one-line message if the fields do not describe a valid model."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise UserError(
+                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} "
+                f"(use 1 for multi-query, {self.n_head} for multi-head attention)"
+            )
+        if self.padded_vocab_size < self.vocab_size:
+            raise UserError(
+                f"model.padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}"
+            )
+        if self.pos_emb not in ("learned", "rope"):
+            raise UserError(f"model.pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise UserError(f"rotary embeddings need an even head size, got {self.head_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.sliding_window, list) and len(self.sliding_window) != self.n_layer:
+            raise UserError(
+                f"model.sliding_window has {len(self.sliding_window)} entries but the model has "
+                f"n_layer={self.n_layer} layers; give one entry per layer or a single int"
+            )
+        for w in self.layer_windows():
+            if w is not None and w <= 0:
+                raise UserError(f"model.sliding_window entries must be positive (or null), got {w}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def layer_windows(self) -> list[int | None]:
+        """The attention window of each layer (None = full causal attention)."""
+        sw = self.sliding_window
+        if isinstance(sw, list):
+            return [w if w else None for w in sw]
+        return [sw if sw else None] * self.n_layer
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named architecture (see PRESETS), with any field overridden."""
+        if name not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(name, PRESETS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)}){hint}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Build from a dict (e.g. a checkpoint's config.json); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # OpenAI's GPT-2 family (parameter counts with the tied embedding counted once).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124,439,808
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 354,823,168
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
+    # Small models for CPU runs and tests.
+    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt2-tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
+}
+
+# --------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_cache(head_size: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_size // 2), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    t = torch.arange(max_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x (B, nh, T, hs) by angles given as cos/sin (B, 1, T, hs/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class LayerKVCache(nn.Module):
+    """Preallocated keys/values of one layer: (B, nkv, S, hs), never grown.
+
+    Rows advance in lockstep by columns (a left-padded row simply has padding in its first columns);
+    column c is stored in slot c (full attention, S = max_len) or c % S (sliding window: a ring of
+    S = window slots). `slot_pos` records the absolute position each slot holds (-1 = empty or
+    padding), so the attention mask is computed from positions, never assumed.
+    """
+
+    def __init__(self, batch_size: int, n_kv_head: int, size: int, head_size: int, window: int | None,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, size, head_size)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "slot_pos", torch.full((batch_size, size), -1, dtype=torch.long, device=device), persistent=False
+        )
+        self.size = size
+        self.window = window
+        self.next_col = 0
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.next_col = 0
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, nkv, T, hs) of absolute positions pos (B, T) (-1 = padding, never attended)
+        and return the attention of q (B, nh, T, hs) over every key visible to each query."""
+        T = k.shape[2]
+        start = self.next_col
+        if self.window is None:
+            if start + T > self.size:
+                raise ValueError(f"KV cache holds {self.size} tokens per row; {start + T} were requested")
+            self._write(k, v, pos, start)
+            n = start + T  # attend over the filled prefix only
+            return _masked_attention(q, self.k[:, :, :n], self.v[:, :, :n], pos, self.slot_pos[:, :n], None)
+        if T == 1:
+            # The slot overwritten holds position p - window, which is already outside the window.
+            self._write(k, v, pos, start)
+            return _masked_attention(q, self.k, self.v, pos, self.slot_pos, self.window)
+        # A multi-token step into a ring could overwrite keys its own earlier queries still need:
+        # attend over [old ring, new keys] first, then keep only the newest S columns.
+        out = _masked_attention(q, torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2), pos,
+                                torch.cat((self.slot_pos, pos), dim=1), self.window)
+        keep = min(T, self.size)
+        self._write(k[:, :, T - keep:], v[:, :, T - keep:], pos[:, T - keep:], start + T - keep)
+        return out
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start_col: int) -> None:
+        T = k.shape[2]
+        slots = torch.arange(start_col, start_col + T, device=k.device) % self.size
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        self.slot_pos.index_copy_(1, slots, pos)
+        self.next_col = start_col + T
+
+
+class KVCache(nn.Module):
+    """The caches of all layers, sized for `max_len` columns (tokens incl. left padding) per row."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        if max_len > config.block_size and config.pos_emb == "learned":
+            raise UserError(
+                f"generation needs {max_len} positions but the model's block_size is {config.block_size}"
+            )
+        self.max_len = max_len
+        self.layers = nn.ModuleList(
+            LayerKVCache(batch_size, config.n_kv_head, min(w, max_len) if w else max_len, config.head_size, w,
+                         dtype, device)
+            for w in config.layer_windows()
+        )
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def nbytes(self) -> int:
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+
+
+def _masked_attention(q, k, v, q_pos, k_pos, window):
+    """SDPA of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) with an explicit mask built from absolute
+    positions q_pos (B, Tq) and k_pos (B, Tk): causal, within the window, never padding (-1)."""
+    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    # A padding query sees nothing; let it see itself so softmax stays finite (its output is unused).
+    allowed |= (q_pos[:, :, None] < 0) & (torch.arange(k.shape[2], device=k.device) == k.shape[2] - 1)
+    return _sdpa(q, k, v, attn_mask=allowed[:, None], is_causal=False)
+
+
+def _sdpa(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    """scaled_dot_product_attention with grouped-query heads expanded when there are fewer kv heads."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """Boolean (T, T) mask: query i sees keys j with i - window < j <= i."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, window: int | None) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
+        self.window = window
+        # One fused projection for q, k, v (k and v are smaller under GQA/MQA).
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_size,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale_init = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: LayerKVCache | None,
+                pos: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        hs = self.head_size
+        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            y = cache.attend(q, k, v, pos)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            mask = None if self.window is None or self.window >= T else sliding_window_mask(T, self.window, x.device)
+            y = _sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale_init = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, window: int | None) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, window)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, w) for w in config.layer_windows()),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        self.rope_len = 0
+        if config.pos_emb == "rope":
+            self._build_rope(config.block_size)
+        self.apply(self._init_weights)
+
+    def _build_rope(self, length: int) -> None:
+        cos, sin = rope_cache(self.config.head_size, length, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_len = length
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scale_init", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters with the tied embedding counted once; `non_embedding` drops position/token tables."""
+        n = sum(p.numel() for p in self.parameters())  # .parameters() yields the tied weight once
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        loss_reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+
+        targets (B, T): next-token ids, -100 = ignored. `loss_reduction` "mean" averages over the
+        counted tokens; "sum" returns their sum (for normalising across micro-batches or ranks).
+        pos (B, T): absolute positions (default 0..T-1; -1 marks left padding). cache: a KVCache
+        from `new_cache` to decode incrementally. last_only: logits of the last position only.
+        """
+        B, T = idx.shape
+        if pos is None:
+            if cache is None and T > self.config.block_size and self.config.pos_emb == "learned":
+                raise UserError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.transformer.wte(idx)
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos.clamp(min=0))
+        rope = None
+        if self.config.pos_emb == "rope":
+            need = int(pos.max()) + 1 if cache is not None else T
+            if need > self.rope_len:
+                self._build_rope(max(need, 2 * self.rope_len))
+                self.rope_cos, self.rope_sin = self.rope_cos.to(idx.device), self.rope_sin.to(idx.device)
+            p = pos.clamp(min=0)
+            rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, hs/2)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache.layers[i] if cache is not None else None, pos)
+        x = self.transformer.ln_f(x)
+        if last_only and targets is None:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                reduction=loss_reduction,
+            )
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for `batch_size` rows of up to `max_len` tokens, on the model's device."""
+        w = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len, dtype or w.dtype, w.device)
+
+    # Interop lives in gpt2lab.hf; these entry points import it lazily.
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
+        """Load OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, ...) from the HF hub, or a local HF directory."""
+        from gpt2lab.hf import load_hf_model
+
+        return load_hf_model(name_or_dir, **kwargs)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads unchanged."""
+        from gpt2lab.hf import save_hf_model
+
+        save_hf_model(self, out_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model (used by model-info, MFU and benchmarks)
+
+
+@dataclass
+class ModelStats:
+    params: int
+    non_embedding_params: int
+    flops_per_token_train: float
+    """6N + attention term (forward + backward) at full context."""
+    flops_per_token_forward: float
+    kv_cache_bytes_per_token: int
+    """Per token of context at the given dtype size, all layers (windowed layers stop growing)."""
+    extra: dict = field(default_factory=dict)
+
+
+def model_stats(config: GPTConfig, seq_len: int | None = None, dtype_bytes: int = 2) -> ModelStats:
+    """Analytic parameter count, FLOPs per token and KV-cache bytes, without building the model."""
+    C, L, V, hs = config.n_embd, config.n_layer, config.padded_vocab_size, config.head_size
+    kv_dim = config.n_kv_head * hs
+    b = 1 if config.bias else 0
+    attn = C * (C + 2 * kv_dim) + b * (C + 2 * kv_dim) + C * C + b * C
+    mlp = C * 4 * C + b * 4 * C + 4 * C * C + b * C
+    ln = 2 * (C + b * C)
+    per_layer = attn + mlp + ln
+    emb = V * C + (config.block_size * C if config.pos_emb == "learned" else 0)
+    params = L * per_layer + emb + (C + b * C)
+    non_emb = params - emb
+    T = seq_len or config.block_size
+    # Matmul FLOPs: 2 per multiply-add for the weights (including the LM head), plus attention
+    # scores and weighted values: 2 * 2 * T_eff * C per layer, T_eff = average keys seen per query.
+    weight_flops = 2 * (L * (attn - b * (C + 2 * kv_dim) - b * C + mlp - b * 5 * C) + V * C)
+    attn_flops = 0
+    for w in config.layer_windows():
+        t_eff = (T + 1) / 2 if w is None or w >= T else w - (w * (w - 1)) / (2 * T)
+        attn_flops += 2 * 2 * t_eff * C
+    fwd = weight_flops + attn_flops
+    kv_bytes = 2 * kv_dim * dtype_bytes * L
+    return ModelStats(
+        params=params,
+        non_embedding_params=non_emb,
+        flops_per_token_train=3 * fwd,
+        flops_per_token_forward=fwd,
+        kv_cache_bytes_per_token=kv_bytes,
+        extra={"seq_len": T, "layer_windows": config.layer_windows()},
+    )

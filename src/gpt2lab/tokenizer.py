@@ -1,0 +1,235 @@
+"""Tokenizers: GPT-2 byte-level BPE (offline) and a character tokenizer, behind one small interface.
+
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode("Hello, I'm a language model,")   # [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    tok.decode(ids)
+
+The GPT-2 rank table ships with the package (`assets/gpt2.tiktoken`, 50,256 byte sequences, taken
+from the MIT-licensed openai-whisper sdist), so no network is needed. It is checked against a pinned
+sha256 when loaded; tiktoken does the encoding.
+
+Every tokenizer describes itself with `to_dict()` (JSON-able); datasets and checkpoints store that
+dict, `tokenizer_from_dict` rebuilds the tokenizer and `same_tokenizer` detects a mismatch between
+the data a model is trained on and the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import functools
+import hashlib
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from typing import Protocol, runtime_checkable
+
+from gpt2lab.errors import UserError
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_RANKS_FILE = "gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+EOT_TEXT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of gpt2lab needs from a tokenizer."""
+
+    name: str  # identity, e.g. "gpt2" or "char"
+    vocab_size: int
+    eot_id: int | None  # end-of-text id separating documents; None when the tokenizer has none
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+
+    def to_dict(self) -> dict: ...
+
+
+def _read_gpt2_ranks() -> bytes:
+    return resources.files("gpt2lab").joinpath("assets", GPT2_RANKS_FILE).read_bytes()
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding():
+    """The GPT-2 `tiktoken.Encoding`, built from the shipped rank table (cached; ~0.3 s the first time)."""
+    import tiktoken
+
+    raw = _read_gpt2_ranks()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != GPT2_RANKS_SHA256:
+        raise UserError(
+            f"gpt2lab/assets/{GPT2_RANKS_FILE} has sha256 {digest}, expected {GPT2_RANKS_SHA256}; "
+            "the package is damaged: reinstall gpt2lab"
+        )
+    ranks = {}
+    for line in raw.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TEXT: GPT2_EOT_ID},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+class GPT2Tokenizer:
+    """GPT-2 byte-level BPE: 50,257 ids, `<|endoftext|>` = 50256."""
+
+    name = "gpt2"
+    vocab_size = GPT2_VOCAB_SIZE
+    eot_id = GPT2_EOT_ID
+
+    def __init__(self) -> None:
+        self._enc = gpt2_encoding()
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; "<|endoftext|>" in the text is the special id only if `allow_special`."""
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        """`encode` of each text, run by tiktoken on several threads."""
+        if allow_special:
+            return self._enc.encode_batch(list(texts), allowed_special="all")
+        return self._enc.encode_ordinary_batch(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; a UTF-8 sequence cut by the end of `ids` becomes U+FFFD instead of an error."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self._enc.decode_bytes([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"kind": "gpt2"}
+
+    def __repr__(self) -> str:
+        return "GPT2Tokenizer()"
+
+
+class CharTokenizer:
+    """One id per character; the vocabulary is the sorted set of characters of a corpus."""
+
+    name = "char"
+    eot_id = None
+
+    def __init__(self, chars: str) -> None:
+        if not chars:
+            raise UserError("char tokenizer needs at least one character; the corpus is empty")
+        if len(set(chars)) != len(chars) or list(chars) != sorted(chars):
+            raise UserError("char tokenizer 'chars' must be sorted distinct characters; rebuild it with from_text")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The tokenizer whose vocabulary is every character that occurs in `text`."""
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Ids of the characters of `text` (there are no special tokens, `allow_special` changes nothing)."""
+        index = self._index
+        try:
+            return [index[c] for c in text]
+        except KeyError as e:
+            c = e.args[0]
+            raise UserError(
+                f"character {c!r} (U+{ord(c):04X}) is not in the char tokenizer's vocabulary of "
+                f"{self.vocab_size} characters; prepare the dataset from a corpus that contains it"
+            ) from None
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        chars = self.chars
+        return "".join(chars[int(i)] for i in ids)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its `to_dict()`."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        chars = d.get("chars")
+        if not isinstance(chars, str):
+            raise UserError("tokenizer dict of kind 'char' has no 'chars' string; the dataset meta is damaged")
+        return CharTokenizer(chars)
+    raise UserError(f"unknown tokenizer {d!r}: expected kind 'gpt2' or 'char'")
+
+
+def get_tokenizer(name_or_dict: str | dict | Tokenizer) -> Tokenizer:
+    """A tokenizer from a name ("gpt2"), a `to_dict()` dict, or a tokenizer (returned as is)."""
+    if isinstance(name_or_dict, dict):
+        return tokenizer_from_dict(name_or_dict)
+    if isinstance(name_or_dict, str):
+        if name_or_dict == "gpt2":
+            return GPT2Tokenizer()
+        if name_or_dict == "char":
+            raise UserError(
+                "the char tokenizer is built from a corpus: use CharTokenizer.from_text(text) "
+                "or the 'tokenizer' dict stored in a prepared dataset's meta.json"
+            )
+        raise UserError(f"unknown tokenizer '{name_or_dict}': use 'gpt2' or 'char'")
+    if isinstance(name_or_dict, Tokenizer):
+        return name_or_dict
+    raise UserError(f"cannot make a tokenizer from {type(name_or_dict).__name__}")
+
+
+def _identity(t: str | dict | Tokenizer) -> dict:
+    if isinstance(t, str):
+        return {"kind": t}
+    if isinstance(t, dict):
+        return t
+    return t.to_dict()
+
+
+def same_tokenizer(a: str | dict | Tokenizer, b: str | dict | Tokenizer) -> bool:
+    """True when `a` and `b` map text to the same ids (compared by identity dict, nothing is loaded)."""
+    return _identity(a) == _identity(b)
+
+
+class StreamDecoder:
+    """Incremental decoding for streaming generation: feed ids, get back only newly completed text.
+
+    A character whose UTF-8 bytes are split across tokens is held back until its last byte arrives,
+    so it comes out whole, never as U+FFFD halves.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: int | Iterable[int]) -> str:
+        """The text completed by `ids` (one id or several); may be "" while a character is incomplete."""
+        # a single id may be a Python int, a numpy scalar or a 0-d tensor
+        ids = list(ids) if isinstance(ids, Iterable) and getattr(ids, "ndim", 1) != 0 else [int(ids)]
+        return self._utf8.decode(self.tokenizer.decode_bytes(ids))
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character becomes U+FFFD); resets the decoder."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text

@@ -86,6 +86,28 @@ def _fsync_dir_contents(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def write_checkpoint(
+    directory: str | Path,
+    model_state: dict[str, torch.Tensor],
+    model_config: GPTConfig,
+    tokenizer: dict,
+    *,
+    step: int | None = None,
+    train_state: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write the files of a checkpoint into an existing `directory` (not atomic: wrap it in `atomic_dir`)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config = {"format": FORMAT, "version": VERSION, "model": model_config.to_dict(), "tokenizer": tokenizer,
+              "step": step, **(extra or {})}
+    save_file(clean_state_dict(model_state), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if train_state is not None:
+        torch.save(train_state, directory / TRAIN_STATE_FILE)
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module | dict[str, torch.Tensor],
@@ -97,17 +119,10 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> Path:
     """Atomically write a checkpoint directory. `model` is a module (wrappers are fine) or a state dict."""
-    from safetensors.torch import save_file
-
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    config = {"format": FORMAT, "version": VERSION, "model": model_config.to_dict(), "tokenizer": tokenizer,
-              "step": step, **(extra or {})}
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(clean_state_dict(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+        write_checkpoint(tmp, state, model_config, tokenizer, step=step, train_state=train_state, extra=extra)
     return path
 
 
@@ -200,7 +215,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model._build_rope(model_config.block_size)
         model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     model.lm_head.weight = model.transformer.wte.weight
+    lora = config.get("lora")
+    if lora and lora.get("r"):  # a LoRA run's checkpoint also holds lora_A/lora_B: load, then fold them in
+        from gpt2lab.lora import apply_lora, merge_lora
+
+        apply_lora(model, lora)
     load_model_weights(model, load_weights(ckpt, device), str(ckpt))
+    if lora and lora.get("r"):
+        merge_lora(model)
     config["path"] = str(ckpt)
     return model, config
 
@@ -211,3 +233,53 @@ def load_train_state(path: str | Path) -> dict:
     if not f.is_file():
         raise UserError(f"{path} has no {TRAIN_STATE_FILE}: it holds weights only and cannot be resumed")
     return torch.load(f, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directories
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives in a run directory: <run_dir>/checkpoints/step_000500."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints of a run (0 = keep all), and any
+    temp directories a crash mid-save left behind; returns the deleted paths."""
+    base = Path(run_dir) / "checkpoints"
+    if not base.is_dir():
+        return []
+    doomed = [p for p in base.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    ckpts = list_checkpoints(run_dir)
+    if keep_last > 0:
+        doomed += ckpts[:-keep_last]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def check_writable(directory: str | Path, what: str = "checkpoint.out_dir") -> Path:
+    """Create `directory` if needed and prove it is writable; a one-line UserError otherwise."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {directory} is not writable ({e.strerror}); choose another directory with --out") from None
+    return directory
+
+
+def check_same_architecture(saved: dict, config: GPTConfig, source: str) -> None:
+    """UserError naming the first architecture field in which `config` differs from a checkpoint's `saved`
+    model dict (dropout may differ: it is a training setting, not part of the weights)."""
+    current = config.to_dict()
+    for key in current:
+        if key == "dropout":
+            continue
+        if key in saved and saved[key] != current[key]:
+            raise UserError(
+                f"cannot resume from {source}: it has model.{key}={saved[key]!r} but the config says "
+                f"{current[key]!r}; use the checkpoint's architecture or start a new run with --out"
+            )

@@ -413,14 +413,17 @@ class GPT(nn.Module):
 
         targets (B, T): next-token ids, -100 = ignored. `loss_reduction` "mean" averages over the
         counted tokens; "sum" returns their sum (for normalising across micro-batches or ranks).
-        pos (B, T): absolute positions (default 0..T-1; -1 marks left padding). cache: a KVCache
-        from `new_cache` to decode incrementally. last_only: logits of the last position only.
+        pos (B, T): absolute positions (default 0..T-1, continuing after the tokens already in
+        `cache`; -1 marks left padding). cache: a KVCache from `new_cache` to decode incrementally.
+        last_only: logits of the last position only.
         """
         B, T = idx.shape
         if pos is None:
             if cache is None and T > self.config.block_size and self.config.pos_emb == "learned":
                 raise UserError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
-            pos = torch.arange(T, device=idx.device).expand(B, T)
+            # With a cache, positions continue after the tokens it already holds.
+            start = cache.layers[0].next_col if cache is not None else 0
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.transformer.wte(idx)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos.clamp(min=0))

@@ -39,18 +39,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
-import shutil
+import signal
 import sys
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from gpt2lab.data.shards import shard_is_complete, token_dtype, write_shard
+from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -255,7 +256,7 @@ def hf_documents(path: str, *, name: str | None = None, split: str = "train", da
                 raise UserError(f"dataset {path} has no field '{text_field}' (fields: {', '.join(record)}); pass --text-field NAME")
             count += 1
             yield record[text_field] or ""
-    except (UserError, GeneratorExit):
+    except UserError:
         raise
     except Exception as e:  # a dropped connection mid-stream: the finished shards are kept
         raise UserError(f"reading dataset {path} failed after {count} documents ({e}); re-run the same command to resume") from None
@@ -277,7 +278,7 @@ def _remove_outputs(out_dir: Path) -> None:
     for p in out_dir.iterdir():
         ours = p.name in (META_FILE, PROGRESS_FILE) or (
             p.suffix == ".bin" and (p.name.startswith(("train_", "val_")) or ".partial" in p.name)
-        )
+        ) or (p.name.startswith(".") and ".tmp" in p.name)  # left by a crash inside an atomic write
         if ours and p.is_file():
             p.unlink()
 
@@ -412,8 +413,6 @@ class _SplitWriter:
         return {"shards": list(self.shards), "tokens": self.tokens, "partial": partial}
 
     def restore(self, state: dict) -> None:
-        from gpt2lab.data.shards import open_shard
-
         self.shards, self.tokens = list(state["shards"]), int(state["tokens"])
         if state.get("partial"):
             tokens, _ = open_shard(self.out_dir / state["partial"])
@@ -429,6 +428,12 @@ def _init_worker(tokenizer_dict: dict) -> None:
     _worker_tokenizer = get_tokenizer(tokenizer_dict)
 
 
+def _init_pool_worker(tokenizer_dict: dict) -> None:
+    # Ctrl-C is the parent's to handle: a worker killed mid-task would leave the pool hanging
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_dict)
+
+
 def _tokenize_documents(docs: list[str]) -> list[np.ndarray]:
     """Token arrays of `docs` (runs in a worker): <|endoftext|> before each for BPE, a blank line after each for char."""
     tok = _worker_tokenizer
@@ -438,13 +443,40 @@ def _tokenize_documents(docs: list[str]) -> list[np.ndarray]:
     return [np.array([tok.eot_id, *ids], dtype=dtype) for ids in tok.encode_batch(docs)]
 
 
+def _tokenized(batches: Iterator[list[str]], pool, workers: int) -> Iterator[list[np.ndarray]]:
+    """Token arrays of each batch, in order; with a pool, at most 2*workers batches in flight.
+
+    (`Pool.imap` would read the whole document stream into memory ahead of the workers.)
+    """
+    if pool is None:
+        yield from map(_tokenize_documents, batches)
+        return
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_tokenize_documents, (batch,)))
+        if len(pending) >= 2 * workers:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _val_documents_rule(val_fraction: float) -> Callable[[int], bool]:
-    # document i is val when (i+1)*f passes an integer: exactly round(n*f) of every n, evenly spread
-    return lambda i: math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+    # document i is val when (i+1)*f passes an integer: floor(n*f) of the first n, evenly spread;
+    # f = p/q exactly (0.1 -> 1/10), so float rounding cannot move a document between splits
+    fraction = Fraction(str(val_fraction))
+    p, q = fraction.numerator, fraction.denominator
+    return lambda i: (i + 1) * p // q > i * p // q
 
 
 def _progress(enabled: bool, total: int | None):
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class TokensPerSecond(ProgressColumn):
@@ -516,15 +548,13 @@ def prepare_documents(
     if workers > 1:
         import multiprocessing
 
-        pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tok_dict,))
-        results = pool.imap(_tokenize_documents, batches)
+        pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(tok_dict,))
     else:
         _init_worker(tok_dict)
-        results = map(_tokenize_documents, batches)
     try:
         with _progress(progress, total_tokens) as bar:
-            task = bar.add_task(f"{out_dir.name}", total=total_tokens, completed=stream_tokens)
-            for doc_tokens in results:
+            task = bar.add_task(out_dir.name, total=total_tokens, completed=stream_tokens)
+            for doc_tokens in _tokenized(batches, pool, workers):
                 for tokens in doc_tokens:
                     if is_val is not None:
                         finished = writers["val" if is_val(n_docs) else "train"].add(tokens)
@@ -542,7 +572,8 @@ def prepare_documents(
             pool.terminate()
             pool.join()
 
-    if stream_tokens == 0:
+    separator_tokens = 1 if tokenizer.eot_id is not None else len(CHAR_DOC_SEPARATOR)
+    if stream_tokens == n_docs * separator_tokens:
         raise UserError(f"the corpus for {out_dir} is empty: no documents with text ({source})")
     for name, w in writers.items():
         _check_split_size(name, w.tokens + w.fill, block_size, out_dir)
@@ -710,9 +741,3 @@ def prepare(
     n_train = int(len(stream) * (1 - fraction))
     return prepare_tokens({"train": stream[:n_train], "val": stream[n_train:]}, out_dir, tok, source=info,
                           settings={"val": {"tokens": fraction}}, **common)
-
-
-def remove_dataset(data_dir: str | os.PathLike) -> None:
-    """Delete a prepared dataset folder (only if it is one)."""
-    load_meta(data_dir)
-    shutil.rmtree(data_dir)

@@ -1,0 +1,111 @@
+"""`gpt2lab chat`: talk to an instruction-finetuned model.
+
+    gpt2lab chat --init out/finetune_alpaca                  # a checkpoint or run directory
+    gpt2lab chat --init out/finetune_alpaca/adapter          # a LoRA adapter (its base is loaded too)
+    echo "Name three colors." | gpt2lab chat --init ckpt     # one answer per input line
+
+Each message is rendered with the template the model was finetuned on (`--template`), after the
+last `--history` exchanges (oldest dropped first so the prompt fits the context); the answer is
+streamed until <|endoftext|>. Commands: /reset forgets the history, /exit (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2lab.errors import UserError
+
+# Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there.
+TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", required=True, metavar="PATH",
+                        help="checkpoint or run directory, Hugging Face GPT-2 directory, preset name, or LoRA adapter")
+    parser.add_argument("--base", metavar="INIT", help="base model of a LoRA adapter (default: the one it records)")
+    parser.add_argument("--template", default="alpaca",
+                        help="prompt template the model was finetuned with: alpaca, chat, or a custom "
+                             "'...{instruction}...{output}' string (default: alpaca)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    parser.add_argument("--history", type=int, default=3, metavar="N",
+                        help="previous exchanges kept in the prompt (default: 3; 0 = none)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible answers")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default: auto)")
+
+
+def _read_lines(interactive: bool):
+    """User lines until EOF: input() with a prompt on a terminal, plain reads from a pipe."""
+    while True:
+        if interactive:
+            try:
+                yield input("> ")
+            except EOFError:
+                print()
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line.rstrip("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt2lab.data.sft import check_template, encode_chat_prompt
+    from gpt2lab.generate import max_new_tokens_that_fit, stream_text
+    from gpt2lab.lora import is_adapter, load_adapted_model
+
+    check_template(args.template)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.history < 0:
+        raise UserError(f"--history must be >= 0, got {args.history}")
+    if is_adapter(args.init):
+        model, tokenizer, _ = load_adapted_model(args.init, args.base, device=args.device, dtype=args.dtype)
+    else:
+        from gpt2lab.loading import load_model
+
+        model, tokenizer = load_model(args.init, device=args.device, dtype=args.dtype)
+    if getattr(tokenizer, "eot_id", None) is None:
+        raise UserError(f"{args.init} uses a tokenizer without <|endoftext|>; chat needs an instruction-tuned GPT-2")
+    model.eval()
+    device = model.transformer.wte.weight.device
+    generator = torch.Generator(device=device)
+    if args.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(args.seed)
+    block_size = model.config.block_size
+    answer_room = min(args.max_new_tokens, block_size // 2)  # keep at least half the context for the prompt
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.init} ({args.template} template); /reset clears the history, /exit or Ctrl-D quits")
+    history: list[tuple[str, str]] = []
+    for line in _read_lines(interactive):
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            break
+        if message == "/reset":
+            history.clear()
+            if interactive:
+                print("(history cleared)")
+            continue
+        turns = history[-args.history:] if args.history else []
+        ids = encode_chat_prompt(turns, message, tokenizer, args.template, max_tokens=block_size - answer_room + 1)
+        pieces = []
+        for piece in stream_text(model, tokenizer, ids, max_new_tokens=max_new_tokens_that_fit(model, len(ids),
+                                 args.max_new_tokens), temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, generator=generator, stop_strings=TURN_STARTS.get(args.template, ())):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append((message, "".join(pieces).strip()))
+    return 0

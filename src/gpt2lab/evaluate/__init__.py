@@ -1,0 +1,310 @@
+"""Evaluation of language models: HellaSwag, perplexity, LAMBADA, and the pieces they share.
+
+    from gpt2lab.evaluate import hellaswag
+    tasks = hellaswag.load_tasks(hellaswag.find_data_file())
+    hellaswag.evaluate(model, tokenizer, tasks)       # {"acc": ..., "acc_norm": ..., "acc_token_mean": ...}
+
+Shared here, so the three tasks score, download and split work the same way:
+
+    encode_pair          context/continuation tokenization of lm-evaluation-harness
+    score_continuations  sum log-likelihood and greedy match of continuation tokens, batched
+    fetch                download a public data file into the cache, sha256-checked
+    shard, all_reduce_sum  split work over torchrun ranks and add up the counts
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gpt2lab.errors import UserError
+
+CACHE_ENV = "GPT2LAB_CACHE"
+MIRROR_ENV = "GPT2LAB_DATA_MIRROR"
+SHARED_DATA_ENV = "GPT2LAB_SHARED_DATA"
+
+# --------------------------------------------------------------------------------------------------
+# Data files: the shared folder, the cache, downloads
+
+
+def shared_data_dir() -> Path | None:
+    """The project's shared data folder ($GPT2LAB_SHARED_DATA, default <repo>/../shared/data), if it exists."""
+    env = os.environ.get(SHARED_DATA_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def cache_dir() -> Path:
+    """Where downloaded data files are kept: $GPT2LAB_CACHE, default ~/.cache/gpt2lab."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2lab"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A public data file: where it lives and, when one is published, the sha256 it must have."""
+
+    url: str
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def resolved_url(self) -> str:
+        """The URL to fetch: `$GPT2LAB_DATA_MIRROR/<name>` when a mirror is set, else the canonical URL."""
+        mirror = os.environ.get(MIRROR_ENV)
+        return f"{mirror.rstrip('/')}/{self.name}" if mirror else self.url
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_path(remote: RemoteFile) -> Path | None:
+    """The cached copy of `remote`, if one was downloaded before."""
+    path = cache_dir() / remote.name
+    return path if path.is_file() else None
+
+
+def fetch(remote: RemoteFile, validate: Callable[[Path], None] | None = None, timeout: float = 60.0) -> Path:
+    """The cached copy of `remote`, downloading it first if needed.
+
+    The download goes to a temporary file next to the cache entry and is renamed into place only
+    after its sha256 (when known) matches and `validate(path)` (which raises UserError) passes, so a
+    failed or partial download never leaves a cache entry behind.
+    """
+    dest = cache_dir() / remote.name
+    if dest.is_file():
+        if remote.sha256 and sha256_file(dest) != remote.sha256:
+            raise UserError(
+                f"cached {dest} does not have sha256 {remote.sha256}; delete it to download it again"
+            )
+        return dest
+    url = remote.resolved_url()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.name}.", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        out.write(chunk)
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                raise UserError(
+                    f"could not download {url} ({reason}); connect to the internet, set {MIRROR_ENV} "
+                    f"to a mirror, or pass --data PATH to a local copy"
+                ) from None
+        if remote.sha256:
+            got = sha256_file(tmp)
+            if got != remote.sha256:
+                raise UserError(
+                    f"{url} has sha256 {got} but {remote.sha256} was expected: the download is damaged "
+                    f"or the file changed upstream; retry, or pass --data PATH to a verified copy"
+                )
+        if validate is not None:
+            validate(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`; a missing file or bytes that are not UTF-8 raise UserError."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}); convert the file to UTF-8") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks: each takes a strided share of the items and the counts are summed
+
+
+def rank_and_world(env=None) -> tuple[int, int]:
+    """(rank, world_size) from a DistEnv, else from an initialized process group, else (0, 1)."""
+    if env is not None:
+        return env.rank, env.world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence, env=None) -> list:
+    """This rank's items: those at positions i with i % world_size == rank."""
+    rank, world = rank_and_world(env)
+    return list(items[rank::world])
+
+
+def all_reduce_sum(values: Sequence[float], env=None) -> list[float]:
+    """Element-wise sum of `values` over all ranks (unchanged in a single process)."""
+    _, world = rank_and_world(env)
+    if world == 1:
+        return [float(v) for v in values]
+    from gpt2lab.parallel import all_reduce
+
+    return all_reduce(torch.tensor([float(v) for v in values], dtype=torch.float64), "sum").tolist()
+
+
+def max_batches(n_items: int, batch_size: int, env=None) -> int:
+    """Forward passes the busiest rank makes for `n_items` items split by `shard`, `batch_size` at a time."""
+    _, world = rank_and_world(env)
+    per_rank = -(-n_items // world)
+    return -(-per_rank // batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring continuations
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside torch.compile / DDP wrappers (evaluation shapes vary: no recompiles, no syncs)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) the way lm-evaluation-harness makes them.
+
+    Trailing whitespace of the context moves to the continuation; `context + continuation` is
+    encoded as one string and split after as many tokens as the context alone encodes to, so the
+    continuation's first token is the one the model really sees there (e.g. " word", not "word").
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+@dataclass
+class ContinuationScore:
+    """How well a model predicts a continuation given its context."""
+
+    logprob: float
+    """Sum of log p(token | everything before it) over the continuation tokens (natural log)."""
+    n_tokens: int
+    greedy: bool
+    """Every continuation token is the model's most likely next token."""
+
+
+@torch.no_grad()
+def score_continuations(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    n_batches: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[ContinuationScore]:
+    """Score each (context ids, continuation ids) pair with one forward pass over context + continuation.
+
+    Pairs are packed `batch_size` rows at a time into a right-padded batch (B, T); causal attention
+    means padding after a row never changes its logits, and only the continuation positions are read.
+    A row longer than block_size + 1 loses tokens from the left of its context, as in the harness.
+    `n_batches` makes exactly that many forward passes (extra ones on a dummy token) so ranks of a
+    sharded model stay in step; `on_batch(k)` is called after each batch of k pairs.
+    """
+    model = unwrap(model)
+    block_size = model.config.block_size
+    device = next(model.parameters()).device
+    scores: list[ContinuationScore] = []
+    done = 0
+    for start in range(0, len(pairs), batch_size):
+        rows, spans = [], []
+        for context, continuation in pairs[start : start + batch_size]:
+            if not context or not continuation:
+                raise ValueError("score_continuations needs a non-empty context and continuation")
+            if len(continuation) > block_size:
+                raise UserError(
+                    f"a continuation of {len(continuation)} tokens does not fit the model's "
+                    f"block_size={block_size}"
+                )
+            tokens = (list(context) + list(continuation))[-(block_size + 1):]
+            rows.append(tokens[:-1])
+            spans.append((len(tokens) - 1 - len(continuation), len(continuation)))
+        T = max(len(r) for r in rows)
+        idx = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r)
+        logits, _ = model(idx.to(device))  # (B, T, V)
+        # Gather the continuation positions of all rows into one (N, V) matrix.
+        row_of = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(spans)])
+        pos_of = torch.cat([torch.arange(p, p + n) for p, n in spans])
+        targets = torch.cat([torch.tensor(list(c)) for _, c in pairs[start : start + batch_size]])
+        picked = logits[row_of.to(device), pos_of.to(device)].float()
+        targets = targets.to(device)
+        token_logprob = F.log_softmax(picked, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        token_greedy = (picked.argmax(dim=-1) == targets).float()
+        sums = torch.zeros(len(rows), device=device).index_add_(0, row_of.to(device), token_logprob)
+        hits = torch.zeros(len(rows), device=device).index_add_(0, row_of.to(device), token_greedy)
+        for (_, n), s, h in zip(spans, sums.tolist(), hits.tolist()):
+            scores.append(ContinuationScore(logprob=s, n_tokens=n, greedy=round(h) == n))
+        done += 1
+        if on_batch is not None:
+            on_batch(len(rows))
+    pad_forward_passes(model, (n_batches or 0) - done)
+    return scores
+
+
+def pad_forward_passes(model: torch.nn.Module, count: int) -> None:
+    """Run `count` forward passes on one dummy token (keeps the ranks of a sharded model in step)."""
+    if count <= 0:
+        return
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for _ in range(count):
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Console
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(n)`; draws a rich progress bar on stderr when enabled and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+def stderr_of_mean(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n items (sample std / sqrt(n), as lm-evaluation-harness)."""
+    return (p * (1 - p) / (n - 1)) ** 0.5 if n > 1 else 0.0

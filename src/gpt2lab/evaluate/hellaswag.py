@@ -1,0 +1,320 @@
+"""HellaSwag, zero-shot: which of four endings does the model find most likely after the context?
+
+Each ending is scored as a completion, the way lm-evaluation-harness scores it: the continuation is
+" " + ending after the context, and its log-likelihood is the sum over its tokens. Three labelled
+accuracies come from the same four numbers per task:
+
+    acc             argmax of the summed log-likelihood                 (lm-evaluation-harness `acc`)
+    acc_norm        argmax of summed log-likelihood / len(ending) in characters, the ending without
+                    its leading space                                   (lm-evaluation-harness `acc_norm`)
+    acc_token_mean  argmax of the mean log-likelihood per ending token  (what build-nanogpt calls acc_norm)
+
+Data: the validation split, 10,042 tasks, in either of two formats that parse to the same `Task`:
+
+    official jsonl  rowanz/hellaswag `hellaswag_val.jsonl` (fields activity_label, ctx_a, ctx_b, ctx,
+                    endings, label, ...), downloaded into the cache when online;
+    llama.cpp text  6 lines per task: "activity_label: ctx", the gold label 0-3, the four endings
+                    (e.g. klosax/hellaswag_text_data `hellaswag_val_full.txt`).
+
+The text file was made from the jsonl by an extractor that deletes the WikiHow markup ([header],
+[step], [substeps]; " [title]" becomes ". "), collapses double spaces and trims one space at either
+end. The default context style "llamacpp" applies exactly that to the jsonl, so both formats give
+identical tasks and scores. lm-evaluation-harness builds its context differently:
+`activity_label + ": " + ctx_a + " " + ctx_b.capitalize()`, then deletes every [bracketed] span. That
+is the "harness" style; it needs ctx_a/ctx_b, so it is available for the jsonl only.
+
+No sha256 of `hellaswag_val.jsonl` is published by its authors (or anywhere we could find), so a
+download is verified by what is known about it instead: 10,042 lines, each a record of the expected
+schema with a label 0-3.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.evaluate import (
+    RemoteFile,
+    all_reduce_sum,
+    cached_path,
+    encode_pair,
+    fetch,
+    max_batches,
+    progress_bar,
+    rank_and_world,
+    read_utf8,
+    score_continuations,
+    shard,
+    shared_data_dir,
+    stderr_of_mean,
+    unwrap,
+)
+
+HELLASWAG_VAL = RemoteFile("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
+N_VAL_TASKS = 10042
+SHARED_FILE = "hellaswag/hellaswag_val_full.txt"
+CONTEXT_STYLES = ("llamacpp", "harness")
+METRICS = {
+    "acc": "argmax of summed log-likelihood of the ending tokens (lm-evaluation-harness acc)",
+    "acc_norm": "summed log-likelihood / ending length in characters (lm-evaluation-harness acc_norm)",
+    "acc_token_mean": "mean log-likelihood per ending token (build-nanogpt's acc_norm)",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One HellaSwag item: the context, its four candidate endings and the index of the right one."""
+
+    context: str
+    endings: tuple[str, ...]
+    label: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def clean_llamacpp(text: str) -> str:
+    """The llama.cpp-format extractor's cleanup: WikiHow markup deleted, double spaces collapsed once,
+    one leading and one trailing space trimmed."""
+    for markup, replacement in (
+        ("[header]", ""), ("[step]", ""), ("[substeps]", ""), (" [title]", ". "), ("[title] ", ""),
+        ("[title].", ""), ("  ", " "),
+    ):
+        text = text.replace(markup, replacement)
+    if text.startswith(" "):
+        text = text[1:]
+    if text.endswith(" "):
+        text = text[:-1]
+    return text
+
+
+def clean_harness(text: str) -> str:
+    """lm-evaluation-harness's cleanup: " [title]" becomes ". ", every [bracketed] span is deleted."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def task_from_record(record: object, style: str = "llamacpp", where: str = "") -> Task:
+    """A Task from one official jsonl record; schema problems raise UserError naming `where` (file:line)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    label = record.get("label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)  # the HF copy stores labels as strings
+    if label is None:
+        raise UserError(f"{where}: no 'label' (the test split is unlabeled: use hellaswag_val.jsonl)")
+    if isinstance(label, bool) or label not in (0, 1, 2, 3):
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, got {record.get('label')!r}")
+    endings = record.get("endings")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of 4 strings")
+    needed = ("activity_label", "ctx") if style == "llamacpp" else ("activity_label", "ctx_a", "ctx_b")
+    for key in needed:
+        if not isinstance(record.get(key), str):
+            raise UserError(f"{where}: missing string field '{key}' (needed by context style '{style}')")
+    if style == "llamacpp":
+        context = clean_llamacpp(record["activity_label"]) + ": " + clean_llamacpp(record["ctx"])
+        return Task(context, tuple(clean_llamacpp(e) for e in endings), label)
+    raw = record["activity_label"] + ": " + record["ctx_a"] + " " + record["ctx_b"].capitalize()
+    return Task(clean_harness(raw), tuple(clean_harness(e) for e in endings), label)
+
+
+def read_jsonl(path: Path, style: str = "llamacpp") -> list[Task]:
+    """Tasks of an official-format jsonl file (one record per line; blank lines are skipped)."""
+    tasks = []
+    # split on "\n" only: JSON strings may hold U+2028 and the like, which splitlines() would cut at
+    for i, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        tasks.append(task_from_record(record, style, f"{path}:{i}"))
+    return tasks
+
+
+def read_text(path: Path) -> list[Task]:
+    """Tasks of a llama.cpp-format text file: 6 lines per task (context, label 0-3, four endings)."""
+    lines = read_utf8(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    lines = [line.removesuffix("\r") for line in lines]
+    tasks = []
+    for start in range(0, len(lines), 6):
+        block = lines[start : start + 6]
+        if len(block) < 6:
+            raise UserError(
+                f"{path}:{start + 1}: truncated task: {len(block)} of its 6 lines (context, label 0-3, "
+                f"four endings) are present"
+            )
+        if block[1].strip() not in ("0", "1", "2", "3"):
+            raise UserError(
+                f"{path}:{start + 2}: the label line must be 0, 1, 2 or 3, got {block[1]!r} "
+                f"(each task is 6 lines: context, label, four endings)"
+            )
+        tasks.append(Task(block[0], tuple(block[2:6]), int(block[1])))
+    return tasks
+
+
+def load_tasks(path: str | Path, style: str = "llamacpp") -> list[Task]:
+    """Tasks of a HellaSwag file in either format (a first character '{' means jsonl)."""
+    path = Path(path)
+    if style not in CONTEXT_STYLES:
+        raise UserError(f"unknown HellaSwag context style '{style}'; use one of {', '.join(CONTEXT_STYLES)}")
+    if not path.is_file():
+        raise UserError(f"HellaSwag data file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"{"):
+        tasks = read_jsonl(path, style)
+    elif style == "harness":
+        raise UserError(
+            f"{path} is in the llama.cpp text format, which has no ctx_a/ctx_b: the 'harness' context "
+            f"style needs the official hellaswag_val.jsonl"
+        )
+    else:
+        tasks = read_text(path)
+    if not tasks:
+        raise UserError(f"{path} holds no HellaSwag tasks")
+    return tasks
+
+
+def _validate_official(path: Path) -> None:
+    """A downloaded hellaswag_val.jsonl must be 10,042 well-formed labelled records."""
+    tasks = read_jsonl(path)
+    if len(tasks) != N_VAL_TASKS:
+        raise UserError(
+            f"downloaded {HELLASWAG_VAL.resolved_url()} has {len(tasks)} tasks, not {N_VAL_TASKS}; "
+            f"retry, or pass --data PATH"
+        )
+
+
+def find_data_file(download: bool = True) -> Path | None:
+    """The HellaSwag validation file to use when none is given: the shared text file if present,
+    else the cached official jsonl, else (when `download`) the official jsonl fetched now."""
+    shared = shared_data_dir()
+    if shared is not None and (shared / SHARED_FILE).is_file():
+        return shared / SHARED_FILE
+    cached = cached_path(HELLASWAG_VAL)
+    if cached is not None or not download:
+        return cached
+    return fetch(HELLASWAG_VAL, validate=_validate_official)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def encode_task(tokenizer, task: Task) -> list[tuple[list[int], list[int]]]:
+    """The four (context ids, " " + ending ids) pairs of a task."""
+    return [encode_pair(tokenizer, task.context, " " + ending) for ending in task.endings]
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # first of equal maxima, like numpy
+
+
+def predictions(task: Task, logprobs: list[float], n_tokens: list[int]) -> dict[str, int]:
+    """The ending each metric picks, given the four summed log-likelihoods and token counts."""
+    return {
+        "acc": _argmax(logprobs),
+        "acc_norm": _argmax([lp / max(len(e), 1) for lp, e in zip(logprobs, task.endings)]),
+        "acc_token_mean": _argmax([lp / n for lp, n in zip(logprobs, n_tokens)]),
+    }
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: list[Task],
+    batch_size: int = 8,
+    env=None,
+    show_progress: bool = False,
+) -> dict:
+    """Accuracies of `model` on `tasks` (every rank gets the same dict).
+
+    `batch_size` tasks (4 rows each) go through the model at once. Under torchrun each rank scores
+    the tasks i with i % world_size == rank and the counts are summed over ranks.
+    """
+    mine = shard(tasks, env)
+    pairs = [pair for task in mine for pair in encode_task(tokenizer, task)]
+    rank, _ = rank_and_world(env)
+    with progress_bar(len(pairs) // 4, "hellaswag", enabled=show_progress and rank == 0) as advance:
+        scores = score_continuations(
+            model, pairs, batch_size=4 * batch_size, n_batches=max_batches(len(tasks), batch_size, env),
+            on_batch=lambda rows: advance(rows // 4),
+        )
+    correct = dict.fromkeys(METRICS, 0)
+    for i, task in enumerate(mine):
+        four = scores[4 * i : 4 * i + 4]
+        picked = predictions(task, [s.logprob for s in four], [s.n_tokens for s in four])
+        for metric, choice in picked.items():
+            correct[metric] += int(choice == task.label)
+    totals = all_reduce_sum([*correct.values(), len(mine)], env)
+    n = int(totals[-1])
+    result: dict = {"n": n}
+    for metric, count in zip(correct, totals):
+        result[metric] = count / n
+        result[f"{metric}_stderr"] = stderr_of_mean(count / n, n)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# During training
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tasks(path: str, mtime: float) -> list[Task]:
+    return load_tasks(path)
+
+
+_warned = False
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        warnings.warn(message, stacklevel=3)
+        _warned = True
+
+
+def in_training_eval(model: torch.nn.Module, tokenizer, limit: int | None, env=None,
+                     batch_size: int = 8) -> dict[str, float]:
+    """{"hellaswag/acc", "hellaswag/acc_norm"} on the first `limit` tasks, for the trainer's logs.
+
+    Uses the shared text file if present, else the cached official jsonl; it never downloads. When
+    neither exists, or the file is unreadable, it warns once and returns {}: evaluation never stops
+    training. Every rank must call it (the work is split across ranks); the model's train/eval mode
+    is restored afterwards.
+    """
+    path = find_data_file(download=False)
+    if path is None:
+        _warn_once(
+            f"HellaSwag skipped: no data (set GPT2LAB_SHARED_DATA, or run `gpt2lab eval hellaswag` once "
+            f"online to cache {HELLASWAG_VAL.name})"
+        )
+        return {}
+    try:
+        tasks = _cached_tasks(str(path), path.stat().st_mtime)
+    except UserError as e:
+        _warn_once(f"HellaSwag skipped: {e}")
+        return {}
+    if limit:
+        tasks = tasks[:limit]
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        result = evaluate(model, tokenizer, tasks, batch_size=batch_size, env=env)
+    finally:
+        inner.train(was_training)
+    return {"hellaswag/acc": result["acc"], "hellaswag/acc_norm": result["acc_norm"]}

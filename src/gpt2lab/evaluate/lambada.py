@@ -1,0 +1,129 @@
+"""LAMBADA, GPT-2 paper style: predict the last word of a passage given everything before it.
+
+Data: OpenAI's detokenized test set `lambada_test.jsonl` (5,153 lines of {"text": ...}), the version
+GPT-2 was evaluated on and lm-evaluation-harness's `lambada_openai`; its sha256 is pinned below.
+
+The target is the last whitespace-delimited word. The passage is tokenized once, as a whole, and the
+target tokens are the tokens that overlap that word (for " word" after a space that is the usual
+token with its leading space; after a newline the newline stays in the context). So
+
+    acc        every target token is the model's greedy (argmax) prediction, given the real tokens before it
+    ppl        exp(mean over passages of the target's summed NLL): per-word perplexity, the definition
+               lm-evaluation-harness reports for lambada_openai
+    ppl_token  exp(summed NLL / target tokens): per-token perplexity over the target tokens
+
+lm-evaluation-harness splits the last word off at the last " " instead of at any whitespace; the two
+agree on 5,146 of the 5,153 passages (the other 7 have a newline just before their last word).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.evaluate import (
+    RemoteFile,
+    all_reduce_sum,
+    cached_path,
+    fetch,
+    max_batches,
+    progress_bar,
+    rank_and_world,
+    read_utf8,
+    score_continuations,
+    shard,
+    shared_data_dir,
+    stderr_of_mean,
+)
+
+LAMBADA_TEST = RemoteFile(
+    "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+    sha256="4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+)
+SHARED_FILE = "lambada/lambada_test.jsonl"
+_LAST_WORD = re.compile(r"\S+$")
+
+
+def read_passages(path: str | Path) -> list[str]:
+    """The passages of a {"text": ...} jsonl file (trailing whitespace removed; blank lines skipped)."""
+    passages = []
+    # split on "\n" only: JSON strings may hold U+2028 and the like, which splitlines() would cut at
+    for i, line in enumerate(read_utf8(Path(path)).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f'{path}:{i}: expected an object with a string field "text"')
+        text = text.rstrip()
+        if len(text.split()) < 2:
+            raise UserError(f"{path}:{i}: a passage needs a context and a last word, got {text!r}")
+        passages.append(text)
+    if not passages:
+        raise UserError(f"{path} holds no passages")
+    return passages
+
+
+def split_passage(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(context ids, target ids) of a passage: the target ids are the tokens overlapping its last word."""
+    ids = tokenizer.encode(text)
+    word_bytes = len(_LAST_WORD.search(text).group().encode("utf-8"))
+    # Walk back from the end until the tokens cover the word: the last one taken starts at or before it.
+    k, covered = len(ids), 0
+    while covered < word_bytes:
+        k -= 1
+        covered += len(tokenizer.decode_bytes([ids[k]]))
+    return ids[:k], ids[k:]
+
+
+def find_data_file(download: bool = True) -> Path | None:
+    """The shared lambada_test.jsonl if present, else the cached (or, when `download`, a fresh) OpenAI copy."""
+    shared = shared_data_dir()
+    if shared is not None and (shared / SHARED_FILE).is_file():
+        return shared / SHARED_FILE
+    if not download:
+        return cached_path(LAMBADA_TEST)
+    return fetch(LAMBADA_TEST)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    passages: list[str],
+    batch_size: int = 16,
+    env=None,
+    show_progress: bool = False,
+) -> dict:
+    """Last-word accuracy and perplexities of `model` on `passages` (every rank gets the same dict)."""
+    mine = shard(passages, env)
+    pairs = [split_passage(tokenizer, text) for text in mine]
+    rank, _ = rank_and_world(env)
+    with progress_bar(len(pairs), "lambada", enabled=show_progress and rank == 0) as advance:
+        scores = score_continuations(
+            model, pairs, batch_size=batch_size, n_batches=max_batches(len(passages), batch_size, env),
+            on_batch=advance,
+        )
+    sums = [
+        sum(s.greedy for s in scores),
+        sum(s.logprob for s in scores),
+        sum(s.n_tokens for s in scores),
+        len(scores),
+    ]
+    correct, logprob, n_tokens, n = all_reduce_sum(sums, env)
+    n = int(n)
+    return {
+        "n": n,
+        "acc": correct / n,
+        "acc_stderr": stderr_of_mean(correct / n, n),
+        "ppl": math.exp(-logprob / n),
+        "ppl_token": math.exp(-logprob / n_tokens),
+        "target_tokens": int(n_tokens),
+    }

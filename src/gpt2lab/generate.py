@@ -1,0 +1,312 @@
+"""Text generation over the preallocated KV cache: sampling, batched prompts, streaming.
+
+    ids = generate(model, [tok.encode("Hello")], max_new_tokens=50, temperature=0.8, top_k=200, tokenizer=tok)
+    for step in stream(model, prompts, max_new_tokens=50):   # one list of B ids (None = nothing) per step
+        ...
+    for text in stream_text(model, tok, "Hello", max_new_tokens=50, stop_strings=["\\n\\n"]):
+        print(text, end="", flush=True)
+
+Prompts of different lengths share one batch through LEFT padding: every row ends at the same
+column, pad columns get position -1 (never attended) and each row's positions start at 0 at its
+first real token, so a batched row computes exactly what it would compute alone. The prompt is
+run once (prefill), then one token per step reads the cache. `generate_uncached` is the plain
+full-recompute loop, kept as the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.model import GPT
+from gpt2lab.tokenizer import StreamDecoder, Tokenizer
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits (B, V) with everything outside the top-k ids and outside the top-p nucleus set to -inf.
+
+    top-p keeps the smallest set of most likely ids whose probabilities sum to at least `top_p`
+    (always at least the most likely id).
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop an id when the ids before it already reach top_p (so the first id always stays).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): argmax when temperature == 0, else a draw from the
+    temperature-scaled distribution restricted by top-k / top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None, device: torch.device):
+    if generator is not None:
+        return generator
+    if seed is None:
+        return None  # torch's global RNG
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping
+
+
+class _Stopper:
+    """Tracks which rows have stopped: on a stop id (not emitted) or once their generated text
+    contains a stop string (the completing token is emitted)."""
+
+    def __init__(self, batch_size: int, stop_ids: Sequence[int], stop_strings: Sequence[str],
+                 tokenizer: Tokenizer | None) -> None:
+        if stop_strings and tokenizer is None:
+            raise UserError("stop_strings need a tokenizer to decode the generated ids; pass tokenizer=")
+        self.stop_ids = set(stop_ids)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.done = [False] * batch_size
+        if self.stop_strings:
+            self.decoders = [StreamDecoder(tokenizer) for _ in range(batch_size)]
+            self.tails = [""] * batch_size  # just enough trailing text to see a stop string across tokens
+            self.keep = max(len(s) for s in self.stop_strings) - 1
+
+    def update(self, tokens: list[int]) -> list[int | None]:
+        """Given one sampled id per row, return what each row emits (None = nothing) and update `done`."""
+        out: list[int | None] = []
+        for row, t in enumerate(tokens):
+            if self.done[row] or t in self.stop_ids:
+                self.done[row] = True
+                out.append(None)
+                continue
+            out.append(t)
+            if self.stop_strings:
+                text = self.tails[row] + self.decoders[row].feed(t)
+                if any(s in text for s in self.stop_strings):
+                    self.done[row] = True
+                self.tails[row] = text[len(text) - self.keep:] if self.keep else ""
+        return out
+
+
+def _default_stop_ids(stop_ids: Sequence[int] | None, tokenizer: Tokenizer | None) -> Sequence[int]:
+    if stop_ids is not None:
+        return stop_ids
+    eot = getattr(tokenizer, "eot_id", None)
+    return () if eot is None else (eot,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> idx (B, T) and pos (B, T), left padded (pad pos = -1)."""
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), T, dtype=torch.long)
+    pos = torch.full((len(prompts), T), -1, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if len(p):
+            idx[row, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            pos[row, T - len(p):] = torch.arange(len(p))
+    return idx.to(device), pos.to(device)
+
+
+def _check_prompts(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise UserError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a prompt is empty; start it with at least one token (e.g. the tokenizer's eot_id)")
+    config = model.config
+    longest = max(len(p) for p in prompts)
+    if config.pos_emb == "learned" and longest + max_new_tokens - 1 > config.block_size:
+        room = config.block_size - longest + 1
+        fix = f"lower max_new_tokens to {room}" if room >= 1 else f"shorten the prompt to {config.block_size} tokens"
+        raise UserError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
+            f"{longest + max_new_tokens - 1} positions but the model's block_size is {config.block_size}; {fix}"
+        )
+
+
+def max_new_tokens_that_fit(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
+    """`max_new_tokens` clipped so a prompt of `prompt_len` tokens stays within a learned-position
+    model's block_size (unchanged for RoPE models, which extrapolate); 0 if the prompt alone is too long."""
+    if model.config.pos_emb != "learned":
+        return max_new_tokens
+    return max(0, min(max_new_tokens, model.config.block_size - prompt_len + 1))
+
+
+@torch.inference_mode()
+def stream(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer: Tokenizer | None = None,
+) -> Iterator[list[int | None]]:
+    """Generate from B prompts in one batch, yielding after every step a list of B entries: the new
+    id of each row, or None for a row that has stopped.
+
+    prompts: B lists of token ids (lengths may differ). temperature 0 = greedy. seed (or an explicit
+    `generator`) makes sampling reproducible. stop_ids (default: the tokenizer's eot_id) end a row
+    and are not emitted; a row also ends once its generated text contains one of `stop_strings`
+    (the completing id is emitted). Ends when every row has stopped or after max_new_tokens steps.
+    The model is put in eval mode while generating (dropout off) and restored afterwards.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_prompts(model, prompts, max_new_tokens)
+    device = model.transformer.wte.weight.device
+    generator = _make_generator(seed, generator, device)
+    stopper = _Stopper(len(prompts), _default_stop_ids(stop_ids, tokenizer), stop_strings, tokenizer)
+    idx, pos = _left_pad(prompts, device)
+    B, T = idx.shape
+    # The last sampled id is never fed back, hence the - 1.
+    cache = model.new_cache(B, T + max_new_tokens - 1)
+    next_pos = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        logits, _ = model(idx, pos=pos, cache=cache, last_only=True)  # prefill: (B, 1, V)
+        for step in range(max_new_tokens):
+            tokens = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            yield stopper.update(tokens.tolist())
+            if all(stopper.done) or step == max_new_tokens - 1:
+                return
+            logits, _ = model(tokens[:, None], pos=next_pos, cache=cache, last_only=True)
+            next_pos += 1
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """The new ids of each of the B prompts (without the prompt and without a final stop id);
+    takes the keyword arguments of `stream`."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, max_new_tokens=max_new_tokens, **kwargs):
+        for row, t in enumerate(step):
+            if t is not None:
+                out[row].append(t)
+    return out
+
+
+@torch.inference_mode()
+def generate_uncached(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Reference generation: each prompt alone, the whole sequence recomputed every step, no cache."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_prompts(model, prompts, max_new_tokens)
+    device = model.transformer.wte.weight.device
+    generator = _make_generator(seed, None, device)
+    out = []
+    for prompt in prompts:
+        seq = torch.tensor([list(prompt)], device=device)  # (1, T)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits, _ = model(seq)
+            t = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
+            if int(t) in stop_ids:
+                break
+            new.append(int(t))
+            seq = torch.cat((seq, t[:, None]), dim=1)
+        out.append(new)
+    return out
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    **kwargs,
+) -> Iterator[str]:
+    """Stream the text generated after one prompt (text or ids), piece by piece.
+
+    Characters split across tokens come out whole; text that might be the start of a stop string is
+    held back until it is known not to be, and a stop string itself is never emitted. Takes the
+    keyword arguments of `stream`.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    stops = [s for s in stop_strings if s]
+    decoder = StreamDecoder(tokenizer)
+    text, emitted = "", 0
+    steps = stream(model, [ids], max_new_tokens=max_new_tokens, stop_strings=stops, tokenizer=tokenizer, **kwargs)
+    for (t,) in steps:
+        if t is not None:
+            text += decoder.feed(t)
+        cut = _first_stop(text, stops)
+        if cut is not None:
+            steps.close()
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - _held_back(text, stops)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text += decoder.flush()
+    cut = _first_stop(text, stops)
+    end = len(text) if cut is None else cut
+    if end > emitted:
+        yield text[emitted:end]
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper beginning of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

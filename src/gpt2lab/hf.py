@@ -1,0 +1,352 @@
+"""Hugging Face GPT-2 <-> gpt2lab: a key map, four transposes and a config check.
+
+    model = load_hf_model("gpt2")                 # OpenAI's weights from the hub (or the local HF cache)
+    model = load_hf_model("path/to/hf_dir")       # config.json + model.safetensors (or pytorch_model.bin)
+    save_hf_model(model, "out_dir", tokenizer)    # transformers.GPT2LMHeadModel.from_pretrained("out_dir") works
+
+gpt2lab uses HF's parameter names, so a key maps to itself (minus an optional `transformer.` prefix).
+HF stores the four projection weights as `Conv1D` (in, out) matrices; ours are `nn.Linear` (out, in),
+hence the transposes. `transformers` is never imported here; `huggingface_hub` only to download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.tokenizer import Tokenizer
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+"""OpenAI's GPT-2 checkpoints, published on the hub as `openai-community/<name>`."""
+_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers older transformers versions saved with the weights; they carry no parameters.
+_BUFFER_KEY = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh-approximated GELU, as in our MLP
+
+
+def is_hub_name(name: str) -> bool:
+    """True for the names `load_hf_model` downloads: `gpt2`, `gpt2-medium`, ..., `openai-community/gpt2`, ..."""
+    return name in HUB_MODELS or (name.startswith("openai-community/") and name.split("/", 1)[1] in HUB_MODELS)
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True if `path` is a directory whose config.json describes a transformers model (has model_type)."""
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError, TypeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_hf_model(name_or_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  dropout: float = 0.0) -> GPT:
+    """A GPT with the weights of an HF GPT-2 (hub name or local directory), in eval mode.
+
+    dtype: the parameter dtype (default float32, whatever the file stores). dropout: the model's
+    dropout for later finetuning (HF's GPT-2 configs say 0.1; inference ignores it).
+    """
+    path = Path(name_or_dir)
+    if not path.is_dir():
+        if not is_hub_name(str(name_or_dir)):
+            raise UserError(
+                f"{name_or_dir} is neither a directory nor a hub model ({', '.join(HUB_MODELS)})"
+            )
+        path = download_hf_model(str(name_or_dir))
+    config = config_from_hf(read_hf_config(path), dropout=dropout, source=str(path / "config.json"))
+    state = hf_to_gpt2lab_state(read_hf_weights(path), source=str(path))
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty breaks the tie; restore it
+
+    from gpt2lab.checkpoint import load_model_weights
+
+    load_model_weights(model, state, f"{path}: config.json does not match the weights")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def download_hf_model(name: str) -> Path:
+    """Download (or find in the local HF cache) config.json + model.safetensors of a hub GPT-2.
+
+    Honours HF_HUB_OFFLINE; any failure becomes a one-line UserError saying how to get the files.
+    """
+    repo = name if "/" in name else f"openai-community/{name}"
+    how = (f"on a machine with network run `hf download {repo} config.json model.safetensors --local-dir DIR` "
+           f"and pass --init DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"downloading {repo} needs huggingface_hub (pip install 'gpt2lab[hf]'), or {how}") from None
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, when it is imported.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        path = snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"], local_files_only=offline)
+    except Exception as e:  # no network, proxy, auth, disk: the user's fix is the same in every case
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else _first_line(e)
+        raise UserError(f"could not download {repo} from the Hugging Face hub ({reason}); {how}") from None
+    return Path(path)
+
+
+def _first_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """config.json of an HF model directory."""
+    f = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise UserError(f"HF model directory {path} does not exist")
+    if not f.is_file():
+        raise UserError(f"{path} has no config.json; it is not a Hugging Face model directory")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def config_from_hf(hf: dict, dropout: float = 0.0, source: str = "config.json") -> GPTConfig:
+    """GPTConfig of an HF GPT2Config dict; anything gpt2lab would compute differently is an error."""
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{source}: model_type is {hf.get('model_type')!r}; only GPT-2 ('gpt2') models can be loaded")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise UserError(f"{source}: activation_function {act!r} is not supported (gpt2lab uses 'gelu_new')")
+    for flag, want in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                       ("scale_attn_weights", True), ("add_cross_attention", False)):
+        if bool(hf.get(flag, want)) != want:
+            raise UserError(f"{source}: {flag}={hf[flag]} is not supported by gpt2lab (needs {want})")
+    n_embd = hf.get("n_embd", 768)
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise UserError(f"{source}: n_inner={hf['n_inner']} is not supported (gpt2lab's MLP is 4 * n_embd wide)")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise UserError(f"{source}: tie_word_embeddings=false is not supported (gpt2lab ties wte and lm_head)")
+    try:
+        return GPTConfig(
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf.get("vocab_size", 50257),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_embd=n_embd,
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            dropout=dropout,
+        )
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The raw HF state dict of a directory: model.safetensors (possibly sharded) or pytorch_model.bin,
+    the latter loaded with torch.load(weights_only=True) so no pickled code ever runs."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return _load_safetensors([path / "model.safetensors"])
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return _load_safetensors([path / s for s in shards])
+    if (path / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # refused pickle content or a damaged file
+            raise UserError(
+                f"{path / 'pytorch_model.bin'} cannot be loaded safely ({_first_line(e)}); "
+                "convert it to model.safetensors"
+            ) from None
+    raise UserError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _load_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"weight shard {f} is missing")
+        state.update(load_file(str(f)))
+    return state
+
+
+def hf_to_gpt2lab_state(hf_state: dict[str, torch.Tensor], source: str = "HF weights") -> dict[str, torch.Tensor]:
+    """HF GPT-2 state dict -> gpt2lab keys: `transformer.` prefix added where absent, Conv1D weights
+    transposed, mask buffers dropped, the tied lm_head dropped (an untied one is an error)."""
+    state = {}
+    for key, value in hf_state.items():
+        if _BUFFER_KEY.search(key):
+            continue
+        if key != "lm_head.weight" and not key.startswith("transformer."):
+            key = "transformer." + key
+        if key.endswith(_TRANSPOSED):
+            value = value.t()
+        state[key] = value
+    lm_head = state.pop("lm_head.weight", None)
+    wte = state.get("transformer.wte.weight")
+    if lm_head is not None and wte is not None and (lm_head.shape != wte.shape or not torch.equal(lm_head, wte)):
+        raise UserError(f"{source}: lm_head.weight differs from wte.weight; gpt2lab needs tied embeddings")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def check_hf_compatible(config: GPTConfig) -> None:
+    """Raise UserError if HF's GPT-2 cannot express this architecture."""
+    problems = []
+    if config.pos_emb != "learned":
+        problems.append(f"pos_emb={config.pos_emb!r} (HF GPT-2 has learned positions only)")
+    if config.n_kv_head != config.n_head:
+        problems.append(f"n_kv_head={config.n_kv_head} (HF GPT-2 has multi-head attention only)")
+    if any(w is not None for w in config.layer_windows()):
+        problems.append(f"sliding_window={config.sliding_window} (HF GPT-2 has full attention only)")
+    if not config.bias:
+        problems.append("bias=false (HF GPT-2 always has biases)")
+    if problems:
+        raise UserError(f"cannot export to HF GPT-2: {'; '.join(problems)}; export a model without these variants")
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """The config.json of `transformers.GPT2LMHeadModel` for this architecture."""
+    check_hf_compatible(config)
+    eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+    }
+
+
+def gpt2lab_to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
+    """HF GPT-2 state dict of `model`: Conv1D weights transposed, embedding rows trimmed to
+    vocab_size, contiguous CPU tensors, the tied lm_head left out (HF re-ties it on load)."""
+    check_hf_compatible(model.config)
+    V = model.config.vocab_size
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        value = value.detach()
+        if key.endswith(_TRANSPOSED):
+            value = value.t()
+        if key == "transformer.wte.weight":
+            value = value[:V]  # padding rows are never produced, HF has no use for them
+        state[key] = value.to("cpu").contiguous()
+    return state
+
+
+def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained`
+    loads unchanged, plus the GPT-2 tokenizer files (vocab.json, merges.txt) when `tokenizer` is GPT-2 BPE.
+    Variants HF GPT-2 cannot express (RoPE, GQA/MQA, sliding windows, no biases) raise UserError."""
+    from safetensors.torch import save_file
+
+    config = hf_config(model.config, tokenizer)
+    state = gpt2lab_to_hf_state(model)
+    config["torch_dtype"] = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None and tokenizer.to_dict() == {"kind": "gpt2"}:
+        write_gpt2_tokenizer_files(out, model_max_length=model.config.block_size)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# GPT-2 tokenizer files (vocab.json, merges.txt), derived offline from the BPE rank table
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes are shifted to code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair whose merge created `token`: run BPE on its bytes with the merges ranked before it
+    until two parts remain."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            raise ValueError(f"token {token!r} (rank {rank}) is not reachable by earlier merges")
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def write_gpt2_tokenizer_files(out_dir: str | Path, model_max_length: int = 1024) -> None:
+    """Write vocab.json, merges.txt and tokenizer_config.json of the GPT-2 tokenizer, so
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` (and lm-eval-harness) work offline."""
+    from gpt2lab.tokenizer import EOT_TEXT, GPT2_EOT_ID, gpt2_encoding
+
+    enc = gpt2_encoding()
+    tokens = [enc.decode_single_token_bytes(i) for i in range(GPT2_EOT_ID)]
+    ranks = {t: i for i, t in enumerate(tokens)}
+    to_uni = _byte_to_unicode()
+
+    def show(b: bytes) -> str:
+        return "".join(to_uni[x] for x in b)
+
+    vocab = {show(t): i for i, t in enumerate(tokens)}
+    vocab[EOT_TEXT] = GPT2_EOT_ID
+    merges = [_merge_parts(t, i, ranks) for i, t in enumerate(tokens) if len(t) > 1]
+    out = Path(out_dir)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{show(a)} {show(b)}" for a, b in merges]
+    (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "add_prefix_space": False,
+        "bos_token": EOT_TEXT,
+        "eos_token": EOT_TEXT,
+        "unk_token": EOT_TEXT,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

@@ -1,0 +1,259 @@
+"""LoRA (low-rank adaptation) by module replacement: the model code never knows about it.
+
+`apply_lora(model, cfg)` swaps each targeted nn.Linear for a `LoRALinear` that keeps the frozen
+base weight and bias under the same parameter names (so base checkpoints still load into it) and
+adds a trainable low-rank path:
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T,    A: (r, in), B: (out, r)
+
+A starts like an nn.Linear weight (Kaiming-uniform) and B at zero, so an adapted model computes
+exactly what its base does until B is trained. Everything else is frozen. `merge_lora` folds
+W + (alpha / r) B A into plain nn.Linear modules; an adapter is saved as `adapter.safetensors`
+(A and B only) plus `adapter_config.json`, which records the base it belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2lab.errors import UserError
+
+DEFAULT_TARGETS = ("c_attn", "c_proj")  # as config.LoraConfig
+ADAPTER_FORMAT = "gpt2lab-lora-adapter"
+ADAPTER_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`weight` (out, in), `bias`) plus a trainable rank-r update."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the base's own Parameters: same names, same storage
+        self.bias = base.bias
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default weight init
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scaling * update
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain nn.Linear with weight W + (alpha / r) B A (computed in fp32)."""
+        w = self.weight
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter((w.float() + delta).to(w.dtype).detach())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach())
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Qualified name -> LoRALinear for every adapted layer of `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
+    """Replace the nn.Linear layers named by `cfg.targets` (a name or dotted suffix such as "c_attn"
+    or "mlp.c_proj"; default c_attn and c_proj) with LoRALinear(r, alpha, dropout) and freeze every
+    other parameter. Call it after the base weights are loaded. Returns `model` (changed in place)."""
+    r, alpha, dropout = _get(cfg, "r", 0), _get(cfg, "alpha", None), _get(cfg, "dropout", 0.0)
+    targets = list(_get(cfg, "targets", None) or DEFAULT_TARGETS)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"lora.r must be a positive integer to apply LoRA, got {r!r}")
+    alpha = float(r if alpha is None else alpha)
+    if alpha <= 0:
+        raise UserError(f"lora.alpha must be positive, got {alpha}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise UserError(f"lora.dropout must be in [0, 1), got {dropout}")
+    if lora_modules(model):
+        raise UserError("the model already has LoRA layers; merge them (merge_lora) before applying LoRA again")
+    chosen = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(name, targets)]
+    if not chosen:
+        linear_names = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                               if isinstance(m, nn.Linear)})
+        raise UserError(f"lora.targets {targets} match no nn.Linear layer; layer names are {linear_names}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, float(dropout)))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRALinear into a plain nn.Linear (W + (alpha / r) B A) and make all parameters
+    trainable again, leaving the model GPT-2's plain architecture. Returns `model` (changed in place)."""
+    for name, module in lora_modules(model).items():
+        _set_submodule(model, name, module.merged_linear())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The A and B matrices only, with clean keys (no compile/DDP prefixes), as contiguous CPU tensors."""
+    from gpt2lab.checkpoint import clean_state_dict
+
+    return clean_state_dict({k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))})
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The GPT inside compile/DDP wrappers (the module that has `.config`)."""
+    while not hasattr(model, "config"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise UserError(f"expected a GPT model, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def base_identity(model: nn.Module) -> dict:
+    """What identifies the base model: a hash of its architecture config and a fingerprint of its
+    token embedding (rounded to bf16 so the same weights loaded in any precision agree)."""
+    gpt = _unwrap(model)
+    config = gpt.config.to_dict()
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    rows = gpt.transformer.wte.weight[:64].detach().to("cpu", torch.bfloat16).view(torch.int16)
+    weights_sha = hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+    return {"config_sha256": config_sha[:16], "wte_sha256": weights_sha[:16], "model": config}
+
+
+def save_adapter(path: str | Path, model: nn.Module, cfg: Any, base_init: str,
+                 tokenizer: dict | None = None, extra: dict | None = None) -> Path:
+    """Atomically write adapter.safetensors (A, B) and adapter_config.json (r, alpha, dropout,
+    targets, adapted layer names, base init string and identity) into directory `path`."""
+    from safetensors.torch import save_file
+
+    from gpt2lab.checkpoint import atomic_dir
+
+    modules = lora_modules(model)
+    if not modules:
+        raise UserError("the model has no LoRA layers to save")
+    first = next(iter(modules.values()))
+    weights = lora_state_dict(model)
+    config = {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "r": first.r,
+        "alpha": first.alpha,
+        "dropout": float(_get(cfg, "dropout", 0.0)),
+        "targets": list(_get(cfg, "targets", None) or DEFAULT_TARGETS),
+        "modules": sorted({key.rpartition(".")[0] for key in weights}),
+        "base": {"init": str(Path(base_init).resolve()) if Path(base_init).exists() else base_init,
+                 **base_identity(model)},
+        "tokenizer": tokenizer,
+        **(extra or {}),
+    }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def is_adapter(path: str | Path) -> bool:
+    """True when `path` is a directory holding a gpt2lab LoRA adapter."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """The adapter_config.json of an adapter directory, validated."""
+    f = Path(path) / ADAPTER_CONFIG
+    if not f.is_file():
+        raise UserError(f"{path} is not a LoRA adapter: {ADAPTER_CONFIG} is missing")
+    try:
+        config = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{f} is not a gpt2lab LoRA adapter config (format={_get(config, 'format')!r})")
+    if config.get("version", 0) > ADAPTER_VERSION:
+        raise UserError(f"{f} has adapter version {config['version']}; this gpt2lab reads up to {ADAPTER_VERSION}")
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> dict:
+    """Apply the adapter saved in `path` to `model` (its base) and load A and B; returns the adapter
+    config. A base with a different architecture is an error; different embedding weights, a warning."""
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(path)
+    ident = base_identity(model)
+    base = config.get("base", {})
+    if base.get("config_sha256") != ident["config_sha256"]:
+        raise UserError(
+            f"{path}: adapter was trained on base '{base.get('init')}' whose model config differs from this "
+            f"model's (config hash {base.get('config_sha256')} vs {ident['config_sha256']}); pass that base with --init"
+        )
+    if base.get("wte_sha256") != ident["wte_sha256"]:
+        warnings.warn(f"{path}: this base's weights differ from those of '{base.get('init')}', which the adapter "
+                      "was trained on", stacklevel=2)
+    apply_lora(model, {"r": config["r"], "alpha": config["alpha"], "dropout": config.get("dropout", 0.0),
+                       "targets": config.get("modules") or config.get("targets")})
+    f = Path(path) / ADAPTER_WEIGHTS
+    if not f.is_file():
+        raise UserError(f"{path} has no {ADAPTER_WEIGHTS}; the adapter is incomplete")
+    weights = load_file(str(f))
+    expected = {f"{name}.{ab}": m for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
+    if set(weights) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise UserError(f"{f}: adapter weights do not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for key, value in weights.items():
+            name, _, ab = key.rpartition(".")
+            param = getattr(expected[key], ab)
+            if param.shape != value.shape:
+                raise UserError(f"{f}: {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}")
+            param.copy_(value)
+    return config
+
+
+def load_adapted_model(adapter: str | Path, base_init: str | None = None, device: str = "cpu",
+                       dtype: str | None = None) -> tuple[nn.Module, Any, dict]:
+    """(model, tokenizer, adapter config): the adapter's base (or `base_init`) loaded through
+    `gpt2lab.loading.load_model`, with the adapter applied on top (not merged)."""
+    from gpt2lab.loading import load_model
+
+    config = read_adapter_config(adapter)
+    init = base_init or config.get("base", {}).get("init")
+    if not init:
+        raise UserError(f"{adapter}: the adapter records no base model; pass it with --init")
+    model, tokenizer = load_model(init, device=device, dtype=dtype)
+    load_adapter(model, adapter)
+    return model, tokenizer, config

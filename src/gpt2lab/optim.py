@@ -1,0 +1,98 @@
+"""AdamW with GPT-2's parameter groups, and learning-rate schedules as pure functions of the step.
+
+    optimizer = build_optimizer(model, cfg.optim, device_type="cuda")
+    for step in range(max_steps):
+        set_lr(optimizer, lr_at(step, cfg.optim, max_steps))
+        ...
+
+Weight decay applies to tensors with >= 2 dimensions (Linear weights and embeddings, as nanoGPT);
+biases and LayerNorm gains are not decayed. A schedule's only state is the step, so resuming needs
+nothing but the step number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from gpt2lab.config import OptimConfig
+
+
+def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two AdamW groups from (name, param) pairs: decayed (>= 2-D) and not decayed (biases, norms).
+    Frozen parameters (requires_grad False, e.g. a LoRA base) are left out."""
+    decay, no_decay = [], []
+    for _, p in params:
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model`; fused kernel on CUDA (cfg.fused "auto"), foreach elsewhere."""
+    fused = device_type == "cuda" if cfg.fused == "auto" else bool(cfg.fused)
+    groups = [g for g in param_groups(model.named_parameters(), cfg.weight_decay) if g["params"]]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=None if fused else True,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules: lr of optimizer step `step` (0-based) of a run of `max_steps` steps.
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup: (step + 1) / warmup_steps for the first warmup_steps steps, then 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 1.0
+
+
+def constant_lr(step: int, *, lr: float, warmup_steps: int) -> float:
+    """Warmup, then `lr` forever."""
+    return lr * warmup_factor(step, warmup_steps)
+
+
+def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Warmup, then half a cosine from lr (at warmup_steps) to min_lr (at max_steps); min_lr after that."""
+    if step < warmup_steps:
+        return lr * warmup_factor(step, warmup_steps)
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def wsd_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int, decay_fraction: float) -> float:
+    """Warmup-stable-decay: warmup, `lr` until the last decay_fraction of max_steps, then linear to min_lr."""
+    decay_steps = round(decay_fraction * max_steps)
+    decay_start = max_steps - decay_steps
+    if step < warmup_steps:
+        return lr * warmup_factor(step, warmup_steps)
+    if step < decay_start:
+        return lr
+    if step >= max_steps:
+        return min_lr
+    progress = (step - decay_start) / max(1, decay_steps)
+    return lr + progress * (min_lr - lr)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """The learning rate of step `step` under schedule `cfg.schedule`."""
+    if cfg.schedule == "constant":
+        return constant_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps)
+    if cfg.schedule == "wsd":
+        return wsd_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+                      decay_fraction=cfg.decay_fraction)
+    return cosine_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=max_steps)

@@ -1,0 +1,457 @@
+"""Distributed training: the process group from torchrun's environment, every parallel wrapping
+applied in one place, and checkpoints that reshard across world sizes.
+
+    init_distributed  -> DistEnv (rank, world size, device) from torchrun's env; one process without it
+    parallelize       -> activation checkpointing -> torch.compile per block -> FSDP2 per block or DDP
+    no_sync           -> skip the gradient all-reduce on accumulation micro-steps (DDP)
+    all_reduce        -> reduce a metric across ranks (a no-op in one process)
+    save_sharded      -> a checkpoint directory: rank 0 writes it (none/DDP) or DCP shards + consolidated
+    load_sharded         weights (FSDP); either kind loads at any world size, with or without a process group
+
+Gradient convention: the trainer divides each rank's summed loss by the *global* number of counted
+tokens of the step (docs/design.md), so the true gradient is the *sum* of the ranks' gradients.
+DDP and FSDP are therefore set to sum gradients, never to average them; the update is the same for
+any number of ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gpt2lab.checkpoint import (
+    TRAIN_STATE_FILE,
+    atomic_dir,
+    clean_state_dict,
+    load_train_state,
+    load_weights,
+    write_checkpoint,
+)
+from gpt2lab.errors import UserError
+from gpt2lab.model import GPT, GPTConfig
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
+DCP_DIR = "dcp"
+"""Subdirectory of an FSDP checkpoint holding the sharded model and optimizer (torch.distributed.checkpoint)."""
+DEFAULT_TIMEOUT_S = 600.0
+"""Collective timeout: a rank stuck this long in a collective (a peer hung or lost) raises and exits."""
+
+# --------------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands in the job. A single process is rank 0 of 1 with backend None."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    is_main: bool = True
+    backend: str | None = None
+    restart_count: int = 0
+    """How many times torchrun's elastic agent restarted the job (TORCHELASTIC_RESTART_COUNT)."""
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group is initialized (launched by torchrun)."""
+        return self.backend is not None
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT); without WORLD_SIZE this is one process and nothing is initialized.
+
+    Each rank uses cuda:LOCAL_RANK with NCCL on GPUs, or the CPU with Gloo. Collectives time out
+    after GPT2LAB_DIST_TIMEOUT seconds (default 600), so a rank whose peer hangs exits instead of
+    waiting forever; a peer that dies is noticed sooner by torchrun's agent, which stops the job.
+    """
+    dev = _resolve_device(device)
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if "WORLD_SIZE" not in os.environ:
+        return DistEnv(device=dev, restart_count=restart_count)
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UserError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun "
+            "(e.g. `torchrun --nproc_per_node=8 -m gpt2lab train ...`) or unset WORLD_SIZE"
+        )
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} needs GPU {local_rank} but this node has {torch.cuda.device_count()}; "
+                "set --nproc_per_node to at most the number of GPUs"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    elif dev.type == "cpu":
+        backend = "gloo"
+    else:
+        raise UserError(f"distributed training runs on cuda or cpu, not {dev.type}; set device to cuda or cpu")
+    try:
+        timeout_s = float(os.environ.get("GPT2LAB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        raise UserError(f"GPT2LAB_DIST_TIMEOUT must be a number of seconds, got {os.environ['GPT2LAB_DIST_TIMEOUT']!r}") from None
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=dev if backend == "nccl" else None
+        )
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0,
+                   backend=backend, restart_count=restart_count)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Leave the process group (no-op in one process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+               "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce `tensor` in place across ranks with op "sum", "mean", "max" or "min" and return it.
+    A no-op in one process. CPU tensors work with NCCL too (they take a round trip to the GPU)."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+    if not dist.is_initialized():
+        return tensor
+    work = tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(work, op=_REDUCE_OPS[op])
+    if op == "mean":
+        work /= dist.get_world_size()  # Gloo has no AVG; sum then divide everywhere
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallelizing a model
+
+
+def resolve_strategy(strategy: str, model: GPT, env: DistEnv) -> str:
+    """The concrete strategy for `strategy` ("auto" picks one): "none" in one process; DDP when the
+    fp32 weights, gradients and AdamW moments (16 bytes per parameter) take at most half the device
+    memory (the rest is for activations); FSDP otherwise."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not env.distributed:
+        if strategy in ("ddp", "fsdp") and env.is_main:
+            print(f"gpt2lab: parallel.strategy={strategy} ignored: one process (launch with torchrun to "
+                  "use several)", file=sys.stderr)
+        return "none"
+    if strategy != "auto":
+        return strategy
+    if env.world_size == 1:
+        return "none"
+    if env.device.type != "cuda":
+        return "ddp"
+    state_bytes = 16 * model.num_params()
+    return "ddp" if state_bytes <= torch.cuda.get_device_properties(env.device).total_memory // 2 else "fsdp"
+
+
+def parallelize(model: GPT, cfg: Any, env: DistEnv) -> nn.Module:
+    """Apply, in this order, activation checkpointing, torch.compile per block, and FSDP2 (per block,
+    then the root) or DDP, as `cfg` (a ParallelConfig) asks; return the module to train.
+
+    `model` is built and initialized (or loaded) on the CPU or on env.device; the same seed gives the
+    same weights at every world size. FSDP shards it in place and moves the shards to env.device;
+    otherwise it is moved whole. Gradients are summed across ranks (see the module docstring).
+    cfg fields: strategy (auto|none|ddp|fsdp), fsdp.reshard_after_forward, fsdp.mixed_precision
+    (bf16 params with fp32 gradient reduction on GPU; ignored on CPU), activation_checkpointing
+    (none|block|selective), compile_blocks.
+    """
+    strategy = resolve_strategy(cfg.strategy, model, env)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.compile_blocks:
+        for block in model.transformer.h:
+            block.compile()  # in place: parameter names keep no `_orig_mod.` prefix
+    if strategy == "fsdp":
+        return apply_fsdp(model, env, cfg.fsdp.reshard_after_forward, cfg.fsdp.mixed_precision)
+    model.to(env.device)
+    if strategy == "ddp":
+        return apply_ddp(model, env)
+    return model
+
+
+def apply_activation_checkpointing(model: GPT, mode: str) -> None:
+    """Recompute activations in backward instead of storing them: "block" wraps every block,
+    "selective" every other block (half the saving for half the recompute). A wrapped block keeps
+    only its input for backward and runs its forward again there."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise UserError(
+            f"parallel.activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, got {mode!r}"
+        )
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    every = 1 if mode == "block" else 2
+    for i, block in enumerate(model.transformer.h):
+        if i % every == 0:
+            model.transformer.h[i] = checkpoint_wrapper(block)
+
+
+def _mixed_precision(enabled: bool, device: torch.device):
+    """bf16 parameters for compute with fp32 gradient reduction on GPU; plain fp32 otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if enabled and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: GPT, env: DistEnv, reshard_after_forward: bool = True,
+               mixed_precision: bool = True) -> nn.Module:
+    """Shard each block, then the root (embeddings, final norm, tied LM head), over all ranks with FSDP2.
+
+    The last block and the root keep their parameters gathered after forward: backward needs them
+    at once, so resharding them would only add an all-gather.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise UserError(f"parallel.strategy=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mp_policy = _mixed_precision(mixed_precision, env.device)
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy,
+                    reshard_after_forward=bool(reshard_after_forward) and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    for module in model.modules():
+        if hasattr(module, "set_requires_gradient_sync"):  # every FSDPModule: sum, do not average
+            module.set_gradient_divide_factor(1.0)
+            if env.backend == "gloo":
+                module.set_force_sum_reduction_for_comms(True)  # Gloo has no pre-multiplied sum
+    return model
+
+
+def _sum_allreduce_hook(state, bucket):  # unannotated: DDP rejects string annotations on hooks
+    """DDP communication hook: all-reduce a dist.GradBucket of gradients as a plain sum (DDP's
+    default averages); returns a future of the reduced flat tensor."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def apply_ddp(model: GPT, env: DistEnv) -> nn.Module:
+    """Replicate the model with DDP; gradients are summed across ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+              gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, _sum_allreduce_hook)
+    return ddp
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    """True if `module` was sharded by `parallelize` with FSDP2."""
+    return hasattr(module, "set_requires_gradient_sync") and not hasattr(module, "no_sync")
+
+
+@contextlib.contextmanager
+def no_sync(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside: backward accumulates gradients locally, without the cross-rank reduction.
+
+    Use it on every micro-batch of a step but the last. DDP skips its all-reduce. FSDP still
+    reduce-scatters every micro-batch: skipping would keep a full unsharded gradient on every rank,
+    the memory FSDP is chosen to save. In one process this does nothing.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if enabled and isinstance(module, DDP):
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def unwrap(module: nn.Module) -> GPT:
+    """The GPT inside DDP / torch.compile wrappers (an FSDP-sharded GPT is its own root)."""
+    while not isinstance(module, GPT):
+        if hasattr(module, "module"):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            raise TypeError(f"no GPT inside {type(module).__name__}")
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _full_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def model_state_for_save(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full model state dict with clean keys as CPU tensors on rank 0, None on other ranks.
+    Collective under FSDP (shards are gathered to rank 0 one tensor at a time): call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if is_fsdp(module):
+        state = get_model_state_dict(module, options=_full_options(cpu_offload=True))
+    else:
+        state = unwrap(module).state_dict() if rank == 0 else {}
+    return clean_state_dict(state) if rank == 0 else None
+
+
+def optimizer_state_for_save(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The full optimizer state keyed by parameter names (so any strategy and world size can load it)
+    as CPU tensors on rank 0, None on other ranks. Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(module, optimizer, options=_full_options(cpu_offload=True))
+    return state if (not dist.is_initialized() or dist.get_rank() == 0) else None
+
+
+def save_sharded(
+    path: str | Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_state: dict,
+    *,
+    model_config: GPTConfig,
+    tokenizer: dict,
+    step: int | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a resumable checkpoint directory for any strategy; call on every rank.
+
+    none / DDP: rank 0 writes a normal checkpoint (config.json, model.safetensors, train_state.pt
+    holding `extra_state` plus the optimizer state keyed by parameter names).
+    FSDP: every rank writes its shards of model and optimizer to `dcp/` (torch.distributed.checkpoint);
+    rank 0 adds config.json, consolidated model.safetensors (so sample/eval/convert read it as
+    any checkpoint) and train_state.pt holding `extra_state`. The directory is written under a temp
+    name on the shared filesystem and renamed by rank 0 once every rank has finished, so a crash
+    never leaves a partial checkpoint under the final name.
+    """
+    path = Path(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if "optimizer" in extra_state:
+        raise ValueError("extra_state must not hold 'optimizer'; the optimizer is passed separately")
+    if not is_fsdp(module):
+        model_state = model_state_for_save(module)
+        optim_state = optimizer_state_for_save(module, optimizer)
+        if rank == 0:
+            with atomic_dir(path) as tmp:
+                write_checkpoint(tmp, model_state, model_config, tokenizer, step=step,
+                                 train_state={**extra_state, "optimizer": optim_state}, extra=extra)
+        barrier()
+        return path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    with _shared_atomic_dir(path, rank) as tmp:
+        sharded = {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
+        dcp.save(sharded, checkpoint_id=str(tmp / DCP_DIR))
+        model_state = model_state_for_save(module)
+        if rank == 0:
+            write_checkpoint(tmp, model_state, model_config, tokenizer, step=step, train_state=extra_state,
+                             extra={**(extra or {}), "sharded": DCP_DIR})
+    return path
+
+
+@contextlib.contextmanager
+def _shared_atomic_dir(path: Path, rank: int) -> Iterator[Path]:
+    """checkpoint.atomic_dir for all ranks: rank 0 creates the temp dir and tells the others its name;
+    after every rank has written, rank 0 renames it into place; then all ranks go on."""
+    with contextlib.ExitStack() as stack:
+        name = [str(stack.enter_context(atomic_dir(path))) if rank == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        yield Path(name[0])
+        barrier()  # every rank's shards are written before rank 0 renames
+    barrier()  # the final name exists for every rank on return
+
+
+def load_sharded(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load model (and optimizer) state from a checkpoint written by `save_sharded` at any world size
+    and strategy into `module` as parallelized now (or a plain GPT in one process, with no process
+    group); returns the `extra_state` given to save_sharded. Call on every rank."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    train_state = load_train_state(path)
+    if (path / DCP_DIR).is_dir():
+        _load_dcp(path / DCP_DIR, module, optimizer)
+        return train_state
+    weights = load_weights(path)
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied: stored once
+    try:
+        set_model_state_dict(module, weights, options=_full_options())
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match the model config ({str(e).splitlines()[0]})") from None
+    optim_state = train_state.pop("optimizer", None)
+    if optimizer is not None:
+        if optim_state is None:
+            raise UserError(f"{path}/{TRAIN_STATE_FILE} holds no optimizer state; it cannot be resumed")
+        set_optimizer_state_dict(module, optimizer, optim_state, options=_full_options())
+    return train_state
+
+
+def _load_dcp(dcp_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(module)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(module, optimizer)  # allocates the moments to fill
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
+    except (RuntimeError, dcp.CheckpointException) as e:
+        raise UserError(f"{dcp_dir}: cannot load into this model ({str(e).splitlines()[0]})") from None
+    set_model_state_dict(module, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(module, optimizer, state["optimizer"])

@@ -1,0 +1,226 @@
+"""Generation: the KV-cache path against the full-recompute reference for every attention variant,
+batching by left padding, sampling controls, stopping and streaming. Tiny models, CPU."""
+
+import itertools
+
+import pytest
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.generate import (
+    filter_logits,
+    generate,
+    generate_uncached,
+    max_new_tokens_that_fit,
+    stream,
+    stream_text,
+)
+from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
+
+V = 64
+CHARS = "".join(chr(c) for c in range(ord("0"), ord("0") + V))  # 64 distinct sorted characters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models spend their time in op overhead, which extra threads only add to on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> GPT:
+    """A tiny model with weights large enough that next-token logits are far apart (no argmax near-ties),
+    in float64 so the cached and uncached paths cannot disagree by rounding."""
+    config = GPTConfig(**{**dict(block_size=64, vocab_size=V, n_layer=2, n_head=4, n_embd=32), **overrides})
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.to(dtype).eval()
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+VARIANTS = {
+    f"{pos}-{attn}-{'win' if window else 'full'}": dict(pos_emb=pos, n_kv_head=kv, sliding_window=window)
+    for pos, (attn, kv), window in itertools.product(["learned", "rope"], [("mha", 4), ("gqa", 2), ("mqa", 1)],
+                                                    [None, 4])
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_cached_greedy_equals_uncached(name):
+    model = tiny_model(**VARIANTS[name])
+    # Prompts longer than the window (the ring's multi-token path) and of different lengths (left padding);
+    # 12 new tokens take every sequence past the window.
+    prompts = prompts_of([7, 3])
+    cached = generate(model, prompts, max_new_tokens=12, temperature=0)
+    reference = generate_uncached(model, prompts, max_new_tokens=12, temperature=0)
+    assert cached == reference
+    assert all(len(row) == 12 for row in cached)
+
+
+@pytest.mark.parametrize("name", ["learned-gqa-win", "rope-mqa-full"])
+@torch.no_grad()
+def test_cached_logits_equal_full_forward(name):
+    """Prefill + one-token steps through the cache reproduce the full forward's logits (float32)."""
+    model = tiny_model(dtype=torch.float32, **VARIANTS[name])
+    idx = torch.tensor(prompts_of([24])[0])[None]
+    full, _ = model(idx)
+    cache = model.new_cache(1, 24)
+    parts = [model(idx[:, :7], cache=cache)[0]]
+    parts += [model(idx[:, t:t + 1], pos=torch.tensor([[t]]), cache=cache)[0] for t in range(7, 24)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_prompts_equal_each_alone():
+    model = tiny_model(n_kv_head=2, sliding_window=5)
+    prompts = prompts_of([1, 9, 4])
+    batched = generate(model, prompts, max_new_tokens=10, temperature=0)
+    alone = [generate(model, [p], max_new_tokens=10, temperature=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_rope_generates_past_block_size():
+    model = tiny_model(pos_emb="rope", sliding_window=4, block_size=16)
+    prompts = prompts_of([10])
+    assert generate(model, prompts, max_new_tokens=20, temperature=0) == \
+        generate_uncached(model, prompts, max_new_tokens=20, temperature=0)
+
+
+def test_sliding_window_cache_is_bounded_by_the_window():
+    model = tiny_model(pos_emb="rope", n_kv_head=2, sliding_window=8, dtype=torch.float32)
+    long = model.new_cache(batch_size=3, max_len=1000)
+    # 2 layers x (k and v) x B x n_kv_head x window x head_size x 4 bytes
+    assert long.nbytes() == 2 * 2 * 3 * 2 * 8 * 8 * 4
+    full = tiny_model(pos_emb="rope", n_kv_head=2, dtype=torch.float32).new_cache(batch_size=3, max_len=1000)
+    assert full.nbytes() == 2 * 2 * 3 * 2 * 1000 * 8 * 4
+
+
+def test_learned_positions_limit():
+    model = tiny_model(block_size=16)
+    with pytest.raises(UserError, match="block_size is 16; lower max_new_tokens to 7"):
+        generate(model, prompts_of([10]), max_new_tokens=8, temperature=0)
+    assert len(generate(model, prompts_of([10]), max_new_tokens=7, temperature=0)[0]) == 7
+    assert max_new_tokens_that_fit(model, 10, 100) == 7
+    assert max_new_tokens_that_fit(model, 20, 100) == 0
+    with pytest.raises(UserError, match="empty"):
+        generate(model, [[]], max_new_tokens=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_seeds_reproduce():
+    model = tiny_model()
+    prompts = prompts_of([5, 2])
+    a = generate(model, prompts, max_new_tokens=20, seed=0, top_p=0.9)
+    b = generate(model, prompts, max_new_tokens=20, seed=0, top_p=0.9)
+    c = generate(model, prompts, max_new_tokens=20, seed=1, top_p=0.9)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model = tiny_model()
+    prompts = prompts_of([5, 8])
+    greedy = generate(model, prompts, max_new_tokens=15, temperature=0)
+    assert generate(model, prompts, max_new_tokens=15, temperature=1.5, top_k=1, seed=3) == greedy
+    assert generate(model, prompts, max_new_tokens=15, temperature=1.5, top_p=1e-6, seed=3) == greedy
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    inf = float("-inf")
+    assert filter_logits(logits, top_k=2).tolist() == [[inf, 4.0, 3.0, inf]]
+    # softmax of [1, 4, 3, 2] ~ [0.03, 0.64, 0.24, 0.09]: 0.64 < 0.7 <= 0.64 + 0.24
+    assert filter_logits(logits, top_p=0.7).tolist() == [[inf, 4.0, 3.0, inf]]
+    assert filter_logits(logits, top_p=0.6).tolist() == [[inf, 4.0, inf, inf]]
+    assert filter_logits(logits, top_k=10, top_p=1.0).tolist() == logits.tolist()
+
+
+def test_bad_sampling_arguments():
+    model = tiny_model()
+    for kwargs, match in ((dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
+                          (dict(top_p=0.0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens")):
+        with pytest.raises(UserError, match=match):
+            generate(model, prompts_of([3]), **{"max_new_tokens": 5, **kwargs})
+
+
+def test_restores_training_mode_and_ignores_dropout():
+    model = tiny_model(dropout=0.5)
+    prompts = prompts_of([4])
+    expected = generate(model, prompts, max_new_tokens=10, temperature=0)
+    model.train()
+    assert generate(model, prompts, max_new_tokens=10, temperature=0) == expected
+    assert model.training
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping and streaming
+
+
+def test_stop_ids():
+    model = tiny_model()
+    prompts = prompts_of([5, 3])
+    free = generate(model, prompts, max_new_tokens=20, temperature=0)
+    stop = free[0][6]
+    out = generate(model, prompts, max_new_tokens=20, temperature=0, stop_ids=[stop])
+    for row, full in zip(out, free):
+        assert row == (full[:full.index(stop)] if stop in full else full)
+    # Default stop id: the tokenizer's end of text.
+    tok = CharTokenizer(CHARS)
+    tok.eot_id = stop
+    assert generate(model, prompts, max_new_tokens=20, temperature=0, tokenizer=tok) == out
+
+
+def test_stop_strings():
+    model = tiny_model()
+    tok = CharTokenizer(CHARS)
+    prompts = prompts_of([5, 3])
+    free = generate(model, prompts, max_new_tokens=20, temperature=0)
+    text = tok.decode(free[0])
+    stop = text[8:10]
+    end = text.index(stop) + len(stop)  # one char per token: the token completing the stop string
+    out = generate(model, prompts, max_new_tokens=20, temperature=0, stop_strings=[stop], tokenizer=tok,
+                   stop_ids=())
+    assert out[0] == free[0][:end]
+    other = tok.decode(free[1])
+    assert out[1] == (free[1][:other.index(stop) + len(stop)] if stop in other else free[1])
+    pieces = list(stream_text(model, tok, prompts[0], max_new_tokens=20, temperature=0, stop_strings=[stop]))
+    assert "".join(pieces) == text[:text.index(stop)]
+    with pytest.raises(UserError, match="tokenizer"):
+        generate(model, prompts, max_new_tokens=5, stop_strings=["x"])
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+    model = tiny_model()
+    prompts = prompts_of([5, 3])
+    free = generate(model, prompts, max_new_tokens=12, temperature=0)
+    stop = free[1][4]
+    steps = list(stream(model, prompts, max_new_tokens=12, temperature=0, stop_ids=[stop]))
+    assert all(len(step) == 2 for step in steps)
+    rows = [[step[r] for step in steps if step[r] is not None] for r in range(2)]
+    assert rows == generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids=[stop])
+    cut = free[1].index(stop)
+    assert all(step[1] is None for step in steps[cut:])  # a stopped row emits nothing
+
+
+def test_stream_text_joins_to_the_decoded_ids():
+    """Streamed pieces of GPT-2 BPE text (byte-level tokens, split characters) join to the full decode."""
+    tok = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = tok.encode("héllo wörld")
+    ids = generate(model, [prompt], max_new_tokens=30, seed=5, stop_ids=())[0]
+    pieces = list(stream_text(model, tok, prompt, max_new_tokens=30, seed=5, stop_ids=()))
+    assert len(pieces) > 1
+    assert "".join(pieces) == tok.decode(ids)

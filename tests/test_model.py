@@ -133,7 +133,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa = make(n_kv_head=2)
     mha = make(seed=1)
     state = gqa.state_dict()
-    hs, nh, nkv, C = 8, 4, 2, 32
+    hs, nh, nkv = 8, 4, 2
     for i in range(2):
         for name in ("weight", "bias"):
             w = state[f"transformer.h.{i}.attn.c_attn.{name}"]

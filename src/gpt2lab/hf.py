@@ -94,7 +94,8 @@ def download_hf_model(name: str) -> Path:
     # Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, when it is imported.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        path = snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"], local_files_only=offline)
+        path = snapshot_download(repo, local_files_only=offline, allow_patterns=[
+            "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"])
     except Exception as e:  # no network, proxy, auth, disk: the user's fix is the same in every case
         reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else _first_line(e)
         raise UserError(f"could not download {repo} from the Hugging Face hub ({reason}); {how}") from None

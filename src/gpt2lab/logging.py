@@ -44,6 +44,9 @@ def format_train_line(step: int, total: int, m: dict[str, Any]) -> str:
     """One console line of train metrics."""
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"grad norm {m['grad_norm']:.3f}",
              f"{m['tokens_per_s']:,.0f} tok/s"]
+    per_device = m.get("tokens_per_s_per_device")
+    if per_device is not None and per_device != m["tokens_per_s"]:  # several ranks
+        parts[-1] += f" ({per_device:,.0f}/device)"
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     parts.append(f"ETA {format_duration(m.get('eta_s', float('nan')))}")

@@ -121,11 +121,25 @@ def init_distributed(device: str = "auto") -> DistEnv:
     except ValueError:
         raise UserError(f"GPT2LAB_DIST_TIMEOUT must be a number of seconds, got {os.environ['GPT2LAB_DIST_TIMEOUT']!r}") from None
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=dev if backend == "nccl" else None
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout, device_id=dev if backend == "nccl" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0,
                    backend=backend, restart_count=restart_count)
+
+
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The rendezvous store of this attempt of a torchrun job, or None for torch's default.
+
+    torchrun (c10d rendezvous) keeps one store for all restarts of a job, so a process group
+    created after --max-restarts restarted it would read the dead attempt's addresses and fail to
+    connect; keys are put under a per-attempt prefix instead.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"gpt2lab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:

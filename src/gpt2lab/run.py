@@ -142,7 +142,8 @@ def _finish(run_dir: Path, result: TrainResult) -> None:
     except UserError as e:
         plot = f"(no plot: {e})"
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    print(f"done: step {result.step} | val loss {val} | checkpoint {result.checkpoint} | plot {plot}",
+    head = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
+    print(f"{head}: step {result.step} | val loss {val} | checkpoint {result.checkpoint} | plot {plot}",
           file=sys.stderr, flush=True)
 
 

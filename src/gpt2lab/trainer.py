@@ -374,7 +374,8 @@ class Trainer:
                         mfu = p.flops_per_token * tok_s / (p.peak_flops * self.env.world_size)
                     self._log("train", step, {
                         "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tok_s, "mfu": mfu, "step_time_s": dt,
+                        "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
+                        "mfu": mfu, "step_time_s": dt,
                         "eta_s": dt * (cfg.max_steps - step), "tokens": step * tokens_per_step,
                     })
                 if self._every(cfg.eval_every, step) or last:

@@ -162,19 +162,29 @@ def shard(items: Sequence, env=None) -> list:
 
 def all_reduce_sum(values: Sequence[float], env=None) -> list[float]:
     """Element-wise sum of `values` over all ranks (unchanged in a single process)."""
+    return _all_reduce(values, "sum", env)
+
+
+def _all_reduce(values: Sequence[float], op: str, env=None) -> list[float]:
     _, world = rank_and_world(env)
     if world == 1:
         return [float(v) for v in values]
     from gpt2lab.parallel import all_reduce
 
-    return all_reduce(torch.tensor([float(v) for v in values], dtype=torch.float64), "sum").tolist()
+    return all_reduce(torch.tensor([float(v) for v in values], dtype=torch.float64), op).tolist()
 
 
-def max_batches(n_items: int, batch_size: int, env=None) -> int:
-    """Forward passes the busiest rank makes for `n_items` items split by `shard`, `batch_size` at a time."""
+def pad_forward_calls(model: torch.nn.Module, calls: int, env=None) -> None:
+    """After this rank made `calls` forward calls, make dummy ones (one token) until it has made as many
+    as the busiest rank: a sharded (FSDP) model gathers its weights in every call, on every rank."""
     _, world = rank_and_world(env)
-    per_rank = -(-n_items // world)
-    return -(-per_rank // batch_size)
+    if world == 1:
+        return
+    most = int(_all_reduce([calls], "max", env)[0])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for _ in range(most - calls):
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,67 +233,95 @@ def score_continuations(
     model: torch.nn.Module,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int = 16,
-    n_batches: int | None = None,
+    env=None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[ContinuationScore]:
-    """Score each (context ids, continuation ids) pair with one forward pass over context + continuation.
+    """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
 
-    Pairs are packed `batch_size` rows at a time into a right-padded batch (B, T); causal attention
-    means padding after a row never changes its logits, and only the continuation positions are read.
-    A row longer than block_size + 1 loses tokens from the left of its context, as in the harness.
-    `n_batches` makes exactly that many forward passes (extra ones on a dummy token) so ranks of a
-    sharded model stay in step; `on_batch(k)` is called after each batch of k pairs.
+    A row longer than block_size + 1 tokens loses tokens from the left of its context, as in
+    lm-evaluation-harness. Up to `batch_size` pairs share a batch, run through the model's KV cache
+    in two calls: the contexts, left-padded so that they all end in the same column, with logits for
+    that last column only (it predicts each continuation's first token); then the continuations but
+    their last tokens, right-padded, whose logits predict the rest. So the LM head, the largest
+    matmul of a small model, runs on continuation positions only, and padding is never attended
+    (padding columns have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
     """
     model = unwrap(model)
     block_size = model.config.block_size
     device = next(model.parameters()).device
+    rows = []
+    for context, continuation in pairs:
+        if not context or not continuation:
+            raise ValueError("score_continuations needs a non-empty context and continuation")
+        if len(continuation) > block_size:
+            raise UserError(
+                f"a continuation of {len(continuation)} tokens does not fit the model's block_size={block_size}"
+            )
+        rows.append((list(context)[-(block_size + 1 - len(continuation)):], list(continuation)))
     scores: list[ContinuationScore] = []
-    done = 0
-    for start in range(0, len(pairs), batch_size):
-        rows, spans = [], []
-        for context, continuation in pairs[start : start + batch_size]:
-            if not context or not continuation:
-                raise ValueError("score_continuations needs a non-empty context and continuation")
-            if len(continuation) > block_size:
-                raise UserError(
-                    f"a continuation of {len(continuation)} tokens does not fit the model's "
-                    f"block_size={block_size}"
-                )
-            tokens = (list(context) + list(continuation))[-(block_size + 1):]
-            rows.append(tokens[:-1])
-            spans.append((len(tokens) - 1 - len(continuation), len(continuation)))
-        T = max(len(r) for r in rows)
-        idx = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, : len(r)] = torch.tensor(r)
-        logits, _ = model(idx.to(device))  # (B, T, V)
-        # Gather the continuation positions of all rows into one (N, V) matrix.
-        row_of = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(spans)])
-        pos_of = torch.cat([torch.arange(p, p + n) for p, n in spans])
-        targets = torch.cat([torch.tensor(list(c)) for _, c in pairs[start : start + batch_size]])
-        picked = logits[row_of.to(device), pos_of.to(device)].float()
-        targets = targets.to(device)
-        token_logprob = F.log_softmax(picked, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        token_greedy = (picked.argmax(dim=-1) == targets).float()
-        sums = torch.zeros(len(rows), device=device).index_add_(0, row_of.to(device), token_logprob)
-        hits = torch.zeros(len(rows), device=device).index_add_(0, row_of.to(device), token_greedy)
-        for (_, n), s, h in zip(spans, sums.tolist(), hits.tolist()):
+    calls = 0
+    for batch in _pack(rows, batch_size, block_size):
+        logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
+        calls += 1 + (logits.shape[1] > 1)
+        lengths = torch.tensor([len(c) for _, c in batch])
+        valid = torch.arange(logits.shape[1])[None, :] < lengths[:, None]  # (B, Ln)
+        targets = torch.zeros(valid.shape, dtype=torch.long)
+        for i, (_, c) in enumerate(batch):
+            targets[i, : len(c)] = torch.tensor(c)
+        picked = logits[valid.to(device)].float()  # (N, V), row-major: row i's tokens in order
+        flat = targets[valid].to(device)
+        token_logprob = F.log_softmax(picked, dim=-1).gather(1, flat[:, None]).squeeze(1)
+        token_greedy = (picked.argmax(dim=-1) == flat).float()
+        row_of = torch.arange(len(batch))[:, None].expand_as(valid)[valid].to(device)
+        sums = torch.zeros(len(batch), device=device, dtype=torch.float64)
+        sums.index_add_(0, row_of, token_logprob.double())
+        hits = torch.zeros(len(batch), device=device).index_add_(0, row_of, token_greedy)
+        for n, s, h in zip(lengths.tolist(), sums.tolist(), hits.tolist()):
             scores.append(ContinuationScore(logprob=s, n_tokens=n, greedy=round(h) == n))
-        done += 1
         if on_batch is not None:
-            on_batch(len(rows))
-    pad_forward_passes(model, (n_batches or 0) - done)
+            on_batch(len(batch))
+    pad_forward_calls(model, calls, env)
     return scores
 
 
-def pad_forward_passes(model: torch.nn.Module, count: int) -> None:
-    """Run `count` forward passes on one dummy token (keeps the ranks of a sharded model in step)."""
-    if count <= 0:
-        return
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for _ in range(count):
-            model(torch.zeros((1, 1), dtype=torch.long, device=device))
+def _pack(rows: list[tuple[list[int], list[int]]], batch_size: int, block_size: int) -> list[list]:
+    """Consecutive rows in batches of at most `batch_size`, each fitting one KV cache of block_size columns
+    (longest context + longest continuation - 1: contexts are left-padded, continuations right-padded)."""
+    batches, current, longest_context, longest_continuation = [], [], 0, 0
+    for context, continuation in rows:
+        lc, ln = max(longest_context, len(context)), max(longest_continuation, len(continuation))
+        if current and (len(current) == batch_size or lc + ln - 1 > block_size):
+            batches.append(current)
+            current, lc, ln = [], len(context), len(continuation)
+        current.append((context, continuation))
+        longest_context, longest_continuation = lc, ln
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _continuation_logits(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
+    """Logits (B, Ln, V) of a packed batch: column j of row i predicts continuation token j of row i."""
+    B = len(batch)
+    Lc = max(len(c) for c, _ in batch)
+    Ln = max(len(n) for _, n in batch)
+    idx = torch.zeros((B, Lc), dtype=torch.long)
+    pos = torch.full((B, Lc), -1, dtype=torch.long)
+    for i, (context, _) in enumerate(batch):
+        idx[i, Lc - len(context):] = torch.tensor(context)
+        pos[i, Lc - len(context):] = torch.arange(len(context))
+    cache = model.new_cache(B, Lc + Ln - 1)
+    first, _ = model(idx.to(device), pos=pos.to(device), cache=cache, last_only=True)  # (B, 1, V)
+    if Ln == 1:
+        return first
+    idx = torch.zeros((B, Ln - 1), dtype=torch.long)
+    pos = torch.full((B, Ln - 1), -1, dtype=torch.long)
+    for i, (context, continuation) in enumerate(batch):
+        n = len(continuation) - 1
+        idx[i, :n] = torch.tensor(continuation[:-1])
+        pos[i, :n] = torch.arange(len(context), len(context) + n)
+    rest, _ = model(idx.to(device), pos=pos.to(device), cache=cache)  # (B, Ln - 1, V)
+    return torch.cat([first, rest], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ from gpt2lab.evaluate import (
     cached_path,
     encode_pair,
     fetch,
-    max_batches,
     progress_bar,
     rank_and_world,
     read_utf8,
@@ -250,7 +249,7 @@ def evaluate(
     rank, _ = rank_and_world(env)
     with progress_bar(len(pairs) // 4, "hellaswag", enabled=show_progress and rank == 0) as advance:
         scores = score_continuations(
-            model, pairs, batch_size=4 * batch_size, n_batches=max_batches(len(tasks), batch_size, env),
+            model, pairs, batch_size=4 * batch_size, env=env,
             on_batch=lambda rows: advance(rows // 4),
         )
     correct = dict.fromkeys(METRICS, 0)

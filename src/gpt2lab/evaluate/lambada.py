@@ -31,7 +31,6 @@ from gpt2lab.evaluate import (
     all_reduce_sum,
     cached_path,
     fetch,
-    max_batches,
     progress_bar,
     rank_and_world,
     read_utf8,
@@ -108,7 +107,7 @@ def evaluate(
     rank, _ = rank_and_world(env)
     with progress_bar(len(pairs), "lambada", enabled=show_progress and rank == 0) as advance:
         scores = score_continuations(
-            model, pairs, batch_size=batch_size, n_batches=max_batches(len(passages), batch_size, env),
+            model, pairs, batch_size=batch_size, env=env,
             on_batch=advance,
         )
     sums = [

@@ -32,7 +32,7 @@ import torch
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import (
     all_reduce_sum,
-    pad_forward_passes,
+    pad_forward_calls,
     progress_bar,
     rank_and_world,
     read_utf8,
@@ -86,7 +86,7 @@ def sliding_window_nll(
     device = next(model.parameters()).device
     data = torch.tensor(ids, dtype=torch.long)
     all_windows = windows(len(ids), max_length, stride)
-    rank, world = rank_and_world(env)
+    rank, _ = rank_and_world(env)
     batches = _batches(shard(all_windows, env), batch_size)
     nll, count = 0.0, 0
     with progress_bar(len(batches), "perplexity", enabled=show_progress and rank == 0) as advance:
@@ -100,9 +100,7 @@ def sliding_window_nll(
             nll += loss.item()
             count += int((targets != -100).sum())
             advance(1)
-    # A rank with fewer batches pads with dummy passes so a sharded model's ranks stay in step.
-    most = max(len(_batches(all_windows[r::world], batch_size)) for r in range(world))
-    pad_forward_passes(model, most - len(batches))
+    pad_forward_calls(model, len(batches), env)
     nll, count = all_reduce_sum([nll, count], env)
     return nll, int(count)
 

@@ -3,12 +3,14 @@
     python benchmarks/bench_decode.py                 # gpt2 (124M), batch 1, 16-token prompt, 128 new tokens
     python benchmarks/bench_decode.py --reps 9 --threads 2 --no-bf16
 
-Both models get the same random GPT-2 weights (`gpt2` preset, copied through `gpt2lab.hf`). Each
-repetition times one greedy `generate` call of each implementation, in alternating order (ABBA) so
-drifting machine load hits both alike; medians are reported. tokens/s = new tokens / wall time of the
-whole call (prefill included). The greedy tokens of both are compared, and with --bf16 (default on)
-gpt2lab's bf16 weights are timed too and compared with fp32: greedy token agreement and, teacher-forced
-on the fp32 continuation, top-1 agreement and the largest logit difference.
+Both models get the same random GPT-2 weights (`gpt2` preset, copied through `gpt2lab.hf`). gpt2lab
+runs as `gpt2lab sample` does, after `optimize_for_decoding` (the weight layout a one-token step reads
+fastest); "gpt2lab fp32 row-major" is the model as built, for comparison. Each repetition times one
+greedy `generate` call of every variant, in alternating order (ABBA) so drifting machine load hits all
+alike; medians are reported. tokens/s = new tokens / wall time of the whole call (prefill included).
+The greedy tokens are compared with transformers', and with --bf16 (default on) bf16 weights are timed
+too and compared with fp32: greedy token agreement and, teacher-forced on the fp32 continuation, top-1
+agreement and the largest logit difference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 import torch
 
-from gpt2lab.generate import generate
+from gpt2lab.generate import generate, optimize_for_decoding
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.model import GPT, GPTConfig
 
@@ -59,6 +61,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset)).eval()
     hf = hf_twin(model)
+
+    def copy(dtype: torch.dtype) -> GPT:
+        twin = GPT(model.config).eval()
+        twin.load_state_dict(model.state_dict())
+        return twin.to(dtype)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     n = args.new_tokens
 
@@ -71,11 +78,10 @@ def main() -> None:
                                   min_new_tokens=n, do_sample=False, use_cache=True,
                                   pad_token_id=0)[0, args.prompt_len:].tolist()
 
-    runs = {"gpt2lab fp32": ours(model), "transformers fp32": theirs(hf)}
+    runs = {"gpt2lab fp32": ours(optimize_for_decoding(copy(torch.float32))), "transformers fp32": theirs(hf),
+            "gpt2lab fp32 row-major": ours(model)}
     if args.bf16:
-        model_bf16 = GPT(model.config).eval()
-        model_bf16.load_state_dict(model.state_dict())
-        model_bf16 = model_bf16.to(torch.bfloat16)
+        model_bf16 = optimize_for_decoding(copy(torch.bfloat16))
         runs["gpt2lab bf16"] = ours(model_bf16)
         runs["transformers bf16"] = theirs(hf_twin(model, torch.bfloat16))
 
@@ -92,12 +98,12 @@ def main() -> None:
             times[name].append(dt)
         print(f"  rep {rep + 1}: " + "  ".join(f"{name} {n / times[name][-1]:.1f}" for name in names), flush=True)
 
-    print(f"\n{'':<20} {'median tok/s':>12} {'min..max':>14}")
+    print(f"\n{'':<24} {'median tok/s':>12} {'min..max':>14}")
     rate = {}
     for name in names:
         rates = [n / t for t in times[name]]
         rate[name] = statistics.median(rates)
-        print(f"{name:<20} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f}")
+        print(f"{name:<24} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f}")
     print(f"\ngpt2lab / transformers, fp32: {rate['gpt2lab fp32'] / rate['transformers fp32']:.2f}x")
     agree = sum(a == b for a, b in zip(outputs["gpt2lab fp32"], outputs["transformers fp32"]))
     print(f"greedy tokens equal to transformers fp32: {agree}/{n}")

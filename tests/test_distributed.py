@@ -61,9 +61,13 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-def _losses(run: Path) -> dict[int, float]:
+def _train_events(run: Path) -> list[dict]:
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {e["step"]: e["loss"] for e in events if e["event"] == "train"}
+    return [e for e in events if e["event"] == "train"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in _train_events(run)}
 
 
 def _weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -104,6 +108,8 @@ def test_ddp_two_ranks_equals_one_process(ws):
     proc = _run(_torchrun("--standalone", "--nproc_per_node=2", *_train_args(ws, out, "--parallel.strategy", "ddp")))
     assert (proc.stdout + proc.stderr).count("x 2 ranks") == 1  # rank 0 logs, once for the whole job
     _assert_same_run(out, ws / "ref")
+    for e in _train_events(out):
+        assert e["tokens_per_s_per_device"] == pytest.approx(e["tokens_per_s"] / 2)
 
 
 def test_fsdp_two_ranks_equals_one_process_and_resumes_on_one(ws):
@@ -274,3 +280,25 @@ def test_activation_checkpointing_changes_nothing_but_memory(mode):
     assert wrapped == (["CheckpointWrapper"] * 2 if mode == "block" else ["CheckpointWrapper", "Block"])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real (Gloo, world size 1) process group inside the test process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield parallel.DistEnv(backend="gloo")
+    dist.destroy_process_group()
+
+
+def test_no_sync_reaches_ddp_through_torch_compile(one_rank_group):
+    """Regression: the trainer passes torch.compile(DDP(model)); no_sync must still pause DDP's sync
+    (with summed gradients a sync per micro-batch counts earlier micro-batches once per rank)."""
+    ddp = parallel.parallelize(_tiny(), _cfg(strategy="ddp"), one_rank_group)
+    for module in (ddp, torch.compile(ddp)):
+        with parallel.no_sync(module, enabled=True):
+            assert not ddp.require_backward_grad_sync
+        assert ddp.require_backward_grad_sync
+        with parallel.no_sync(module, enabled=False):
+            assert ddp.require_backward_grad_sync

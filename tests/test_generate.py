@@ -12,6 +12,7 @@ from gpt2lab.generate import (
     generate,
     generate_uncached,
     max_new_tokens_that_fit,
+    optimize_for_decoding,
     stream,
     stream_text,
 )
@@ -78,6 +79,22 @@ def test_cached_logits_equal_full_forward(name):
     parts = [model(idx[:, :7], cache=cache)[0]]
     parts += [model(idx[:, t:t + 1], pos=torch.tensor([[t]]), cache=cache)[0] for t in range(7, 24)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_optimize_for_decoding_changes_layout_not_results():
+    model = tiny_model(dtype=torch.float32)
+    idx = torch.tensor(prompts_of([10]))
+    before = model(idx)[0]
+    greedy = generate(model, idx.tolist(), max_new_tokens=8, temperature=0)
+    optimize_for_decoding(model)
+    w = model.transformer.h[0].attn.c_attn.weight
+    assert w.shape == (96, 32) and w.stride() == (1, 96)  # column-major on CPU in float32
+    assert model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=1e-5)
+    assert generate(model, idx.tolist(), max_new_tokens=8, temperature=0) == greedy
+    optimize_for_decoding(model.to(torch.bfloat16))
+    assert model.transformer.h[0].attn.c_attn.weight.is_contiguous()  # bf16 prefers row-major
 
 
 def test_batched_prompts_equal_each_alone():

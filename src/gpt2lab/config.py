@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -419,7 +420,7 @@ def coerce(value: Any, tp: Any) -> Any:
         for a in options:
             try:
                 return coerce(value, a)
-            except (_CoerceError, ValueError):
+            except _CoerceError:
                 continue
         raise _CoerceError(f"expected {_type_name(tp)}")
     if tp is Any:
@@ -438,9 +439,9 @@ def coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return int(value.replace("_", ""))
-            except ValueError:
+            with contextlib.suppress(ValueError):
                 f = float(value)  # "5e3"
                 if f.is_integer():
                     return int(f)
@@ -451,7 +452,8 @@ def coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
-            return float(value)
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise _CoerceError("expected a number")
     if tp is str:
         if isinstance(value, str):
@@ -537,8 +539,8 @@ def set_dotted(cfg: RunConfig, key: str, value: Any, where: str) -> None:
                 return
             try:
                 setattr(obj, part, coerce(value, tp))
-            except (ValueError, TypeError):
-                raise UserError(f"{where}: {key}={value!r} is not a valid {_type_name(tp)}") from None
+            except _CoerceError as e:
+                raise UserError(f"{where}: {key}={value!r} is not a valid {_type_name(tp)}: {e}") from None
             return
         obj = getattr(obj, part)
 

@@ -128,6 +128,26 @@ def _default_stop_ids(stop_ids: Sequence[int] | None, tokenizer: Tokenizer | Non
 # Generation
 
 
+def optimize_for_decoding(model: GPT) -> GPT:
+    """Store each Linear weight (out, in) in the memory layout a decode step reads fastest; in place,
+    for inference only (call it after any dtype change; training and saving expect the default).
+
+    A decode step multiplies one vector by every weight matrix. On CPU in float32, MKL's
+    matrix-vector product is ~1.3-1.6x faster when the weight is stored column-major (as HF's
+    Conv1D does), so there the weights get `w.t().contiguous().t()`: same values and shapes, new
+    strides. bfloat16 (oneDNN) and GPUs prefer the default row-major layout, which they get back.
+    The tied embedding / LM head stays tied (it is one Parameter).
+    """
+    w = model.transformer.wte.weight
+    column_major = w.device.type == "cpu" and w.dtype == torch.float32
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                data = module.weight.data
+                module.weight.data = data.t().contiguous().t() if column_major else data.contiguous()
+    return model
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> idx (B, T) and pos (B, T), left padded (pad pos = -1)."""
     T = max(len(p) for p in prompts)

@@ -53,6 +53,15 @@ def format_train_line(step: int, total: int, m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def format_progress_info(m: dict[str, Any]) -> str:
+    """The compact metrics shown next to the live progress bar."""
+    parts = [f"loss {m['loss']:.4f}", f"lr {m['lr']:.1e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.0f}%")
+    parts.append(f"ETA {format_duration(m.get('eta_s', float('nan')))}")
+    return "  ".join(parts)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The events of a run's metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
     path = Path(run_dir) / METRICS_FILE
@@ -109,7 +118,7 @@ class RunLogger:
         if cfg.progress and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            self._progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=12),
                                       TextColumn("{task.fields[info]}"), refresh_per_second=4)
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
             self._progress.start()
@@ -139,7 +148,7 @@ class RunLogger:
         if event == "train":
             line = format_train_line(step, self.total_steps, metrics)
             if self._progress is not None:
-                self._progress.update(self._task, completed=step, info=line.split(" | ", 1)[1])
+                self._progress.update(self._task, completed=step, info=format_progress_info(metrics))
             else:
                 self.print(line)
         else:

@@ -179,7 +179,7 @@ class LayerKVCache(nn.Module):
     """
 
     def __init__(self, batch_size: int, n_kv_head: int, size: int, head_size: int, window: int | None,
-                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None, step_masks: dict | None = None) -> None:
         super().__init__()
         shape = (batch_size, n_kv_head, size, head_size)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -190,6 +190,9 @@ class LayerKVCache(nn.Module):
         self.size = size
         self.window = window
         self.next_col = 0
+        # Layers of equal (window, size) hold identical slot positions, so within one forward pass the
+        # first of them builds the attention mask and the rest reuse it (KVCache clears it per pass).
+        self.step_masks = {} if step_masks is None else step_masks
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
@@ -200,30 +203,46 @@ class LayerKVCache(nn.Module):
         and return the attention of q (B, nh, T, hs) over every key visible to each query."""
         T = k.shape[2]
         start = self.next_col
+        key = (self.window, self.size)
         if self.window is None:
             if start + T > self.size:
                 raise ValueError(f"KV cache holds {self.size} tokens per row; {start + T} were requested")
             self._write(k, v, pos, start)
             n = start + T  # attend over the filled prefix only
-            return _masked_attention(q, self.k[:, :, :n], self.v[:, :, :n], pos, self.slot_pos[:, :n], None)
+            mask = self.step_masks.get(key)
+            if mask is None:
+                mask = self.step_masks[key] = attention_mask(pos, self.slot_pos[:, :n], None, q.dtype)
+            return _sdpa(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask)
         if T == 1:
             # The slot overwritten holds position p - window, which is already outside the window.
             self._write(k, v, pos, start)
-            return _masked_attention(q, self.k, self.v, pos, self.slot_pos, self.window)
+            mask = self.step_masks.get(key)
+            if mask is None:
+                mask = self.step_masks[key] = attention_mask(pos, self.slot_pos, self.window, q.dtype)
+            return _sdpa(q, self.k, self.v, attn_mask=mask)
         # A multi-token step into a ring could overwrite keys its own earlier queries still need:
         # attend over [old ring, new keys] first, then keep only the newest S columns.
-        out = _masked_attention(q, torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2), pos,
-                                torch.cat((self.slot_pos, pos), dim=1), self.window)
+        mask = self.step_masks.get(key)
+        if mask is None:
+            k_pos = torch.cat((self.slot_pos, pos), dim=1)
+            mask = self.step_masks[key] = attention_mask(pos, k_pos, self.window, q.dtype)
+        out = _sdpa(q, torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2), attn_mask=mask)
         keep = min(T, self.size)
         self._write(k[:, :, T - keep:], v[:, :, T - keep:], pos[:, T - keep:], start + T - keep)
         return out
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start_col: int) -> None:
         T = k.shape[2]
-        slots = torch.arange(start_col, start_col + T, device=k.device) % self.size
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        self.slot_pos.index_copy_(1, slots, pos)
+        first = start_col % self.size
+        if first + T <= self.size:  # contiguous slots: plain copies, no index tensor (the decode step)
+            self.k.narrow(2, first, T).copy_(k)
+            self.v.narrow(2, first, T).copy_(v)
+            self.slot_pos.narrow(1, first, T).copy_(pos)
+        else:
+            slots = torch.arange(start_col, start_col + T, device=k.device) % self.size
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            self.slot_pos.index_copy_(1, slots, pos)
         self.next_col = start_col + T
 
 
@@ -238,9 +257,10 @@ class KVCache(nn.Module):
                 f"generation needs {max_len} positions but the model's block_size is {config.block_size}"
             )
         self.max_len = max_len
+        self.step_masks: dict = {}
         self.layers = nn.ModuleList(
             LayerKVCache(batch_size, config.n_kv_head, min(w, max_len) if w else max_len, config.head_size, w,
-                         dtype, device)
+                         dtype, device, self.step_masks)
             for w in config.layer_windows()
         )
 
@@ -256,15 +276,16 @@ class KVCache(nn.Module):
 # Attention
 
 
-def _masked_attention(q, k, v, q_pos, k_pos, window):
-    """SDPA of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) with an explicit mask built from absolute
-    positions q_pos (B, Tq) and k_pos (B, Tk): causal, within the window, never padding (-1)."""
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Tq, Tk) of `dtype` (0 = visible, -inf = hidden) from absolute positions
+    q_pos (B, Tq) and k_pos (B, Tk): causal, within the window, never padding (-1)."""
     allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
         allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
     # A padding query sees nothing; let it see itself so softmax stays finite (its output is unused).
-    allowed |= (q_pos[:, :, None] < 0) & (torch.arange(k.shape[2], device=k.device) == k.shape[2] - 1)
-    return _sdpa(q, k, v, attn_mask=allowed[:, None], is_causal=False)
+    allowed |= (q_pos[:, :, None] < 0) & (torch.arange(k_pos.shape[1], device=k_pos.device) == k_pos.shape[1] - 1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None]
 
 
 def _sdpa(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
@@ -436,6 +457,8 @@ class GPT(nn.Module):
             p = pos.clamp(min=0)
             rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, hs/2)
         x = self.transformer.drop(x)
+        if cache is not None:
+            cache.step_masks.clear()  # masks are per forward pass (see LayerKVCache.step_masks)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache.layers[i] if cache is not None else None, pos)
         x = self.transformer.ln_f(x)

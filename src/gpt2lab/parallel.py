@@ -306,12 +306,17 @@ def is_fsdp(module: nn.Module) -> bool:
 def no_sync(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Inside: backward accumulates gradients locally, without the cross-rank reduction.
 
-    Use it on every micro-batch of a step but the last. DDP skips its all-reduce. FSDP still
-    reduce-scatters every micro-batch: skipping would keep a full unsharded gradient on every rank,
-    the memory FSDP is chosen to save. In one process this does nothing.
+    Use it on every micro-batch of a step but the last (`module` may be torch.compile'd). Under DDP
+    this is required, not an optimization: DDP reduces the accumulated .grad, and with summed
+    reduction a sync per micro-batch would count earlier micro-batches once per rank. FSDP keeps
+    reduce-scattering every micro-batch into separate sharded gradients (correct either way):
+    skipping would hold a full unsharded gradient on every rank, the memory FSDP is chosen to save.
+    In one process this does nothing.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    while hasattr(module, "_orig_mod"):  # torch.compile's wrapper
+        module = module._orig_mod
     if enabled and isinstance(module, DDP):
         with module.no_sync():
             yield

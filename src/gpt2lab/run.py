@@ -35,7 +35,7 @@ from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
-from gpt2lab.trainer import Trainer, TrainerParts, TrainResult, batch_geometry, peak_flops
+from gpt2lab.trainer import Trainer, TrainerParts, TrainResult, batch_geometry
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,7 +64,7 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
     resume_from = resolve_resume(resume, run_dir)
     dtype = resolve_dtype(cfg.train.dtype, env.device)
     if env.device.type == "cuda" and cfg.train.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; a no-op on older GPUs
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.train.seed)
 
@@ -89,6 +89,8 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
 
     pcfg = dataclasses.replace(cfg.parallel, compile_blocks=cfg.train.compile and cfg.parallel.compile_blocks)
     wrapped = parallel.parallelize(model, pcfg, env)
+    if env.rank > 0:  # same init weights on every rank, but each rank its own dropout masks
+        torch.manual_seed(cfg.train.seed + env.rank)
     optimizer = build_optimizer(parallel.unwrap(wrapped), cfg.optim, env.device.type)
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     module = torch.compile(wrapped) if cfg.train.compile and not cfg.parallel.compile_blocks else wrapped
@@ -121,7 +123,7 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
             sample=_sampler(cfg, wrapped, tokenizer) if cfg.train.sample_tokens > 0 else None,
             hellaswag=_hellaswag(cfg, wrapped, tokenizer, env), hellaswag_every=cfg.eval.hellaswag_every,
             flops_per_token=model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train,
-            peak_flops=peak_flops(env.device, dtype, cfg.train.tf32),
+            peak_flops=_peak_flops(env.device, dtype),
         )
         trainer = Trainer(module, optimizer, train_data, parts, start_step=start_step)
         if resume_state is not None:
@@ -134,6 +136,16 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
     if env.is_main:
         _finish(run_dir, result)
     return result
+
+
+def _peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one device for MFU (datasheet on known GPUs, a short measurement on CPU)."""
+    from gpt2lab.bench import peak_flops
+
+    try:
+        return peak_flops(device, dtype)[0]
+    except (RuntimeError, UserError):
+        return None
 
 
 def _finish(run_dir: Path, result: TrainResult) -> None:

@@ -20,7 +20,6 @@ finish the current step, save a checkpoint and return (a second SIGINT stops at 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
 import signal
@@ -60,51 +59,6 @@ def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int,
             f"--train.tokens_per_step {lower} or {lower + per_pass}"
         )
     return tokens_per_step // block_size, tokens_per_step // per_pass
-
-
-# --------------------------------------------------------------------------------------------------
-# Throughput and MFU
-
-# Dense peak FLOP/s per GPU by name fragment: (bf16/fp16 tensor cores, tf32, plain fp32).
-GPU_PEAK_FLOPS: dict[str, tuple[float, float, float]] = {
-    "H200": (989.5e12, 494.7e12, 66.9e12),
-    "H100 PCIe": (756.0e12, 378.0e12, 51.2e12),
-    "H100": (989.5e12, 494.7e12, 66.9e12),  # SXM; matched after "H100 PCIe"
-    "A100": (312.0e12, 156.0e12, 19.5e12),
-    "L4": (121.0e12, 60.0e12, 30.3e12),
-    "A10G": (70.0e12, 35.0e12, 31.2e12),
-    "V100": (125.0e12, 15.7e12, 15.7e12),
-    "T4": (65.0e12, 8.1e12, 8.1e12),
-}
-
-
-@functools.cache
-def cpu_peak_flops() -> float:
-    """FLOP/s of this CPU measured once per process: the best of a few fp32 1024^3 matmuls (~0.2 s)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 1024**3 / best
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool) -> float | None:
-    """Peak FLOP/s of one device at `dtype` (a lookup on CUDA, a measurement on CPU); None if unknown."""
-    if device.type == "cpu":
-        return cpu_peak_flops()
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, tf32_peak, fp32) in GPU_PEAK_FLOPS.items():
-        if key in name:
-            if dtype in (torch.bfloat16, torch.float16):
-                return half
-            return tf32_peak if tf32 else fp32
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +244,7 @@ class Trainer:
                 x, y = x.to(self.device), y.to(self.device)
                 with self._autocast():  # every rank runs every forward, even on an empty batch (FSDP)
                     _, loss = self.module(x, y, loss_reduction="sum")
-                total += loss.double() if x.numel() else 0.0
+                total += loss.double()
                 count += (y != IGNORE_INDEX).sum()
         finally:
             self.module.train()

@@ -45,13 +45,14 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.generate import max_new_tokens_that_fit, stream_text
+    from gpt2lab.generate import max_new_tokens_that_fit, optimize_for_decoding, stream_text
     from gpt2lab.loading import load_model
 
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     prompt = _read_prompt(args)
     model, tokenizer = load_model(args.init, device=args.device, dtype=args.dtype)
+    optimize_for_decoding(model)
     ids = tokenizer.encode(prompt, allow_special=True)
     if not ids:
         # An empty prompt starts a new document, as in pretraining.

@@ -239,8 +239,8 @@ def score_continuations(
     """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
 
     A row longer than block_size + 1 tokens loses tokens from the left of its context, as in
-    lm-evaluation-harness. Up to `batch_size` pairs share a batch, run through the model's KV cache
-    in two calls: the contexts, left-padded so that they all end in the same column, with logits for
+    lm-evaluation-harness. Pairs are sorted by length (less padding; scores come back in input order)
+    and up to `batch_size` of them share a batch, run through the model's KV cache in two calls: the contexts, left-padded so that they all end in the same column, with logits for
     that last column only (it predicts each continuation's first token); then the continuations but
     their last tokens, right-padded, whose logits predict the rest. So the LM head, the largest
     matmul of a small model, runs on continuation positions only, and padding is never attended
@@ -258,9 +258,10 @@ def score_continuations(
                 f"a continuation of {len(continuation)} tokens does not fit the model's block_size={block_size}"
             )
         rows.append((list(context)[-(block_size + 1 - len(continuation)):], list(continuation)))
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][1]), len(rows[i][0])))
     scores: list[ContinuationScore] = []
     calls = 0
-    for batch in _pack(rows, batch_size, block_size):
+    for batch in _pack([rows[i] for i in order], batch_size, block_size):
         logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
         calls += 1 + (logits.shape[1] > 1)
         lengths = torch.tensor([len(c) for _, c in batch])
@@ -281,7 +282,10 @@ def score_continuations(
         if on_batch is not None:
             on_batch(len(batch))
     pad_forward_calls(model, calls, env)
-    return scores
+    in_order: list[ContinuationScore] = [None] * len(rows)  # type: ignore[list-item]
+    for i, score in zip(order, scores):
+        in_order[i] = score
+    return in_order
 
 
 def _pack(rows: list[tuple[list[int], list[int]]], batch_size: int, block_size: int) -> list[list]:

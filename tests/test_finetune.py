@@ -92,6 +92,11 @@ def finetune(work: Path, out: str, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
+def base_loss(work) -> float:
+    return val_loss(load_checkpoint(work / "base")[0], work / "sft.jsonl")
+
+
+@pytest.fixture(scope="module")
 def full_run(work) -> Path:
     return finetune(work, "full", "--optim.lr", "3e-3", "--optim.min_lr", "3e-4")
 
@@ -102,20 +107,18 @@ def lora_run(work) -> Path:
                     "16", "--lora.dropout", "0", "--lora.targets", "c_attn,c_proj,c_fc", "--lora.merge", "true")
 
 
-def test_full_finetune_lowers_held_out_loss(work, full_run, capsys):
-    base, _ = load_checkpoint(work / "base")
+def test_full_finetune_lowers_held_out_loss(work, base_loss, full_run):
     tuned, config = load_checkpoint(full_run)
-    before, after = val_loss(base, work / "sft.jsonl"), val_loss(tuned, work / "sft.jsonl")
+    before, after = base_loss, val_loss(tuned, work / "sft.jsonl")
     print(f"full finetune: held-out loss {before:.3f} -> {after:.3f}")
     # measured on 2 CPU threads: 8.293 -> 8.003 (margin 0.29)
     assert after < before - 0.15
     assert config["step"] == 20
 
 
-def test_lora_finetune_lowers_held_out_loss(work, lora_run):
-    base, _ = load_checkpoint(work / "base")
+def test_lora_finetune_lowers_held_out_loss(work, base_loss, lora_run):
     merged, _ = load_checkpoint(lora_run / "merged")
-    before, after = val_loss(base, work / "sft.jsonl"), val_loss(merged, work / "sft.jsonl")
+    before, after = base_loss, val_loss(merged, work / "sft.jsonl")
     print(f"LoRA finetune: held-out loss {before:.3f} -> {after:.3f}")
     # measured: 8.293 -> 8.224 (margin 0.069) with 8,192 trained parameters (0.5% of the model)
     assert after < before - 0.03
@@ -188,10 +191,10 @@ def test_finetune_without_data_explains_where_to_get_alpaca(capsys):
     assert "--data alpaca" in err
 
 
-def test_finetune_data_alpaca_offline_is_one_line(tmp_path, monkeypatch, capsys):
+def test_finetune_data_alpaca_offline_is_one_line(work, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GPT2LAB_ALPACA_URL", "http://127.0.0.1:9/alpaca_data.json")
-    code = cli.main(["finetune", "--data", "alpaca", "--init", "random:gpt2-tiny", "--out", str(tmp_path / "run"),
+    code = cli.main(["finetune", "--data", "alpaca", "--init", str(work / "base"), "--out", str(tmp_path / "run"),
                      *QUICK])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err

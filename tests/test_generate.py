@@ -241,3 +241,19 @@ def test_stream_text_joins_to_the_decoded_ids():
     pieces = list(stream_text(model, tok, prompt, max_new_tokens=30, seed=5, stop_ids=()))
     assert len(pieces) > 1
     assert "".join(pieces) == tok.decode(ids)
+
+
+def test_cli_sample_prompt_file(tmp_path, capsys):
+    from gpt2lab.cli import main
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time", encoding="utf-8")
+    args = ["sample", "--init", "random:gpt2-tiny", "--prompt-file", str(prompt), "--max-new-tokens", "5",
+            "--num-samples", "2", "--seed", "0", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Once upon a time") and first.count("Once upon a time") == 2
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # same seed, same samples
+    assert main(["sample", "--init", "random:gpt2-tiny", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err

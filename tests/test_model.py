@@ -247,3 +247,31 @@ def test_padded_vocab_returns_vocab_size_logits():
     ref_logits, ref_loss = plain(idx, idx)
     torch.testing.assert_close(logits, ref_logits)
     torch.testing.assert_close(loss, ref_loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# gpt2lab model-info
+
+
+def test_model_info_cli(capsys):
+    from gpt2lab.cli import main
+
+    assert main(["model-info", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "85,056,000" in out  # total and non-embedding
+    assert "72.0 KiB" in out and "36.0 MiB" in out  # KV cache: fp32 per token, bf16 at 1024 tokens
+
+    assert main(["model-info", "gpt2", "--compare"]) == 0
+    out = capsys.readouterr().out
+    for n_kv_head in (3, 1):  # GQA and MQA shrink only the k/v projections
+        assert f"{model_stats(GPTConfig.from_preset('gpt2', n_kv_head=n_kv_head)).params:,}" in out
+
+    assert main(["model-info", "gpt2-tiny", "--model.n_kv_head", "2", "--model.sliding_window", "[16, null]",
+                 "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "n_kv_head=2" in out and "sliding_window=[16, None]" in out
+    # KV cache at 64 tokens, fp32: (16 + 64) token-layers x 2 (k, v) x 2 kv heads x 16 dims x 4 bytes
+    assert "20.0 KiB" in out
+
+    assert main(["model-info", "gpt2", "--model.n_kv_head", "5"]) == 2
+    assert "n_kv_head" in capsys.readouterr().err

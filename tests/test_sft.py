@@ -284,7 +284,7 @@ GOOD = '{"instruction": "a", "output": "b"}'
      r"type.json: record 1 \(line 3\): field 'instruction' must be a string, got number"),
     ("input.json", '[{"instruction": "a", "input": ["x"], "output": "b"}]', "alpaca",
      r"record 0 \(line 1\): field 'input' must be a string, got array"),
-    ("notobj.jsonl", f'{GOOD}\n[1, 2]\n', "alpaca", r"line 2: expected a JSON object, got list"),
+    ("notobj.jsonl", f'{GOOD}\n[1, 2]\n', "alpaca", r"line 2: expected a JSON object, got array"),
     ("empty.json", "  \n\n", "alpaca", r"empty.json is empty"),
     ("text.txt", "instruction: hello\n", "alpaca", r"text.txt: line 1: neither a JSON array nor JSONL"),
     ("broken.json", '[\n' + GOOD + ',\n{"instruction": "a" "output": "b"}\n]', "alpaca",

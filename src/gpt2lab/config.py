@@ -702,6 +702,7 @@ def save_yaml(cfg: RunConfig, path: str | Path) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
     """--config, --out, --resume, and one --section.field option per config field (with its docstring)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = f"{parser.prog} [--config NAME|PATH] [--out DIR] [--resume [CKPT]] [--section.field VALUE ...]"
     parser.allow_abbrev = False  # "--optim.l" must not silently mean --optim.lr
     parser.add_argument("--config", default=default_config, metavar="NAME|PATH",
                         help=f"preset name ({', '.join(preset_names())}) or a YAML file (default: {default_config})")
@@ -712,10 +713,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     for key, tp, default, doc in iter_fields(RunConfig):
         section = key.rsplit(".", 1)[0] if "." in key else "run"
         if section not in groups:
-            title = f"{section}: {_section_doc(section)}"
-            groups[section] = parser.add_argument_group(title)
+            groups[section] = parser.add_argument_group(section, _section_doc(section))
         metavar = _type_name(tp)
         shown = "null" if default is None else repr(default) if isinstance(default, str) else default
+        if section == "model" and key[6:] in _GPT_DEFAULTS:
+            fallback = "the data's vocabulary" if key == "model.vocab_size" else _GPT_DEFAULTS[key[6:]]
+            shown = f"null = the preset's, else {fallback}"
         help_ = f"{doc} (default: {shown})".replace("%", "%%")
         kwargs: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, metavar=metavar, help=help_)
         if tp is bool:
@@ -733,13 +736,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     parser.error = error  # one line with a suggestion instead of argparse's usage dump
 
 
+_GPT_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}
+
+
 def _section_doc(section: str) -> str:
     cls: Any = RunConfig
     for part in section.split("."):
         if part == "run":
             return RunConfig.__doc__ or ""
         cls = _hints(cls)[part]
-    return (cls.__doc__ or "").split("\n")[0]
+    return textwrap.fill(" ".join((cls.__doc__ or "").split()), width=100)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

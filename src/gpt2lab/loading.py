@@ -86,8 +86,8 @@ def load_model(init: str, device: str | torch.device = "cpu",
         raise UserError(f"--init {init}: no such file or directory, and not a model name "
                         f"({', '.join(hf.HUB_MODELS)}, or random:<preset> with a preset of {', '.join(PRESETS)})")
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{init}: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the model "
-                        f"only {model.config.vocab_size}; the checkpoint's tokenizer entry is wrong")
+        raise UserError(f"{init}: the model has {model.config.vocab_size} token ids but its tokenizer "
+                        f"({tokenizer.name}) produces {tokenizer.vocab_size}; they do not belong together")
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), tokenizer

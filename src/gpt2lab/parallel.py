@@ -260,9 +260,12 @@ def apply_fsdp(model: GPT, env: DistEnv, reshard_after_forward: bool = True,
     at once, so resharding them would only add an all-gather.
     """
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
     except ImportError:
-        raise UserError(f"parallel.strategy=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from None
+        FSDPModule = None
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise UserError(f"parallel.strategy=fsdp needs a newer torch than {torch.__version__} (FSDP2 with summed "
+                        "gradient reduction; 2.13 is tested); upgrade torch or use parallel.strategy ddp")
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             "world_size": env.world_size,
         }
         if env.is_main:
-            _report(result)
+            _report(result, to_stderr=args.json == "-")  # keep stdout pure JSON
             if args.json:
                 text = json.dumps(result, indent=2)
                 if args.json == "-":
@@ -133,8 +133,8 @@ def _evaluate(args: argparse.Namespace, model, tokenizer, data: Path, env) -> di
                             show_progress=show)
 
 
-def _report(result: dict) -> None:
-    """A table of the figures on stdout (the JSON has them all)."""
+def _report(result: dict, to_stderr: bool = False) -> None:
+    """A table of the figures on stdout, or stderr (the JSON has them all)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -165,4 +165,4 @@ def _report(result: dict) -> None:
                       f"per-token perplexity over {result['target_tokens']:,} target tokens")
         table.add_row("n", str(result["n"]), "passages")
     table.caption = f"{result['seconds']:.1f} s on {result['device']} ({result['dtype']}, {result['world_size']} rank(s))"
-    Console().print(table)
+    Console(stderr=to_stderr).print(table)

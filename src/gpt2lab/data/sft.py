@@ -75,7 +75,7 @@ def _template_fields(template: str) -> list[str]:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise UserError(f"data.sft.template {template!r} is not a valid format string: {e}") from None
-    if "output" not in names:
+    if "{output}" not in template:
         raise UserError(
             f"data.sft.template {template!r} has no {{output}} placeholder; use 'alpaca', 'chat' or a string "
             "like '### Q: {instruction}\\n### A: {output}' (the prompt is everything before {output})"
@@ -292,7 +292,7 @@ def record_problem(data: Any, template: str) -> str | None:
     if isinstance(data, _ParseError):
         return str(data)
     if not isinstance(data, dict):
-        return f"expected a JSON object, got {type(data).__name__}"
+        return f"expected a JSON object, got {_json_type(data)}"
     if template == "chat":
         return _messages_problem(data)
     if template == "alpaca":
@@ -338,7 +338,7 @@ def _messages_problem(data: dict) -> str | None:
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}.get(
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
         type(value), type(value).__name__)
 
 
@@ -516,10 +516,6 @@ class SFTData:
     @property
     def num_examples(self) -> int:
         return len(self.examples)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self._lengths)
 
     def rows_of_epoch(self, epoch: int) -> list[list[int]]:
         """The rows (lists of example indices) of an epoch, in the order they are served."""

@@ -1,18 +1,19 @@
 """Perplexity of a text file with the sliding-window method of the transformers perplexity guide.
 
 The whole file is tokenized as one sequence of N tokens. Windows of `max_length` tokens start every
-`stride` tokens; each window scores only the tokens that the previous window did not, so every token
-but the first is scored exactly once, with at least `max_length - stride` tokens of context (all of
-its window before it in the first window). stride == max_length gives disjoint windows (fast, less
-context); a smaller stride gives each token more context and a lower, fairer perplexity.
+`stride` tokens; each window scores only the tokens that the previous window did not, so with
+stride < max_length every token but the first is scored exactly once, with at least
+`max_length - stride` tokens of context. stride == max_length gives disjoint windows (fast, less
+context), and then the first token of each window, which nothing in its window predicts, is not
+scored, exactly as in the guide (whose 19.44 for gpt2-large at stride 1024 is computed that way).
 
     window k:  [begin_k, end_k) with begin_k = k * stride, end_k = min(begin_k + max_length, N)
-    scored:    targets j with end_{k-1} <= j < end_k (and j >= 1)
+    scored:    targets j with max(end_{k-1}, begin_k + 1) <= j < end_k
 
 Reported: tokens scored, mean NLL per token (nats), token perplexity, and for comparison across
 tokenizers the perplexity per word (whitespace-separated) and per UTF-8 byte plus bits per byte,
 all from the same summed NLL. The first token is never scored (nothing predicts it), so the per-word
-and per-byte figures divide a sum over N - 1 tokens by the words/bytes of the whole text.
+and per-byte figures divide a sum over the scored tokens by the words/bytes of the whole text.
 
 Reading the file: bytes decoded as UTF-8 and CRLF turned into LF. With `hf_rows`, every non-empty
 line becomes one dataset row ending in "\\n" and the rows are joined with "\\n\\n", which is what the
@@ -56,7 +57,7 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + max_length, n_tokens)
-        out.append((begin, end, max(prev_end, 1)))
+        out.append((begin, end, max(prev_end, begin + 1)))
         prev_end = end
         if end == n_tokens:
             break

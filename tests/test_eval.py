@@ -443,12 +443,9 @@ def _rank_worker(rank: int, world: int, port: int, hf_dir: str, out: str, data: 
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import time; t=time.time()
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    print("init", time.time()-t, flush=True); t=time.time()
     try:
         results = _evaluate_all(hf_dir, data)
-        print("eval", time.time()-t, flush=True)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:

@@ -81,7 +81,7 @@ def losses(run_dir: Path, event: str = "train", key: str = "loss") -> dict[int, 
 def test_resume_after_sigkill_is_bitwise_exact(data_dir, tmp_path):
     """A run killed with SIGKILL after a checkpoint and resumed logs the same losses, bit for bit, as a
     run that never stopped (dropout on: the RNG state is part of the checkpoint)."""
-    steps = 120
+    steps = 60
     ref = cli(as_argv(tiny(data_dir, tmp_path / "ref", **{"train.max_steps": steps})))
     killed_dir = tmp_path / "killed"
     proc = cli(as_argv(tiny(data_dir, killed_dir, **{"train.max_steps": steps})))

@@ -331,6 +331,7 @@ class Trainer:
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
                         "mfu": mfu, "step_time_s": dt,
                         "eta_s": dt * (cfg.max_steps - step), "tokens": step * tokens_per_step,
+                        "world_size": self.env.world_size,
                     })
                 if self._every(cfg.eval_every, step) or last:
                     val_loss = self.evaluate()

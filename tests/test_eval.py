@@ -32,7 +32,7 @@ from gpt2lab.evaluate import (
     score_continuations,
 )
 from gpt2lab.loading import load_model
-from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
 
 TOK = get_tokenizer("gpt2")
 BLOCK = 48
@@ -145,6 +145,9 @@ def test_continuation_logprobs_equal_transformers(models):
         expected = hf_token_logprobs(hf, ids)[-len(continuation):]
         assert score.n_tokens == len(continuation)
         assert abs(score.logprob - expected.sum().item()) <= 1e-4
+    # the plain-forward path (used for FSDP models) gives the same numbers
+    plain = score_continuations(ours, pairs, batch_size=2, use_kv_cache=False)
+    assert all(abs(a.logprob - b.logprob) <= 1e-4 and a.greedy == b.greedy for a, b in zip(plain, scores))
     # greedy: the model's own argmax continuation is greedy, any other token is not
     context = TOK.encode("Once upon a time")
     with torch.no_grad():
@@ -366,6 +369,11 @@ def test_in_training_eval(models, tmp_path, monkeypatch):
         assert hellaswag.in_training_eval(ours, TOK, limit=2) == {}
         assert hellaswag.in_training_eval(ours, TOK, limit=2) == {}
     assert len(caught) == 1 and "HellaSwag skipped" in str(caught[0].message)
+    # a tokenizer that cannot encode the data (a character model): {} and a warning, not an exception
+    monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(tmp_path / "shared"))
+    monkeypatch.setattr(hellaswag, "_warned", False)
+    with pytest.warns(UserWarning, match="HellaSwag skipped: character"):
+        assert hellaswag.in_training_eval(ours, CharTokenizer.from_text("abc"), limit=2) == {}
     ours.eval()
 
 
@@ -439,17 +447,26 @@ def test_offline_download_is_one_line_error(tmp_path, monkeypatch):
 
 
 def _rank_worker(rank: int, world: int, port: int, hf_dir: str, out: str, data: dict) -> None:
-    import torch.distributed as dist
+    from types import SimpleNamespace
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from gpt2lab import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    env = parallel.init_distributed("cpu")
     try:
         results = _evaluate_all(hf_dir, data)
+        # FSDP2-sharded weights: every rank must make the same number of forward calls
+        cfg = SimpleNamespace(strategy="fsdp", activation_checkpointing="none", compile_blocks=False,
+                              fsdp=SimpleNamespace(reshard_after_forward=True, mixed_precision=False))
+        sharded = parallel.parallelize(load_model(hf_dir)[0], cfg, env)
+        tasks = [hellaswag.Task(**t) for t in data["tasks"]]
+        results["hellaswag_fsdp"] = hellaswag.evaluate(sharded, TOK, tasks, batch_size=1, env=env)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
-        dist.destroy_process_group()
+        parallel.destroy()
 
 
 def _evaluate_all(hf_dir: str, data: dict) -> dict:
@@ -476,6 +493,7 @@ def test_two_gloo_ranks_equal_one(hf_dir, tmp_path):
     one = _evaluate_all(str(hf_dir), data)
     for metric in ("n", "acc", "acc_norm", "acc_token_mean"):
         assert two["hellaswag"][metric] == one["hellaswag"][metric]
+        assert two["hellaswag_fsdp"][metric] == one["hellaswag"][metric]
     assert two["lambada"]["n"] == 3 and two["lambada"]["acc"] == one["lambada"]["acc"]
     assert two["lambada"]["ppl"] == pytest.approx(one["lambada"]["ppl"], rel=1e-6)
     assert two["perplexity"][1] == one["perplexity"][1]

@@ -11,6 +11,8 @@ column, pad columns get position -1 (never attended) and each row's positions st
 first real token, so a batched row computes exactly what it would compute alone. The prompt is
 run once (prefill), then one token per step reads the cache. `generate_uncached` is the plain
 full-recompute loop, kept as the reference the cached path is tested against.
+`optimize_for_decoding(model)` (what `gpt2lab sample` does) stores the weights in the layout a
+one-token step reads fastest on the device.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # Drop an id when the ids before it already reach top_p (so the first id always stays).
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -73,7 +73,7 @@ def load_hf_model(name_or_dir: str | Path, device: str | torch.device = "cpu", d
 
     from gpt2lab.checkpoint import load_model_weights
 
-    load_model_weights(model, state, f"{path}: config.json does not match the weights")
+    load_model_weights(model, state, str(path))  # names the first weight config.json does not fit
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -235,6 +235,7 @@ def score_continuations(
     batch_size: int = 16,
     env=None,
     on_batch: Callable[[int], None] | None = None,
+    use_kv_cache: bool | None = None,
 ) -> list[ContinuationScore]:
     """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
 
@@ -245,8 +246,14 @@ def score_continuations(
     their last tokens, right-padded, whose logits predict the rest. So the LM head, the largest
     matmul of a small model, runs on continuation positions only, and padding is never attended
     (padding columns have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
+
+    `use_kv_cache=False` runs one plain forward over context + continuation instead (same numbers,
+    logits at every position). That is the default for FSDP-sharded models, whose mixed-precision
+    compute dtype a cache allocated outside the forward could not match.
     """
     model = unwrap(model)
+    if use_kv_cache is None:
+        use_kv_cache = not _is_fsdp(model)
     block_size = model.config.block_size
     device = next(model.parameters()).device
     rows = []
@@ -262,8 +269,12 @@ def score_continuations(
     scores: list[ContinuationScore] = []
     calls = 0
     for batch in _pack([rows[i] for i in order], batch_size, block_size):
-        logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
-        calls += 1 + (logits.shape[1] > 1)
+        if use_kv_cache:
+            logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
+            calls += 1 + (logits.shape[1] > 1)
+        else:
+            logits = _continuation_logits_full(model, batch, device)
+            calls += 1
         lengths = torch.tensor([len(c) for _, c in batch])
         valid = torch.arange(logits.shape[1])[None, :] < lengths[:, None]  # (B, Ln)
         targets = torch.zeros(valid.shape, dtype=torch.long)
@@ -326,6 +337,29 @@ def _continuation_logits(model: torch.nn.Module, batch: list, device: torch.devi
         pos[i, :n] = torch.arange(len(context), len(context) + n)
     rest, _ = model(idx.to(device), pos=pos.to(device), cache=cache)  # (B, Ln - 1, V)
     return torch.cat([first, rest], dim=1)
+
+
+def _continuation_logits_full(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
+    """Like `_continuation_logits`, from one forward over right-padded context + continuation[:-1]."""
+    B = len(batch)
+    T = max(len(c) + len(n) - 1 for c, n in batch)
+    Ln = max(len(n) for _, n in batch)
+    idx = torch.zeros((B, T), dtype=torch.long)
+    where = torch.zeros((B, Ln), dtype=torch.long)  # the position whose logits predict continuation[j]
+    for i, (context, continuation) in enumerate(batch):
+        row = context + continuation[:-1]
+        idx[i, : len(row)] = torch.tensor(row)
+        where[i] = (len(context) - 1 + torch.arange(Ln)).clamp(max=T - 1)
+    logits, _ = model(idx.to(device))  # (B, T, V)
+    return logits[torch.arange(B, device=device)[:, None], where.to(device)]
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -244,8 +244,11 @@ def evaluate(
     `batch_size` tasks (4 rows each) go through the model at once. Under torchrun each rank scores
     the tasks i with i % world_size == rank and the counts are summed over ranks.
     """
-    mine = shard(tasks, env)
-    pairs = [pair for task in mine for pair in encode_task(tokenizer, task)]
+    # Every rank tokenizes every task, so a tokenizer error is raised on all ranks alike, before any collective.
+    encoded = [encode_task(tokenizer, task) for task in tasks]
+    mine_idx = shard(range(len(tasks)), env)
+    mine = [tasks[i] for i in mine_idx]
+    pairs = [pair for i in mine_idx for pair in encoded[i]]
     rank, _ = rank_and_world(env)
     with progress_bar(len(pairs) // 4, "hellaswag", enabled=show_progress and rank == 0) as advance:
         scores = score_continuations(
@@ -291,8 +294,8 @@ def in_training_eval(model: torch.nn.Module, tokenizer, limit: int | None, env=N
     """{"hellaswag/acc", "hellaswag/acc_norm"} on the first `limit` tasks, for the trainer's logs.
 
     Uses the shared text file if present, else the cached official jsonl; it never downloads. When
-    neither exists, or the file is unreadable, it warns once and returns {}: evaluation never stops
-    training. Every rank must call it (the work is split across ranks); the model's train/eval mode
+    neither exists, the file is unreadable or the tokenizer cannot encode it (a char model), it warns
+    once and returns {}: evaluation never stops training. Every rank must call it (the work is split across ranks); the model's train/eval mode
     is restored afterwards.
     """
     path = find_data_file(download=False)
@@ -302,18 +305,15 @@ def in_training_eval(model: torch.nn.Module, tokenizer, limit: int | None, env=N
             f"online to cache {HELLASWAG_VAL.name})"
         )
         return {}
-    try:
-        tasks = _cached_tasks(str(path), path.stat().st_mtime)
-    except UserError as e:
-        _warn_once(f"HellaSwag skipped: {e}")
-        return {}
-    if limit:
-        tasks = tasks[:limit]
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     try:
+        tasks = _cached_tasks(str(path), path.stat().st_mtime)[: limit or None]
         result = evaluate(model, tokenizer, tasks, batch_size=batch_size, env=env)
+    except UserError as e:
+        _warn_once(f"HellaSwag skipped: {e}")
+        return {}
     finally:
         inner.train(was_training)
     return {"hellaswag/acc": result["acc"], "hellaswag/acc_norm": result["acc_norm"]}

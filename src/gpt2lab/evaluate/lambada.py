@@ -102,8 +102,8 @@ def evaluate(
     show_progress: bool = False,
 ) -> dict:
     """Last-word accuracy and perplexities of `model` on `passages` (every rank gets the same dict)."""
-    mine = shard(passages, env)
-    pairs = [split_passage(tokenizer, text) for text in mine]
+    # Every rank tokenizes every passage, so a tokenizer error is raised on all ranks alike.
+    pairs = shard([split_passage(tokenizer, text) for text in passages], env)
     rank, _ = rank_and_world(env)
     with progress_bar(len(pairs), "lambada", enabled=show_progress and rank == 0) as advance:
         scores = score_continuations(

@@ -125,8 +125,12 @@ def report_bf16_closeness(model: GPT, model_bf16: GPT, prompt: torch.Tensor, fp3
     low = low.float()
     top1 = (ref.argmax(-1) == low.argmax(-1)).float().mean().item()
     diff = (ref - low).abs().max().item()
-    print(f"bf16 vs fp32: greedy identical for the first {first_diff}/{len(fp32_ids)} tokens; teacher-forced "
-          f"top-1 agreement {top1:.1%} over {seq.shape[1]} positions; max |logit diff| {diff:.3f} "
+    margin = ""
+    if first_diff < len(fp32_ids):  # a near-tie in fp32 there means either choice is as good
+        top2 = ref[0, prompt.shape[1] + first_diff - 1].topk(2).values
+        margin = f" (fp32 top-2 logit margin there: {(top2[0] - top2[1]).item():.4f})"
+    print(f"bf16 vs fp32: greedy identical for the first {first_diff}/{len(fp32_ids)} tokens{margin}; "
+          f"teacher-forced top-1 agreement {top1:.1%} over {seq.shape[1]} positions; max |logit diff| {diff:.3f} "
           f"(logit std {ref.std().item():.3f})")
 
 

@@ -275,3 +275,23 @@ def test_model_info_cli(capsys):
 
     assert main(["model-info", "gpt2", "--model.n_kv_head", "5"]) == 2
     assert "n_kv_head" in capsys.readouterr().err
+
+
+def test_rope_tables_stay_fp32_when_weights_are_cast():
+    # Regression: model.to(bfloat16) used to cast the rotary tables too, losing angle precision.
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16, pos_emb="rope"))
+    reference = model.rope_cos.clone()
+    model = model.to(torch.bfloat16)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == torch.float32
+    assert torch.equal(model.rope_cos, reference)
+
+
+def test_empty_model_loads_to_identical_logits():
+    config = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos_emb="rope")
+    model = GPT(config).eval()
+    clone = GPT.empty(config)
+    clone.load_state_dict(model.state_dict())
+    assert clone.lm_head.weight is clone.transformer.wte.weight
+    idx = torch.randint(0, 100, (2, 40))  # longer than block_size: rope tables extend on demand
+    assert torch.equal(model(idx)[0], clone.eval()(idx)[0])

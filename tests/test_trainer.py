@@ -3,7 +3,6 @@ LR schedules, and the quickstart config reaching a stated loss. CPU, fp32, tiny 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -302,21 +301,28 @@ def test_bad_input_is_one_line_user_error(case, data_dir, tmp_path):
 # The quickstart
 
 
-QUICKSTART_STEPS = 300
-QUICKSTART_BOUND = 2.0
+QUICKSTART_STEPS = 250
+QUICKSTART_BOUND = 2.35
 
 
-def test_quickstart_shortened_reaches_val_loss_bound(data_dir, tmp_path):
-    """The quickstart config, cut to QUICKSTART_STEPS steps (its cosine schedule compressed to match),
-    gets below QUICKSTART_BOUND nats/char on the val split (a uniform guess is ln(103) = 4.63)."""
-    cfg = load_config("quickstart", {"data.dir": str(data_dir), "checkpoint.out_dir": str(tmp_path / "q"),
-                                     "train.max_steps": QUICKSTART_STEPS, "checkpoint.every": 0,
-                                     "train.sample_tokens": 50, "log.progress": False})
+def test_quickstart_shortened_reaches_val_loss_bound(data_dir, tmp_path, capsys):
+    """The quickstart config cut to QUICKSTART_STEPS of its 3600 steps (its cosine schedule compressed to
+    match) gets below QUICKSTART_BOUND nats/char on the val split (uniform guessing: ln(103) = 4.63;
+    measured 2.25 here). Then `gpt2lab sample` continues a prompt from the run directory."""
+    run = tmp_path / "q"
+    cfg = load_config("quickstart", {"data.dir": str(data_dir), "checkpoint.out_dir": str(run),
+                                     "train.max_steps": QUICKSTART_STEPS, "train.sample_tokens": 50,
+                                     "log.progress": False})
     result = train(cfg)
     assert result.step == QUICKSTART_STEPS
     assert result.val_loss < QUICKSTART_BOUND
     assert math.isfinite(result.train_loss)
-    assert (tmp_path / "q" / "loss.png").is_file() and (tmp_path / "q" / "config.yaml").is_file()
-    assert result.sample and len(result.sample) > 20
-    events = [json.loads(line) for line in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
-    assert {"train", "eval"} <= {e["event"] for e in events}
+    assert (run / "loss.png").is_file() and (run / "config.yaml").is_file()
+    assert result.sample.startswith("The ") and len(result.sample) > 20
+    assert {"train", "eval"} <= {e["event"] for e in read_metrics(run)}
+
+    from gpt2lab.cli import main
+
+    capsys.readouterr()
+    assert main(["sample", "--init", str(run), "--prompt", "The ", "--max-new-tokens", "30", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The ")

@@ -252,7 +252,7 @@ class GPTAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, train_model: nn.Module | None = None) -> None:
         self.model = model
-        self.train_model = train_model or model  # e.g. the torch.compile'd module
+        self.train_model = model if train_model is None else train_model  # e.g. the torch.compile'd module
 
     def loss(self, idx, targets):
         return self.train_model(idx, targets)[1]
@@ -273,7 +273,7 @@ class HFAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, train_model: nn.Module | None = None) -> None:
         self.model = model
-        self.train_model = train_model or model
+        self.train_model = model if train_model is None else train_model
 
     def loss(self, idx, targets):
         # HF shifts labels itself; passing idx keeps the work identical (a (B, T) forward and backward).
@@ -442,4 +442,5 @@ def hf_twin(model: nn.Module) -> nn.Module:
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
+    twin.loss_type = "ForCausalLM"  # the loss it falls back to anyway, without a warning about the class name
     return twin.to(device=param.device, dtype=param.dtype)

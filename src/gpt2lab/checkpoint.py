@@ -208,13 +208,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path} holds no gpt2lab checkpoint (expected config.json or checkpoints/step_*/)")
     config = read_config(ckpt)
     model_config = GPTConfig.from_dict(config["model"])
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model = model.to_empty(device=device)
-    if model_config.pos_emb == "rope":
-        model._build_rope(model_config.block_size)
-        model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
-    model.lm_head.weight = model.transformer.wte.weight
+    model = GPT.empty(model_config, device)
     lora = config.get("lora")
     if lora and lora.get("r"):  # a LoRA run's checkpoint also holds lora_A/lora_B: load, then fold them in
         from gpt2lab.lora import apply_lora, merge_lora

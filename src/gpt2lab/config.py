@@ -158,6 +158,12 @@ class TrainConfig:
     fp32 on CPU), "fp32", "bf16" or "fp16". Weights and optimizer state stay fp32."""
     compile: bool = False
     """torch.compile the model (CUDA; slow to start, faster steps)."""
+    fused_loss: bool = False
+    """Compute the LM head and the loss chunk by chunk, never holding the (tokens x vocab) logits: same
+    loss and gradients, several GB less memory at GPT-2 scale (see gpt2lab.losses)."""
+    sdpa_backend: str = "auto"
+    """Attention kernel of training steps: "auto" (PyTorch picks), "flash", "math", or the CUDA-only
+    "cudnn" and "efficient"."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere or newer GPUs."""
     eval_every: int = 250
@@ -292,6 +298,7 @@ class RunConfig:
             "data.sft.truncation": ("truncate", "drop"),
             "optim.schedule": ("cosine", "constant", "wsd"),
             "train.dtype": ("auto", "fp32", "bf16", "fp16"),
+            "train.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
             "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
             "parallel.activation_checkpointing": ("none", "block", "selective"),
         }

@@ -66,10 +66,7 @@ def load_hf_model(name_or_dir: str | Path, device: str | torch.device = "cpu", d
         path = download_hf_model(str(name_or_dir))
     config = config_from_hf(read_hf_config(path), dropout=dropout, source=str(path / "config.json"))
     state = hf_to_gpt2lab_state(read_hf_weights(path), source=str(path))
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device=device)
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty breaks the tie; restore it
+    model = GPT.empty(config, device)
 
     from gpt2lab.checkpoint import load_model_weights
 

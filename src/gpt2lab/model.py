@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab.errors import UserError
+from gpt2lab.losses import linear_cross_entropy
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -389,11 +390,19 @@ class GPT(nn.Module):
             self._build_rope(config.block_size)
         self.apply(self._init_weights)
 
-    def _build_rope(self, length: int) -> None:
-        cos, sin = rope_cache(self.config.head_size, length, self.config.rope_theta)
+    def _build_rope(self, length: int, device: torch.device | str | None = None) -> None:
+        cos, sin = rope_cache(self.config.head_size, length, self.config.rope_theta, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.rope_len = length
+
+    def _apply(self, fn, recurse=True):
+        # Keep the rotary tables in fp32 whatever dtype the weights are cast to: bf16 angles lose
+        # precision at large positions.
+        super()._apply(fn, recurse)
+        if self.rope_len and self.rope_cos.dtype != torch.float32 and self.rope_cos.device.type != "meta":
+            self._build_rope(self.rope_len, self.rope_cos.device)
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer)."""
@@ -429,7 +438,8 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         loss_reduction: str = "mean",
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fused_loss: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
         targets (B, T): next-token ids, -100 = ignored. `loss_reduction` "mean" averages over the
@@ -437,6 +447,8 @@ class GPT(nn.Module):
         pos (B, T): absolute positions (default 0..T-1, continuing after the tokens already in
         `cache`; -1 marks left padding). cache: a KVCache from `new_cache` to decode incrementally.
         last_only: logits of the last position only.
+        fused_loss: with targets, compute the LM head and the loss chunk by chunk
+        (`gpt2lab.losses.linear_cross_entropy`, same value and gradients) and return logits None.
         """
         B, T = idx.shape
         if pos is None:
@@ -450,10 +462,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos.clamp(min=0))
         rope = None
         if self.config.pos_emb == "rope":
-            need = int(pos.max()) + 1 if cache is not None else T
+            # Positions never exceed the columns a cache holds, so no device sync is needed here.
+            need = cache.max_len if cache is not None else T
             if need > self.rope_len:
-                self._build_rope(max(need, 2 * self.rope_len))
-                self.rope_cos, self.rope_sin = self.rope_cos.to(idx.device), self.rope_sin.to(idx.device)
+                self._build_rope(max(need, 2 * self.rope_len), idx.device)
             p = pos.clamp(min=0)
             rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, hs/2)
         x = self.transformer.drop(x)
@@ -462,6 +474,12 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache.layers[i] if cache is not None else None, pos)
         x = self.transformer.ln_f(x)
+        if fused_loss and targets is not None:  # never materialises the (B*T, V) logits
+            if not isinstance(self.lm_head, nn.Linear):
+                raise UserError("fused_loss needs a plain LM head; it cannot be used with LoRA on lm_head")
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        vocab_size=self.config.vocab_size, reduction=loss_reduction)
+            return None, loss
         if last_only and targets is None:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
@@ -474,6 +492,17 @@ class GPT(nn.Module):
                 reduction=loss_reduction,
             )
         return logits, loss
+
+    @classmethod
+    def empty(cls, config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+        """A model with uninitialised weights (no init cost), for loading weights into right after."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty breaks the tie; restore it
+        if config.pos_emb == "rope":
+            model._build_rope(model.rope_len, device)  # buffers are not weights: compute them
+        return model
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for `batch_size` rows of up to `max_len` tokens, on the model's device."""

@@ -62,6 +62,29 @@ def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int,
 
 
 # --------------------------------------------------------------------------------------------------
+# Attention kernel
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_context(backend: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which scaled_dot_product_attention uses only `backend` (train.sdpa_backend);
+    "auto" leaves the choice to PyTorch. cudnn and efficient exist on CUDA only (flash and math
+    also run on the CPU). A backend that cannot run a given call (flash with a sliding-window
+    mask, say) makes that call fail with PyTorch's "No viable backend" error."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    if backend not in SDPA_BACKENDS:
+        raise UserError(f"train.sdpa_backend={backend!r} is not one of 'auto', {', '.join(map(repr, SDPA_BACKENDS))}")
+    if backend in ("cudnn", "efficient") and device.type != "cuda":
+        raise UserError(f"train.sdpa_backend={backend} needs a CUDA GPU; on {device.type} use auto, flash or math")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend]))
+
+
+# --------------------------------------------------------------------------------------------------
 # RNG state (as tensors and lists, so a checkpoint loads with torch.load(weights_only=True))
 
 
@@ -156,6 +179,7 @@ class Trainer:
         _, self.accum = batch_geometry(self.cfg.tokens_per_step, self.cfg.micro_batch_size, parts.block_size,
                                        self.env.world_size)
         self.device = self.env.device
+        sdpa_context(self.cfg.sdpa_backend, self.device)  # an unusable backend fails here, not at step 1
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any non-finite loss since last check
         self._stop_signal: str | None = None
         self.last_checkpoint: Path | None = None
@@ -206,13 +230,15 @@ class Trainer:
         parallel.all_reduce(counted, "sum")
         denom = counted.clamp(min=1).float()  # a step with no counted token contributes nothing
         loss_sum = torch.zeros((), device=self.device)
-        for i in range(self.accum):
-            xb, yb = x[i * mbs:(i + 1) * mbs], y[i * mbs:(i + 1) * mbs]
-            with parallel.no_sync(self.module, enabled=i < self.accum - 1):
-                with self._autocast():
-                    _, loss = self.module(xb, yb, loss_reduction="sum")
-                self.p.scaler.scale(loss / denom).backward()
-            loss_sum += loss.detach().float()
+        with sdpa_context(self.cfg.sdpa_backend, self.device):  # around backward too (recomputed forwards)
+            for i in range(self.accum):
+                xb, yb = x[i * mbs:(i + 1) * mbs], y[i * mbs:(i + 1) * mbs]
+                with parallel.no_sync(self.module, enabled=i < self.accum - 1):
+                    with self._autocast():
+                        _, loss = self.module(xb, yb, loss_reduction="sum", fused_loss=self.cfg.fused_loss)
+                    self.p.scaler.scale(loss / denom).backward()
+                loss_sum += loss.detach().float()
+                float(loss)
         self.p.scaler.unscale_(self.optimizer)
         max_norm = self.p.optim.grad_clip if self.p.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt2lab.errors import UserError
+from gpt2lab.parallel import all_reduce, unwrap
 
 CACHE_ENV = "GPT2LAB_CACHE"
 MIRROR_ENV = "GPT2LAB_DATA_MIRROR"
@@ -169,37 +170,31 @@ def _all_reduce(values: Sequence[float], op: str, env=None) -> list[float]:
     _, world = rank_and_world(env)
     if world == 1:
         return [float(v) for v in values]
-    from gpt2lab.parallel import all_reduce
-
     return all_reduce(torch.tensor([float(v) for v in values], dtype=torch.float64), op).tolist()
 
 
-def pad_forward_calls(model: torch.nn.Module, calls: int, env=None) -> None:
-    """After this rank made `calls` forward calls, make dummy ones (one token) until it has made as many
-    as the busiest rank: a sharded (FSDP) model gathers its weights in every call, on every rank."""
+def most_forward_calls(calls: int, env=None) -> int:
+    """The largest of every rank's planned number of forward calls (a collective; `calls` in one process).
+
+    A sharded (FSDP) model gathers its weights in every forward call, so every rank must make the same
+    number of calls: ranks agree on it before the first call and the ones with less work make dummy
+    calls (`dummy_forward_calls`) after theirs. Agreeing first matters: a rank that reached this
+    all-reduce while another is still inside a forward's all-gather would deadlock.
+    """
     _, world = rank_and_world(env)
-    if world == 1:
-        return
-    most = int(_all_reduce([calls], "max", env)[0])
+    return calls if world == 1 else int(_all_reduce([calls], "max", env)[0])
+
+
+def dummy_forward_calls(model: torch.nn.Module, count: int) -> None:
+    """`count` forward calls on one token, whose output is thrown away."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        for _ in range(most - calls):
+        for _ in range(count):
             model(torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
 # --------------------------------------------------------------------------------------------------
 # Scoring continuations
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside torch.compile / DDP wrappers (evaluation shapes vary: no recompiles, no syncs)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -240,12 +235,13 @@ def score_continuations(
     """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
 
     A row longer than block_size + 1 tokens loses tokens from the left of its context, as in
-    lm-evaluation-harness. Pairs are sorted by length (less padding; scores come back in input order)
-    and up to `batch_size` of them share a batch, run through the model's KV cache in two calls: the contexts, left-padded so that they all end in the same column, with logits for
-    that last column only (it predicts each continuation's first token); then the continuations but
-    their last tokens, right-padded, whose logits predict the rest. So the LM head, the largest
-    matmul of a small model, runs on continuation positions only, and padding is never attended
-    (padding columns have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
+    lm-evaluation-harness. Pairs are sorted by length (less padding; scores come back in input
+    order) and up to `batch_size` of them share a batch, run through the model's KV cache in two
+    calls: the contexts, left-padded so that they all end in the same column, with logits for that
+    last column only (it predicts each continuation's first token); then the continuations but their
+    last tokens, right-padded, whose logits predict the rest. So the LM head, the largest matmul of a
+    small model, runs on continuation positions only, and padding is never attended (padding columns
+    have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
 
     `use_kv_cache=False` runs one plain forward over context + continuation instead (same numbers,
     logits at every position). That is the default for FSDP-sharded models, whose mixed-precision
@@ -266,15 +262,16 @@ def score_continuations(
             )
         rows.append((list(context)[-(block_size + 1 - len(continuation)):], list(continuation)))
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i][1]), len(rows[i][0])))
+    batches = _pack([rows[i] for i in order], batch_size, block_size)
+    # The cache path makes a second call when some continuation has more than one token.
+    calls = sum(1 + (use_kv_cache and max(len(n) for _, n in b) > 1) for b in batches)
+    most = most_forward_calls(calls, env)
     scores: list[ContinuationScore] = []
-    calls = 0
-    for batch in _pack([rows[i] for i in order], batch_size, block_size):
+    for batch in batches:
         if use_kv_cache:
             logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
-            calls += 1 + (logits.shape[1] > 1)
         else:
             logits = _continuation_logits_full(model, batch, device)
-            calls += 1
         lengths = torch.tensor([len(c) for _, c in batch])
         valid = torch.arange(logits.shape[1])[None, :] < lengths[:, None]  # (B, Ln)
         targets = torch.zeros(valid.shape, dtype=torch.long)
@@ -292,7 +289,7 @@ def score_continuations(
             scores.append(ContinuationScore(logprob=s, n_tokens=n, greedy=round(h) == n))
         if on_batch is not None:
             on_batch(len(batch))
-    pad_forward_calls(model, calls, env)
+    dummy_forward_calls(model, most - calls)
     in_order: list[ContinuationScore] = [None] * len(rows)  # type: ignore[list-item]
     for i, score in zip(order, scores):
         in_order[i] = score

@@ -53,8 +53,8 @@ from gpt2lab.evaluate import (
     shard,
     shared_data_dir,
     stderr_of_mean,
-    unwrap,
 )
+from gpt2lab.parallel import unwrap
 
 HELLASWAG_VAL = RemoteFile("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
 N_VAL_TASKS = 10042

@@ -33,13 +33,14 @@ import torch
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import (
     all_reduce_sum,
-    pad_forward_calls,
+    dummy_forward_calls,
+    most_forward_calls,
     progress_bar,
     rank_and_world,
     read_utf8,
     shard,
-    unwrap,
 )
+from gpt2lab.parallel import unwrap
 
 
 def read_text(path: str | Path, hf_rows: bool = False) -> str:
@@ -77,7 +78,7 @@ def sliding_window_nll(
     """(summed NLL in nats, tokens scored) of the token sequence `ids`, over all ranks.
 
     Windows of equal length are batched `batch_size` at a time; under torchrun each rank takes the
-    windows k with k % world_size == rank.
+    windows k with k % world_size == rank (every rank must call this).
     """
     model = unwrap(model)
     if max_length > model.config.block_size:
@@ -89,6 +90,7 @@ def sliding_window_nll(
     all_windows = windows(len(ids), max_length, stride)
     rank, _ = rank_and_world(env)
     batches = _batches(shard(all_windows, env), batch_size)
+    most = most_forward_calls(len(batches), env)
     nll, count = 0.0, 0
     with progress_bar(len(batches), "perplexity", enabled=show_progress and rank == 0) as advance:
         for batch in batches:
@@ -101,7 +103,7 @@ def sliding_window_nll(
             nll += loss.item()
             count += int((targets != -100).sum())
             advance(1)
-    pad_forward_calls(model, len(batches), env)
+    dummy_forward_calls(model, most - len(batches))
     nll, count = all_reduce_sum([nll, count], env)
     return nll, int(count)
 

@@ -120,3 +120,11 @@ def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--init", "random:gpt2-tiny", "--device", "cpu", "--seq-len", "65"]) == 2
     assert "block_size=64" in capsys.readouterr().err
     assert main(["bench", "--init", "random:gpt2-tiny", "--device", "cpu", "--decode-batch-sizes", "1,x"]) == 2
+
+
+def test_adapter_keeps_a_compiled_training_module():
+    # regression: `compiled or model` raised, an OptimizedModule has no truth value
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", vocab_size=300))
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    assert bench.GPTAdapter(model, compiled).train_model is compiled
+    assert bench.GPTAdapter(model).train_model is model

@@ -199,3 +199,20 @@ def test_finetune_data_alpaca_offline_is_one_line(work, tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "could not download Alpaca data from http://127.0.0.1:9/alpaca_data.json" in err
+
+
+def test_sample_instruct_answers_with_the_template(full_run, capsys):
+    from gpt2lab.data.sft import render_prompt
+    from gpt2lab.generate import generate
+    from gpt2lab.loading import load_model
+
+    args = ["sample", "--init", str(full_run), "--instruct", "Name a primary color.", "--max-new-tokens", "8",
+            "--temperature", "0", "--device", "cpu"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "### Instruction:" not in printed  # the rendered template is not echoed, only the answer
+    model, tok = load_model(str(full_run))
+    prompt = tok.encode(render_prompt("Name a primary color."))
+    expected = tok.decode(generate(model, [prompt], max_new_tokens=8, temperature=0)[0])
+    assert printed.strip() == expected.strip()
+    assert cli.main(args + ["--prompt", "x"]) == 2

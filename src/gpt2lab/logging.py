@@ -42,11 +42,8 @@ def format_duration(seconds: float) -> str:
 
 def format_train_line(step: int, total: int, m: dict[str, Any]) -> str:
     """One console line of train metrics."""
-    speed = f"{m['tokens_per_s']:,.0f} tok/s"
-    if m.get("world_size", 1) > 1:
-        speed += f" ({m['tokens_per_s'] / m['world_size']:,.0f}/device)"
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"grad norm {m['grad_norm']:.3f}",
-             speed]
+             f"{m['tokens_per_s']:,.0f} tok/s"]
     per_device = m.get("tokens_per_s_per_device")
     if per_device is not None and per_device != m["tokens_per_s"]:  # several ranks
         parts[-1] += f" ({per_device:,.0f}/device)"

@@ -177,6 +177,9 @@ class LayerKVCache(nn.Module):
     column c is stored in slot c (full attention, S = max_len) or c % S (sliding window: a ring of
     S = window slots). `slot_pos` records the absolute position each slot holds (-1 = empty or
     padding), so the attention mask is computed from positions, never assumed.
+
+    In static mode (`KVCache.start_static_decoding`) one-token steps go through `attend_static`,
+    whose shapes and Python state never change from step to step (for torch.compile / CUDA graphs).
     """
 
     def __init__(self, batch_size: int, n_kv_head: int, size: int, head_size: int, window: int | None,
@@ -191,6 +194,9 @@ class LayerKVCache(nn.Module):
         self.size = size
         self.window = window
         self.next_col = 0
+        # Static mode: the next column as a device tensor, advanced by the step itself.
+        self.register_buffer("col", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.static = False
         # Layers of equal (window, size) hold identical slot positions, so within one forward pass the
         # first of them builds the attention mask and the rest reuse it (KVCache clears it per pass).
         self.step_masks = {} if step_masks is None else step_masks
@@ -198,10 +204,13 @@ class LayerKVCache(nn.Module):
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
         self.next_col = 0
+        self.static = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Store k, v (B, nkv, T, hs) of absolute positions pos (B, T) (-1 = padding, never attended)
         and return the attention of q (B, nh, T, hs) over every key visible to each query."""
+        if self.static:
+            return self.attend_static(q, k, v, pos)
         T = k.shape[2]
         start = self.next_col
         key = (self.window, self.size)
@@ -231,6 +240,23 @@ class LayerKVCache(nn.Module):
         keep = min(T, self.size)
         self._write(k[:, :, T - keep:], v[:, :, T - keep:], pos[:, T - keep:], start + T - keep)
         return out
+
+    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`attend` for one token (T = 1) with fixed shapes: the column is the tensor `col`, the write
+        an index_copy_ into slot col % S, and the query attends over all S slots (empty ones masked).
+        Nothing is read back to the host; the caller must not step past the cache's max_len."""
+        if k.shape[2] != 1:
+            raise ValueError(f"static KV-cache steps take one token per row, got {k.shape[2]}")
+        slot = self.col % self.size  # (1,)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.slot_pos.index_copy_(1, slot, pos)
+        self.col += 1
+        key = (self.window, self.size)
+        mask = self.step_masks.get(key)
+        if mask is None:
+            mask = self.step_masks[key] = attention_mask(pos, self.slot_pos, self.window, q.dtype)
+        return _sdpa(q, self.k, self.v, attn_mask=mask)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start_col: int) -> None:
         T = k.shape[2]
@@ -268,6 +294,14 @@ class KVCache(nn.Module):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+
+    def start_static_decoding(self) -> None:
+        """From the next step on, take one-token steps of fixed shapes (`LayerKVCache.attend_static`),
+        which torch.compile can capture whole (mode="reduce-overhead": CUDA graphs). Call it after the
+        prefill; every later step must pass `pos`. `reset()` goes back to the ordinary mode."""
+        for layer in self.layers:
+            layer.col.fill_(layer.next_col)
+            layer.static = True
 
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)

@@ -238,7 +238,6 @@ class Trainer:
                         _, loss = self.module(xb, yb, loss_reduction="sum", fused_loss=self.cfg.fused_loss)
                     self.p.scaler.scale(loss / denom).backward()
                 loss_sum += loss.detach().float()
-                float(loss)
         self.p.scaler.unscale_(self.optimizer)
         max_norm = self.p.optim.grad_clip if self.p.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -357,7 +356,6 @@ class Trainer:
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
                         "mfu": mfu, "step_time_s": dt,
                         "eta_s": dt * (cfg.max_steps - step), "tokens": step * tokens_per_step,
-                        "world_size": self.env.world_size,
                     })
                 if self._every(cfg.eval_every, step) or last:
                     val_loss = self.evaluate()

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2lab.data.sft import check_template, encode_chat_prompt
-    from gpt2lab.generate import max_new_tokens_that_fit, stream_text
+    from gpt2lab.generate import max_new_tokens_that_fit, optimize_for_decoding, stream_text
     from gpt2lab.lora import is_adapter, load_adapted_model
 
     check_template(args.template)
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(tokenizer, "eot_id", None) is None:
         raise UserError(f"{args.init} uses a tokenizer without <|endoftext|>; chat needs an instruction-tuned GPT-2")
     model.eval()
+    optimize_for_decoding(model)
     device = model.transformer.wte.weight.device
     generator = torch.Generator(device=device)
     if args.seed is None:

@@ -20,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a checkpoint directory or a run directory (its latest checkpoint)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
+    parser.add_argument("--instruct", metavar="INSTRUCTION",
+                        help="one-shot instruction for a finetuned model: rendered with --template and "
+                             "answered until <|endoftext|> (use `gpt2lab chat` for a conversation)")
+    parser.add_argument("--input", dest="instruct_input", default=None,
+                        help="optional input/context for --instruct (Alpaca's \"### Input:\" block)")
+    parser.add_argument("--template", default="alpaca",
+                        help="prompt template for --instruct: alpaca, chat, or a custom string with "
+                             "{instruction}, {input} and {output}")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=int, default=200, help="sample only from the k most likely tokens")
@@ -36,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
+    if args.instruct is not None:
+        if args.prompt or args.prompt_file:
+            raise UserError("--instruct cannot be combined with --prompt or --prompt-file; use one of them")
+        from gpt2lab.data.sft import check_template, render_prompt
+
+        check_template(args.template)
+        return render_prompt(args.instruct, args.instruct_input, template=args.template)
     if args.prompt_file is None:
         return args.prompt
     path = Path(args.prompt_file)
@@ -76,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        sys.stdout.write(prompt)
+        if args.instruct is None:  # an instruction's rendered template is not worth echoing
+            sys.stdout.write(prompt)
         for piece in stream_text(model, tokenizer, ids, max_new_tokens=max_new, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, generator=generator,
                                  stop_ids=() if args.ignore_eot else None, stop_strings=args.stop):

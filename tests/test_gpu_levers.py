@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -119,11 +120,136 @@ def test_no_host_sync_in_training_steps(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# Static-shape decoding (torch.compile + CUDA graphs)
+
+V = 64
+DECODE_VARIANTS = {
+    f"{pos}-{attn}-{'win' if window else 'full'}": dict(pos_emb=pos, n_kv_head=kv, sliding_window=window)
+    for pos, (attn, kv), window in itertools.product(["learned", "rope"], [("mha", 4), ("gqa", 2)], [None, 4])
+}
+
+
+def decode_model(**overrides) -> GPT:
+    """float64 weights large enough that greedy argmaxes are far from ties."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=V, n_layer=2, n_head=4, n_embd=32, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.double().eval()
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", list(DECODE_VARIANTS))
+def test_static_decode_equals_dynamic_cache(name):
+    """Greedy tokens of fixed-shape steps equal the ordinary cached path's, for left-padded batches too
+    (the window of 4 is shorter than the prompts, so the ring wraps during the prefill and the decode)."""
+    from gpt2lab.generate import generate
+
+    model = decode_model(**DECODE_VARIANTS[name])
+    prompts = prompts_of([5, 9, 1])
+    want = generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids=())
+    got = generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids=(), static_cache=True)
+    assert got == want
+
+
+def prefilled(model: GPT, B: int = 2, T: int = 5, new: int = 8):
+    """A cache in static mode after a prefill of T tokens, the next token and its positions (B, 1);
+    all inference tensors, as in `generate` (a normal tensor among them would be a guard change)."""
+    with torch.inference_mode():
+        cache = model.new_cache(B, T + new)
+        model(torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2)), cache=cache)
+        cache.start_static_decoding()
+        return cache, torch.zeros(B, 1, dtype=torch.long), torch.full((B, 1), T)
+
+
+@pytest.mark.parametrize("name", ["rope-gqa-win", "learned-mha-full"])
+def test_static_decode_step_is_one_graph_that_never_recompiles(name):
+    from gpt2lab.generate import decode_one_token
+
+    model = decode_model(**DECODE_VARIANTS[name])
+    cache, token, pos = prefilled(model)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(decode_one_token)(model, cache, token, pos)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+    cache, token, pos = prefilled(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_one_token, backend="eager", fullgraph=True)
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):  # a recompile (a new column, position or token) would raise
+            token = compiled(model, cache, token, pos).argmax(-1, keepdim=True)
+            pos += 1
+    assert (cache.layers[0].col == 5 + 4).all()
+
+
+def test_static_step_rejects_several_tokens():
+    model = decode_model()
+    cache, _, _ = prefilled(model)
+    with pytest.raises(ValueError, match="one token"), torch.inference_mode():
+        model(torch.zeros(2, 2, dtype=torch.long), pos=torch.full((2, 2), 5), cache=cache)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_decode_on_cuda_matches_eager():
+    from gpt2lab.generate import generate
+
+    model = decode_model(pos_emb="rope", n_kv_head=2).float().cuda()
+    prompts = prompts_of([5, 9])
+    want = generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=())
+    assert generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=(), compile=True) == want
+
+
+# --------------------------------------------------------------------------------------------------
 # benchmarks/gpu_speed.py
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    """Import benchmarks/<name>.py (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def test_gpu_speed_dry_run_levers(tmp_path):
+    """The first part alone (quick): the straightforward path and each cheap lever give a number."""
+    gpu_speed = load_script("gpu_speed")
+    doc = gpu_speed.main(["--dry-run", "--only", "levers", "--budget-s", "600"])
+    timed = {k: r for k, r in doc["results"].items() if "tokens_per_s" in r}
+    assert set(timed) == {"train/baseline", "train/padded", "train/fused_loss", "train/fused_adamw",
+                          "train/sdpa_flash", "train/sdpa_math"}
+    assert all(r["mfu"] > 0 and r["last_loss"] > 0 for r in timed.values())
+
+
+@pytest.mark.slow
+def test_gpu_speed_dry_run(tmp_path):
+    """The GPU sweep runs every part on a tiny CPU model: each measurement gives a number, except the
+    CUDA-only attention backends, which are recorded as clear errors; JSON and markdown are written."""
+    gpu_speed = load_script("gpu_speed")
+    out = tmp_path / "gpu_speed.json"
+    doc = gpu_speed.main(["--dry-run", "--out", str(out), "--budget-s", "600"])
+    results = doc["results"]
+    cuda_only = {"train/sdpa_cudnn", "train/sdpa_efficient"}
+    for key, r in results.items():
+        if key in cuda_only:
+            assert "needs a CUDA GPU" in r["error"]
+        elif key == "curve":
+            assert r["max_abs_delta_loss"] < 1e-2 and len(r["abs_delta_loss"]) == 8
+        else:
+            assert r["tokens_per_s"] > 0, (key, r)
+    expected = {"train/baseline", "train/cum4_compile", "train/cum5_fused_loss", "train/compiled_optimizer",
+                "train/micro_batch_8", "medium/eager_levers", "decode/gpt2lab compiled static cache/b4",
+                "decode/transformers/b1", "train/compile_alone", "curve"}
+    assert expected <= set(results)
+    saved = json.loads(out.read_text())
+    assert saved["results"].keys() == results.keys()
+    assert "| train/baseline |" in saved["markdown"]

@@ -47,7 +47,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny(data_dir: Path, out: Path, **overrides) -> dict:
-    """Overrides for a 2-layer, 32-wide model and 256-token steps: a few ms per step on a CPU."""
+    """Overrides of the quickstart config (the CLI's default, used in and out of process alike) for a
+    2-layer, 32-wide model and 256-token steps: a few ms per step on a CPU."""
     base = {
         "data.dir": str(data_dir), "data.prepare": None, "checkpoint.out_dir": str(out),
         "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "model.dropout": 0.1,
@@ -224,7 +225,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_dir, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     run = tmp_path / "run"
-    train(load_config(None, tiny(data_dir, run, **{"train.max_steps": 4, "checkpoint.every": 4})))
+    train(load_config("quickstart", tiny(data_dir, run, **{"train.max_steps": 4, "checkpoint.every": 4})))
     good = load_weights(list_checkpoints(run)[-1])
     # Resume with an absurd learning rate: the weights overflow and the loss turns NaN.
     proc = cli(as_argv(tiny(data_dir, run, **{"train.max_steps": 12, "checkpoint.every": 2, "optim.lr": 1e30,
@@ -243,12 +244,12 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
 
 def test_refuses_to_overwrite_a_run_and_resume_checks_architecture(data_dir, tmp_path):
     run = tmp_path / "run"
-    train(load_config(None, tiny(data_dir, run, **{"train.max_steps": 2, "checkpoint.every": 2})))
+    train(load_config("quickstart", tiny(data_dir, run, **{"train.max_steps": 2, "checkpoint.every": 2})))
     before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
     with pytest.raises(UserError, match="already holds checkpoints.*--resume.*--out"):
-        train(load_config(None, tiny(data_dir, run, **{"train.max_steps": 2})))
+        train(load_config("quickstart", tiny(data_dir, run, **{"train.max_steps": 2})))
     with pytest.raises(UserError, match=r"model.n_layer=2 but the config says 3"):
-        train(load_config(None, tiny(data_dir, run, **{"model.n_layer": 3, "checkpoint.resume": True})))
+        train(load_config("quickstart", tiny(data_dir, run, **{"model.n_layer": 3, "checkpoint.resume": True})))
     assert before == {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
 
 
@@ -292,7 +293,7 @@ def test_bad_input_is_one_line_user_error(case, data_dir, tmp_path):
         (tmp_path / "file").write_text("x")
         over["checkpoint.out_dir"], pattern = str(tmp_path / "file" / "run"), "is not writable"
     with pytest.raises(UserError, match=pattern) as info:
-        train(load_config(None, over))
+        train(load_config("quickstart", over))
     assert "\n" not in str(info.value)
     assert not list_checkpoints(tmp_path / "run")
 
@@ -326,3 +327,12 @@ def test_quickstart_shortened_reaches_val_loss_bound(data_dir, tmp_path, capsys)
     capsys.readouterr()
     assert main(["sample", "--init", str(run), "--prompt", "The ", "--max-new-tokens", "30", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("The ")
+    (run / "loss.png").unlink()
+    assert main(["plot", str(run)]) == 0 and (run / "loss.png").stat().st_size > 10_000
+
+
+def test_tensorboard_sink(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    train(load_config("quickstart", tiny(data_dir, run, **{"train.max_steps": 2, "log.tensorboard": True})))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))

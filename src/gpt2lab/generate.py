@@ -17,12 +17,13 @@ one-token step reads fastest on the device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT
+from gpt2lab.model import GPT, KVCache
 from gpt2lab.tokenizer import StreamDecoder, Tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +201,8 @@ def stream(
     stop_ids: Sequence[int] | None = None,
     stop_strings: Sequence[str] = (),
     tokenizer: Tokenizer | None = None,
+    static_cache: bool = False,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Generate from B prompts in one batch, yielding after every step a list of B entries: the new
     id of each row, or None for a row that has stopped.
@@ -209,6 +212,9 @@ def stream(
     and are not emitted; a row also ends once its generated text contains one of `stop_strings`
     (the completing id is emitted). Ends when every row has stopped or after max_new_tokens steps.
     The model is put in eval mode while generating (dropout off) and restored afterwards.
+    static_cache: decode with fixed-shape steps (`decode_one_token` over a cache in static mode; same
+    tokens). compile: also torch.compile those steps with CUDA graphs (`compiled_decode_one_token`),
+    the fast path on a GPU; the first call of a cache size compiles (tens of seconds).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompts(model, prompts, max_new_tokens)
@@ -224,15 +230,38 @@ def stream(
     model.eval()
     try:
         logits, _ = model(idx, pos=pos, cache=cache, last_only=True)  # prefill: (B, 1, V)
+        logits = logits[:, -1]
+        if static_cache or compile:
+            cache.start_static_decoding()
+        decode = compiled_decode_one_token() if compile else decode_one_token
         for step in range(max_new_tokens):
-            tokens = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield stopper.update(tokens.tolist())
             if all(stopper.done) or step == max_new_tokens - 1:
                 return
-            logits, _ = model(tokens[:, None], pos=next_pos, cache=cache, last_only=True)
+            logits = decode(model, cache, tokens[:, None], next_pos)  # (B, V)
             next_pos += 1
     finally:
         model.train(was_training)
+
+
+def decode_one_token(model: GPT, cache: KVCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) of the token after `token` (B, 1) at positions `pos` (B, 1), appended to `cache`.
+
+    Over a cache in static mode (`KVCache.start_static_decoding`) every call has the same shapes and
+    reads nothing back to the host, so torch.compile traces it as one graph that later steps reuse
+    without recompiling (see `compiled_decode_one_token`), as gpt-fast does.
+    """
+    logits, _ = model(token, pos=pos, cache=cache)
+    return logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_one_token() -> Callable[[GPT, KVCache, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`decode_one_token` under torch.compile(mode="reduce-overhead", fullgraph=True): on CUDA a step is
+    one CUDA-graph replay instead of hundreds of kernel launches. Its output is overwritten by the next
+    call, so use (or clone) it before decoding the next token."""
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **kwargs) -> list[list[int]]:

@@ -1,13 +1,12 @@
 """GPU speed sweep: every training and decoding lever of GPT-2 124M, measured in one run (see docs/gpu.md).
 
     python benchmarks/gpu_speed.py --out docs/gpu_speed.json               # ~9 min on one H100
-    python benchmarks/gpu_speed.py --out docs/gpu_speed.json --merge \\
-        --only curve,optimizer,sweep,medium,compile_alone                  # a second run: the rest
+    python benchmarks/gpu_speed.py --out docs/gpu_speed.json --merge       # a second run: what is missing
     python benchmarks/gpu_speed.py --dry-run                               # tiny model on the CPU, < 60 s
 
 Parts, in the order they run (each measurement is guarded: an error, an out-of-memory or a time
 limit is recorded and the sweep goes on; a measurement that no longer fits the time budget is
-recorded as skipped, and `--only ... --merge` runs it later into the same JSON):
+recorded as skipped, and a second run with `--merge` runs only what is missing, into the same JSON):
 
   levers      gpt2, T=1024, bf16 autocast, micro-batch 16, no compile: the straightforward path
               (vocab 50257, F.cross_entropy on full logits, foreach AdamW, SDPA's own choice), then
@@ -160,6 +159,8 @@ class Sweep:
         self.out = out
         self.deadline = time.monotonic() + s.budget_s
         self.results: dict[str, dict] = dict((previous or {}).get("results", {}))
+        # Merged from an earlier run: what succeeded there is kept, what failed or was skipped runs again.
+        self.done = {k for k, r in self.results.items() if "error" not in r and "skipped" not in r}
         self.meta = environment(s)
 
     def remaining(self) -> float:
@@ -167,6 +168,8 @@ class Sweep:
 
     def run(self, key: str, estimate_s: float, fn: Callable[[], dict]) -> dict | None:
         """fn() -> a result dict; None when it was skipped or failed."""
+        if key in self.done:
+            return self.results[key]
         left = self.remaining()
         if left < estimate_s:
             self.record(key, {"skipped": f"needs ~{estimate_s:.0f} s, {max(left, 0):.0f} s of the budget left"})
@@ -614,7 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, help="JSON file for the results (rewritten after every measurement)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run ({', '.join(PARTS)})")
-    parser.add_argument("--merge", action="store_true", help="keep the results already in --out (a second run)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the successful results already in --out and run only the missing ones")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting measurements after this many seconds (default 530; dry run 50)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: checks every code path")
@@ -624,12 +628,14 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = parts - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    budget = args.budget_s
     if args.dry_run:
-        s = dry_run_settings(args.budget_s or 50)
+        s = dry_run_settings(50 if budget is None else budget)
+        torch.set_num_threads(1)  # tiny tensors: more threads only spin, on a shared CPU above all
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA GPU: this sweep is for GPUs (use --dry-run to check it on the CPU)")
-        s = gpu_settings(args.budget_s or 530)
+        s = gpu_settings(530 if budget is None else budget)
         torch.set_float32_matmul_precision("high")
     if args.compile_backend:
         s.compile_backend = args.compile_backend

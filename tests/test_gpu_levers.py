@@ -221,9 +221,13 @@ def load_script(name: str):
 
 
 def test_gpu_speed_dry_run_levers(tmp_path):
-    """The first part alone (quick): the straightforward path and each cheap lever give a number."""
+    """The first part alone (quick): with no time budget every measurement is recorded as skipped; a
+    second run with --merge then gives the straightforward path and each cheap lever a number."""
     gpu_speed = load_script("gpu_speed")
-    doc = gpu_speed.main(["--dry-run", "--only", "levers", "--budget-s", "600"])
+    out = tmp_path / "levers.json"
+    doc = gpu_speed.main(["--dry-run", "--only", "levers", "--budget-s", "0", "--out", str(out)])
+    assert len(doc["results"]) == 8 and all("skipped" in r for r in doc["results"].values())
+    doc = gpu_speed.main(["--dry-run", "--only", "levers", "--budget-s", "600", "--out", str(out), "--merge"])
     timed = {k: r for k, r in doc["results"].items() if "tokens_per_s" in r}
     assert set(timed) == {"train/baseline", "train/padded", "train/fused_loss", "train/fused_adamw",
                           "train/sdpa_flash", "train/sdpa_math"}

@@ -12,7 +12,8 @@ first real token, so a batched row computes exactly what it would compute alone.
 run once (prefill), then one token per step reads the cache. `generate_uncached` is the plain
 full-recompute loop, kept as the reference the cached path is tested against.
 `optimize_for_decoding(model)` (what `gpt2lab sample` does) stores the weights in the layout a
-one-token step reads fastest on the device.
+one-token step reads fastest on the device. On a GPU, `generate(..., compile=True)` runs each step
+(`decode_one_token`, fixed shapes over a static cache) as one compiled CUDA graph (docs/gpu.md).
 """
 
 from __future__ import annotations

@@ -125,6 +125,9 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
             flops_per_token=model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train,
             peak_flops=_peak_flops(env.device, dtype),
         )
+        if start_step >= cfg.train.max_steps:
+            logger.print(f"already at step {start_step} of train.max_steps={cfg.train.max_steps}: nothing to train; "
+                         "raise --train.max_steps to continue")
         trainer = Trainer(module, optimizer, train_data, parts, start_step=start_step)
         if resume_state is not None:
             trainer.load_state_dict(resume_state)

@@ -417,7 +417,7 @@ def test_download_checks_sha_and_caches(server, tmp_path):
 def test_download_sha_mismatch_leaves_no_cache_entry(server, tmp_path):
     www, _ = server
     (www / "lambada_test.jsonl").write_bytes(b'{"text": "tampered with"}\n')
-    with pytest.raises(UserError, match="has sha256 .* but 4aa8d02c"):
+    with pytest.raises(UserError, match="has sha256 .*, expected 4aa8d02c"):
         fetch(lambada.LAMBADA_TEST)
     assert not (tmp_path / "cache" / "lambada_test.jsonl").exists()
     assert not [p for p in (tmp_path / "cache").iterdir()]  # no temporary file left either

@@ -42,8 +42,6 @@ import json
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
@@ -52,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
+from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -82,11 +81,6 @@ SOURCES = ("default", "shakespeare", "shakespeare_char", *HF_SOURCES)
 # ----------------------------------------------------------------------------- small helpers
 
 
-def cache_dir() -> Path:
-    """Where downloads are kept: $GPT2LAB_CACHE, else ~/.cache/gpt2lab."""
-    return Path(os.environ.get("GPT2LAB_CACHE") or Path.home() / ".cache" / "gpt2lab")
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -104,30 +98,6 @@ def check_min_tokens(tokens: int, block_size: int, what: str) -> None:
             f"{what} has {tokens} tokens, fewer than block_size+1={block_size + 1}; "
             "use a larger corpus or smaller block_size"
         )
-
-
-def download(url: str, dest: Path, sha256: str | None = None) -> Path:
-    """Download `url` to `dest` (atomically), checking its sha256 when given; one-line UserError on failure."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create cache folder {dest.parent} ({e.strerror}); set GPT2LAB_CACHE to a writable folder") from None
-    tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise UserError(f"could not download {url} ({reason}); download it yourself and pass --input PATH") from None
-    digest = _sha256(data)
-    if sha256 is not None and digest != sha256:
-        raise UserError(
-            f"{url} has sha256 {digest}, expected {sha256}; the download is damaged or the file changed: "
-            "download it yourself and pass --input PATH"
-        )
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-    return dest
 
 
 def _read_text(path: Path) -> str:
@@ -149,7 +119,7 @@ def shakespeare_text(input_path: str | os.PathLike | None = None, url: str | Non
     url = url or os.environ.get("GPT2LAB_SHAKESPEARE_URL") or SHAKESPEARE_URL
     cached = cache_dir() / "tinyshakespeare.txt"
     if not (cached.is_file() and _sha256(cached.read_bytes()) == SHAKESPEARE_SHA256):
-        download(url, cached, SHAKESPEARE_SHA256)
+        download(url, cached, sha256=SHAKESPEARE_SHA256, fix="download it yourself and pass --input PATH")
     return _read_text(cached)
 
 

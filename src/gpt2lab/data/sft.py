@@ -31,8 +31,6 @@ import os
 import re
 import string
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
 
 IGNORE_INDEX = -100
@@ -370,30 +369,15 @@ def load_records(path: str | Path, template: str, skip_invalid: bool = False,
 # Alpaca download
 
 
-def cache_dir() -> Path:
-    """gpt2lab's download cache: $GPT2LAB_CACHE or ~/.cache/gpt2lab."""
-    return Path(os.environ.get("GPT2LAB_CACHE") or Path.home() / ".cache" / "gpt2lab")
-
-
 def fetch_alpaca(url: str | None = None, cache: Path | None = None, log: Any = print) -> Path:
     """The 52K Alpaca file, downloaded once into the cache (URL overridable by $GPT2LAB_ALPACA_URL)."""
     url = url or os.environ.get("GPT2LAB_ALPACA_URL") or ALPACA_URL
     target = (cache or cache_dir()) / "alpaca" / ALPACA_FILE
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log(f"downloading {url} -> {target}")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, target)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-        raise UserError(f"could not download Alpaca data from {url} ({reason}); download it elsewhere and "
-                        "pass --data path/to/alpaca_data.json") from None
+    download(url, target, what="Alpaca data from ", timeout=30,
+             fix="download it elsewhere and pass --data path/to/alpaca_data.json")
     return target
 
 

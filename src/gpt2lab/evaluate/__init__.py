@@ -15,12 +15,8 @@ Shared here, so the three tasks score, download and split work the same way:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from gpt2lab.download import cache_dir, download, sha256_file
 from gpt2lab.errors import UserError
 from gpt2lab.parallel import all_reduce, unwrap
 
-CACHE_ENV = "GPT2LAB_CACHE"
 MIRROR_ENV = "GPT2LAB_DATA_MIRROR"
 SHARED_DATA_ENV = "GPT2LAB_SHARED_DATA"
 
@@ -45,12 +41,6 @@ def shared_data_dir() -> Path | None:
     env = os.environ.get(SHARED_DATA_ENV)
     path = Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data"
     return path if path.is_dir() else None
-
-
-def cache_dir() -> Path:
-    """Where downloaded data files are kept: $GPT2LAB_CACHE, default ~/.cache/gpt2lab."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2lab"
 
 
 @dataclass(frozen=True)
@@ -68,14 +58,6 @@ class RemoteFile:
         """The URL to fetch: `$GPT2LAB_DATA_MIRROR/<name>` when a mirror is set, else the canonical URL."""
         mirror = os.environ.get(MIRROR_ENV)
         return f"{mirror.rstrip('/')}/{self.name}" if mirror else self.url
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cached_path(remote: RemoteFile) -> Path | None:
@@ -98,34 +80,8 @@ def fetch(remote: RemoteFile, validate: Callable[[Path], None] | None = None, ti
                 f"cached {dest} does not have sha256 {remote.sha256}; delete it to download it again"
             )
         return dest
-    url = remote.resolved_url()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.name}.", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        out.write(chunk)
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise UserError(
-                    f"could not download {url} ({reason}); connect to the internet, set {MIRROR_ENV} "
-                    f"to a mirror, or pass --data PATH to a local copy"
-                ) from None
-        if remote.sha256:
-            got = sha256_file(tmp)
-            if got != remote.sha256:
-                raise UserError(
-                    f"{url} has sha256 {got} but {remote.sha256} was expected: the download is damaged "
-                    f"or the file changed upstream; retry, or pass --data PATH to a verified copy"
-                )
-        if validate is not None:
-            validate(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    download(remote.resolved_url(), dest, sha256=remote.sha256, validate=validate, timeout=timeout,
+             fix=f"connect to the internet, set {MIRROR_ENV} to a mirror, or pass --data PATH to a local copy")
     return dest
 
 

@@ -303,13 +303,13 @@ def test_bad_input_is_one_line_user_error(case, data_dir, tmp_path):
 
 
 QUICKSTART_STEPS = 250
-QUICKSTART_BOUND = 2.35
+QUICKSTART_BOUND = 2.2
 
 
 def test_quickstart_shortened_reaches_val_loss_bound(data_dir, tmp_path, capsys):
     """The quickstart config cut to QUICKSTART_STEPS of its 3600 steps (its cosine schedule compressed to
     match) gets below QUICKSTART_BOUND nats/char on the val split (uniform guessing: ln(103) = 4.63;
-    measured 2.25 here). Then `gpt2lab sample` continues a prompt from the run directory."""
+    measured 2.10 on the project machine). Then `gpt2lab sample` continues a prompt from the run directory."""
     run = tmp_path / "q"
     cfg = load_config("quickstart", {"data.dir": str(data_dir), "checkpoint.out_dir": str(run),
                                      "train.max_steps": QUICKSTART_STEPS, "train.sample_tokens": 50,

@@ -355,8 +355,8 @@ def field_docs(cls: type) -> dict[str, str]:
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
                 docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
-    if cls is ModelConfig:
-        docs.update({k: v for k, v in field_docs(GPTConfig).items()})
+    if cls is ModelConfig:  # made by make_dataclass: no source of its own
+        docs.update(field_docs(GPTConfig))
         docs.update(field_docs(_ModelInit))
     return docs
 

@@ -11,7 +11,6 @@ from gpt2lab.generate import (
     filter_logits,
     generate,
     generate_uncached,
-    max_new_tokens_that_fit,
     optimize_for_decoding,
     stream,
     stream_text,
@@ -121,13 +120,21 @@ def test_sliding_window_cache_is_bounded_by_the_window():
     assert full.nbytes() == 2 * 2 * 3 * 2 * 1000 * 8 * 4
 
 
-def test_learned_positions_limit():
+def test_learned_positions_slide_past_block_size():
+    # A learned-position model sees at most block_size tokens: the context slides (keeping half a
+    # block) and the cached path equals the recomputing reference token for token.
     model = tiny_model(block_size=16)
-    with pytest.raises(UserError, match="block_size is 16; lower max_new_tokens to 7"):
-        generate(model, prompts_of([10]), max_new_tokens=8, temperature=0)
-    assert len(generate(model, prompts_of([10]), max_new_tokens=7, temperature=0)[0]) == 7
-    assert max_new_tokens_that_fit(model, 10, 100) == 7
-    assert max_new_tokens_that_fit(model, 20, 100) == 0
+    for prompt_len in (10, 16, 30):  # a prompt longer than the block keeps its last 16 tokens
+        prompts = prompts_of([prompt_len])
+        cached = generate(model, prompts, max_new_tokens=40, temperature=0)
+        assert len(cached[0]) == 40
+        assert cached == generate_uncached(model, prompts, max_new_tokens=40, temperature=0)
+        assert cached == generate(model, prompts, max_new_tokens=40, temperature=0, static_cache=True)
+    # What follows a slide is exactly a fresh generation from the last half block of the text.
+    prompt = prompts_of([10])[0]
+    text = prompt + generate(model, [prompt], max_new_tokens=7, temperature=0)[0]  # fills the 16 positions
+    assert generate(model, [prompt], max_new_tokens=12, temperature=0)[0][7:] == \
+        generate(model, [text[-8:]], max_new_tokens=5, temperature=0)[0]
     with pytest.raises(UserError, match="empty"):
         generate(model, [[]], max_new_tokens=3)
 

@@ -164,28 +164,11 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[t
     return idx.to(device), pos.to(device)
 
 
-def _check_prompts(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+def _check_prompts(model: GPT, prompts: Sequence[Sequence[int]]) -> None:
     if not prompts:
         raise UserError("no prompts given")
     if any(len(p) == 0 for p in prompts):
         raise UserError("a prompt is empty; start it with at least one token (e.g. the tokenizer's eot_id)")
-    config = model.config
-    longest = max(len(p) for p in prompts)
-    if config.pos_emb == "learned" and longest + max_new_tokens - 1 > config.block_size:
-        room = config.block_size - longest + 1
-        fix = f"lower max_new_tokens to {room}" if room >= 1 else f"shorten the prompt to {config.block_size} tokens"
-        raise UserError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
-            f"{longest + max_new_tokens - 1} positions but the model's block_size is {config.block_size}; {fix}"
-        )
-
-
-def max_new_tokens_that_fit(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
-    """`max_new_tokens` clipped so a prompt of `prompt_len` tokens stays within a learned-position
-    model's block_size (unchanged for RoPE models, which extrapolate); 0 if the prompt alone is too long."""
-    if model.config.pos_emb != "learned":
-        return max_new_tokens
-    return max(0, min(max_new_tokens, model.config.block_size - prompt_len + 1))
 
 
 @torch.inference_mode()
@@ -213,37 +196,61 @@ def stream(
     and are not emitted; a row also ends once its generated text contains one of `stop_strings`
     (the completing id is emitted). Ends when every row has stopped or after max_new_tokens steps.
     The model is put in eval mode while generating (dropout off) and restored afterwards.
+    A learned-position model sees at most block_size tokens: longer prompts keep their last
+    block_size tokens, and when the context is full it slides: the cache is refilled from the last
+    half block of each row's text and decoding goes on (nanoGPT crops its context the same way).
     static_cache: decode with fixed-shape steps (`decode_one_token` over a cache in static mode; same
     tokens). compile: also torch.compile those steps with CUDA graphs (`compiled_decode_one_token`),
     the fast path on a GPU; the first call of a cache size compiles (tens of seconds).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    _check_prompts(model, prompts, max_new_tokens)
+    _check_prompts(model, prompts)
     device = model.transformer.wte.weight.device
     generator = _make_generator(seed, generator, device)
     stopper = _Stopper(len(prompts), _default_stop_ids(stop_ids, tokenizer), stop_strings, tokenizer)
-    idx, pos = _left_pad(prompts, device)
-    B, T = idx.shape
+    learned = model.config.pos_emb == "learned"
+    block_size = model.config.block_size
+    rows = [list(p)[-block_size:] if learned else list(p) for p in prompts]  # each row's text so far
+    T = max(len(r) for r in rows)
     # The last sampled id is never fed back, hence the - 1.
-    cache = model.new_cache(B, T + max_new_tokens - 1)
-    next_pos = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1)
+    cache_len = T + max_new_tokens - 1
+    cache = model.new_cache(len(rows), min(cache_len, block_size) if learned else cache_len)
+    decode = compiled_decode_one_token() if compile else decode_one_token
     was_training = model.training
     model.eval()
-    try:
-        logits, _ = model(idx, pos=pos, cache=cache, last_only=True)  # prefill: (B, 1, V)
-        logits = logits[:, -1]
+
+    def prefill(contexts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        cache.reset()
+        idx, pos = _left_pad(contexts, device)
+        logits, _ = model(idx, pos=pos, cache=cache, last_only=True)  # (B, 1, V)
         if static_cache or compile:
             cache.start_static_decoding()
-        decode = compiled_decode_one_token() if compile else decode_one_token
+        next_pos = torch.tensor([[len(c)] for c in contexts], device=device)  # (B, 1)
+        return logits[:, -1], next_pos, idx.shape[1]
+
+    try:
+        logits, next_pos, filled = prefill(rows)  # filled: cache columns in use
         for step in range(max_new_tokens):
             tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            yield stopper.update(tokens.tolist())
+            new = tokens.tolist()
+            yield stopper.update(new)
             if all(stopper.done) or step == max_new_tokens - 1:
                 return
+            for row, t in zip(rows, new):
+                row.append(t)
+            if filled == cache.max_len:  # only learned positions get here: slide the context
+                logits, next_pos, filled = prefill([r[-slide_keep(model):] for r in rows])
+                continue
             logits = decode(model, cache, tokens[:, None], next_pos)  # (B, V)
             next_pos += 1
+            filled += 1
     finally:
         model.train(was_training)
+
+
+def slide_keep(model: GPT) -> int:
+    """Tokens of context kept when a learned-position model's full context slides (half a block)."""
+    return max(1, model.config.block_size // 2)
 
 
 def decode_one_token(model: GPT, cache: KVCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -288,14 +295,17 @@ def generate_uncached(
     seed: int | None = None,
     stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Reference generation: each prompt alone, the whole sequence recomputed every step, no cache."""
+    """Reference generation: each prompt alone, the whole context recomputed every step, no cache
+    (sliding the context of a learned-position model exactly as `stream` does)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    _check_prompts(model, prompts, max_new_tokens)
+    _check_prompts(model, prompts)
+    learned = model.config.pos_emb == "learned"
     device = model.transformer.wte.weight.device
     generator = _make_generator(seed, None, device)
     out = []
     for prompt in prompts:
-        seq = torch.tensor([list(prompt)], device=device)  # (1, T)
+        seq = torch.tensor([list(prompt)[-model.config.block_size:] if learned else list(prompt)],
+                           device=device)  # (1, T)
         new: list[int] = []
         for _ in range(max_new_tokens):
             logits, _ = model(seq)
@@ -304,6 +314,8 @@ def generate_uncached(
                 break
             new.append(int(t))
             seq = torch.cat((seq, t[:, None]), dim=1)
+            if learned and seq.shape[1] > model.config.block_size:
+                seq = seq[:, -slide_keep(model):]
         out.append(new)
     return out
 

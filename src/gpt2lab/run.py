@@ -338,29 +338,16 @@ def _sampler(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer):
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: int | None, seed: int) -> str:
-    """Prompt + a sampled continuation (KV-cached generation, reproducible for a seed).
-
-    A learned-position model sees at most block_size tokens, so a longer sample is drawn in pieces,
-    each conditioned on the last half block of the text so far (as nanoGPT crops its context)."""
-    from gpt2lab.generate import generate, max_new_tokens_that_fit
+    """Prompt + a sampled continuation (KV-cached generation, reproducible for a seed; the context of a
+    learned-position model slides past block_size as `gpt2lab.generate.stream` describes)."""
+    from gpt2lab.generate import generate
 
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # generation needs at least one token to condition on
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
-    keep = max(1, model.config.block_size // 2)
     top_k = min(top_k, model.config.vocab_size) if top_k else None
-    new: list[int] = []
-    for piece in range(max_new_tokens):  # bounded; ends far sooner
-        context = (ids + new)[-keep:] if piece else ids[-model.config.block_size:]
-        want = max_new_tokens - len(new)
-        n = max_new_tokens_that_fit(model, len(context), want)
-        if want == 0 or n == 0:
-            break
-        got = generate(model, [context], max_new_tokens=n, temperature=temperature, top_k=top_k,
-                       seed=seed + piece, tokenizer=tokenizer)[0]
-        new += got
-        if len(got) < n:  # the model ended the text (end-of-text token)
-            break
+    new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   tokenizer=tokenizer)[0]
     return prompt + tokenizer.decode(new)
 
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2lab.data.sft import check_template, encode_chat_prompt
-    from gpt2lab.generate import max_new_tokens_that_fit, optimize_for_decoding, stream_text
+    from gpt2lab.generate import optimize_for_decoding, stream_text
     from gpt2lab.lora import is_adapter, load_adapted_model
 
     check_template(args.template)
@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         turns = history[-args.history:] if args.history else []
         ids = encode_chat_prompt(turns, message, tokenizer, args.template, max_tokens=block_size - answer_room + 1)
         pieces = []
-        for piece in stream_text(model, tokenizer, ids, max_new_tokens=max_new_tokens_that_fit(model, len(ids),
-                                 args.max_new_tokens), temperature=args.temperature, top_k=args.top_k,
+        for piece in stream_text(model, tokenizer, ids, max_new_tokens=answer_room, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, generator=generator, stop_strings=TURN_STARTS.get(args.template, ())):
             pieces.append(piece)
             print(piece, end="", flush=True)

@@ -70,6 +70,11 @@ def _losses(run: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in _train_events(run)}
 
 
+def _final_val_loss(run: Path) -> float:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [e["val_loss"] for e in events if e["event"] == "eval" and e["step"] == STEPS][-1]
+
+
 def _weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
 
@@ -83,6 +88,8 @@ def _assert_same_run(run: Path, ref: Path, steps: range = range(1, STEPS + 1)) -
     assert w.keys() == ref_w.keys()
     diff = max((w[k] - ref_w[k]).abs().max().item() for k in w)
     assert diff <= TOL, f"final weights differ by {diff}"
+    # The validation set is the same whatever the world size (regression: it grew with the ranks).
+    assert abs(_final_val_loss(run) - _final_val_loss(ref)) <= TOL
 
 
 @pytest.fixture(scope="module")

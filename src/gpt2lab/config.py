@@ -170,7 +170,8 @@ class TrainConfig:
     eval_every: int = 250
     """Evaluate the validation loss every this many steps and at the end (0 = only at the end)."""
     eval_batches: int = 20
-    """Validation batches (of micro_batch_size rows per rank) per evaluation; always the same batches."""
+    """Validation micro-batches (of micro_batch_size rows) per evaluation, in total over all ranks, so the
+    validation set is the same whatever the world size (rounded up to a multiple of the world size)."""
     sample_every: int = 0
     """Print a sample every this many steps (0 = only the final sample)."""
     sample_prompt: str = "\n"

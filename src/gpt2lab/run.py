@@ -290,6 +290,9 @@ def set_dropout(model: GPT, p: float) -> None:
 def build_data(cfg: RunConfig, tokenizer: Tokenizer, block_size: int, global_rows: int, env: Any):
     """(train data with get_batch(step), a function returning the fixed validation batches or None)."""
     mbs, n_eval = cfg.train.micro_batch_size, cfg.train.eval_batches
+    # The validation set is eval_batches micro-batches in all, whatever the world size: ranks split
+    # each global batch of mbs * world rows, so there are eval_batches / world of them (rounded up).
+    n_eval = -(-n_eval // env.world_size)
     if cfg.data.format == "sft":
         from gpt2lab.data.sft import build_sft_data
 

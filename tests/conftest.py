@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,3 +18,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} not found (set GPT2LAB_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models spend their time in op overhead, which extra OpenMP threads only add to on a shared CPU.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,13 +22,7 @@ V = 64
 CHARS = "".join(chr(c) for c in range(ord("0"), ord("0") + V))  # 64 distinct sorted characters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models spend their time in op overhead, which extra threads only add to on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> GPT:

@@ -18,14 +18,7 @@ from gpt2lab.loading import load_config, load_model  # noqa: E402
 from gpt2lab.model import GPT, GPTConfig  # noqa: E402
 from gpt2lab.tokenizer import get_tokenizer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models spend their time in op overhead, which extra threads only add to on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_model(vocab_size: int = 300, n_embd: int = 32, seed: int = 0):

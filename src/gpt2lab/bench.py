@@ -18,6 +18,7 @@ on the CPU, and on GPUs not in the table, the peak measured by a short large-mat
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import statistics
@@ -225,7 +226,7 @@ def measure_interleaved(runs: dict[str, Callable[[], float]], repeats: int = 5, 
 # Models
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """The calls the benchmarks make, so gpt2lab's and transformers' models run the same loops."""
 
     model: nn.Module
@@ -234,17 +235,17 @@ class ModelAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @abc.abstractmethod
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of idx (B, T) against targets (B, T)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def prefill(self, idx: torch.Tensor, max_len: int, cache_dtype: torch.dtype) -> tuple[torch.Tensor, object]:
         """Run the prompt idx (B, T) into a fresh KV cache for `max_len` tokens: (last logits (B, V), state)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, token: torch.Tensor, state: object, position: int) -> tuple[torch.Tensor, object]:
         """One token (B, 1) at `position` through the cache: (logits (B, V), state)."""
-        raise NotImplementedError
 
 
 class GPTAdapter(ModelAdapter):

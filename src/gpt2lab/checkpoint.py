@@ -154,20 +154,26 @@ def find_latest(path: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def read_versioned_json(file: Path, fmt: str, version: int, what: str) -> dict:
+    """A JSON config that names its `format` and `version` (checkpoint and adapter configs), validated;
+    `what` says what the directory should be ("gpt2lab checkpoint", "LoRA adapter")."""
+    if not file.is_file():
+        raise UserError(f"{file.parent} is not a {what}: {file.name} is missing")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    found = config.get("format") if isinstance(config, dict) else None
+    if found != fmt:
+        raise UserError(f"{file} is not a {what} config (format={found!r})")
+    if config.get("version", 0) > version:
+        raise UserError(f"{file} has {what} version {config['version']}; this gpt2lab reads up to {version}")
+    return config
+
+
 def read_config(path: str | Path) -> dict:
     """The config.json of a checkpoint directory, validated."""
-    p = Path(path) / CONFIG_FILE
-    if not p.is_file():
-        raise UserError(f"{path} is not a gpt2lab checkpoint: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if config.get("format") != FORMAT:
-        raise UserError(f"{p} is not a gpt2lab checkpoint config (format={config.get('format')!r})")
-    if config.get("version", 0) > VERSION:
-        raise UserError(f"{p} has checkpoint version {config['version']}; this gpt2lab reads up to {VERSION}")
-    return config
+    return read_versioned_json(Path(path) / CONFIG_FILE, FORMAT, VERSION, "gpt2lab checkpoint")
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

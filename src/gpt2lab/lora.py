@@ -193,18 +193,9 @@ def is_adapter(path: str | Path) -> bool:
 
 def read_adapter_config(path: str | Path) -> dict:
     """The adapter_config.json of an adapter directory, validated."""
-    f = Path(path) / ADAPTER_CONFIG
-    if not f.is_file():
-        raise UserError(f"{path} is not a LoRA adapter: {ADAPTER_CONFIG} is missing")
-    try:
-        config = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{f} is not a gpt2lab LoRA adapter config (format={_get(config, 'format')!r})")
-    if config.get("version", 0) > ADAPTER_VERSION:
-        raise UserError(f"{f} has adapter version {config['version']}; this gpt2lab reads up to {ADAPTER_VERSION}")
-    return config
+    from gpt2lab.checkpoint import read_versioned_json
+
+    return read_versioned_json(Path(path) / ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_VERSION, "gpt2lab LoRA adapter")
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> dict:

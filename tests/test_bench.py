@@ -18,13 +18,7 @@ TINY = ["--init", "random:gpt2-tiny", "--device", "cpu", "--steps", "1", "--repe
 PHASES = ("train", "prefill", "decode_b1", "decode_b8")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_json_has_every_figure(capsys):

@@ -191,8 +191,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything but the model and optimizer needed to continue exactly (loadable weights_only)."""
         return {
-            "step": self.step,
-            "schedule": {"step": self.step},
+            "step": self.step,  # the LR schedule is a pure function of it
             "rng": rng_state(),
             "data": self.train_data.state_dict(),
             "scaler": self.p.scaler.state_dict(),

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from gpt2lab.generate import generate, optimize_for_decoding
+from gpt2lab.generate import optimize_for_decoding
+from gpt2lab.sampling import generate
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.model import GPT, GPTConfig
 

@@ -373,7 +373,7 @@ def config_name(config: GPTConfig) -> str:
 
 def curve_tokens(vocab_size: int) -> torch.Tensor:
     """Python's language reference (ships with Python) in GPT-2 BPE: ~139k tokens, no network needed."""
-    from gpt2lab.data.prepare import default_corpus_text
+    from gpt2lab.data.sources import default_corpus_text
     from gpt2lab.tokenizer import get_tokenizer
 
     ids = torch.tensor(get_tokenizer("gpt2").encode(default_corpus_text()), dtype=torch.long)
@@ -440,7 +440,7 @@ def compare_curves(s: Settings, fastest: Lever) -> dict:
 
 def measure_decode(s: Settings, batch: int, impl: str) -> dict:
     """Greedy generate() tokens/s (prefill of a s.prompt_len prompt included) at `batch` rows."""
-    from gpt2lab.generate import generate
+    from gpt2lab.sampling import generate
 
     torch.manual_seed(0)
     with torch.device(s.device):
@@ -490,7 +490,7 @@ def use_compile_backend(backend: str) -> None:
     """Make generate(compile=True) use `backend` (the dry run cannot afford inductor on the CPU)."""
     if backend == "inductor":
         return
-    import gpt2lab.generate as gen
+    import gpt2lab.sampling as gen
 
     compiled = torch.compile(gen.decode_one_token, backend=backend, fullgraph=True)
     gen.compiled_decode_one_token = lambda: compiled

@@ -6,6 +6,8 @@ import http.server
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -14,16 +16,17 @@ import torch
 
 from gpt2lab.cli import main
 from gpt2lab.data import prepare as prep
+from gpt2lab.data import sources
 from gpt2lab.data.loader import TokenLoader, iter_eval_batches
 from gpt2lab.data.prepare import (
     check_min_tokens,
-    hf_documents,
     load_meta,
     prepare,
     prepare_documents,
     prepare_tokens,
 )
 from gpt2lab.data.shards import open_shard, read_header, write_shard
+from gpt2lab.data.sources import Corpus, Source, hf_documents
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import EOT_TEXT, CharTokenizer, get_tokenizer
 
@@ -241,7 +244,7 @@ def test_prepare_jsonl_splits_documents(tmp_path):
     val_ids = [i for i in range(120) if (i + 1) % 10 == 0]  # every 10th document
     assert tok.decode(all_tokens(meta, "val")) == "".join(EOT_TEXT + docs[i] for i in val_ids)
     assert tok.decode(all_tokens(meta, "train")) == "".join(EOT_TEXT + d for i, d in enumerate(docs) if i not in val_ids)
-    with pytest.raises(UserError, match="docs.jsonl line 1 has no string field 'text'; pass --text-field"):
+    with pytest.raises(UserError, match="docs.jsonl:1: missing 'text'; pass --text-field NAME"):
         prepare(str(path), tmp_path / "out2", progress=False)
 
 
@@ -347,7 +350,7 @@ def test_shakespeare_char_nanogpt_split(shared_data, tmp_path):
     assert code == 0
     meta = load_meta(out)
     assert meta["splits"]["train"]["tokens"] == 1_003_854 and meta["splits"]["val"]["tokens"] == 111_540
-    assert meta["vocab_size"] == 65 and meta["source"]["sha256"] == prep.SHAKESPEARE_SHA256
+    assert meta["vocab_size"] == 65 and meta["source"]["sha256"] == sources.SHAKESPEARE_SHA256
 
 
 def test_default_corpus_offline(tmp_path):
@@ -382,14 +385,14 @@ def test_shakespeare_download_and_cache(http_dir, tmp_path, monkeypatch):
     www, base = http_dir
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
     (www / "input.txt").write_text(text)
-    monkeypatch.setattr(prep, "SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GPT2LAB_SHAKESPEARE_URL", f"{base}/input.txt")
     meta = prepare("shakespeare_char", tmp_path / "out", progress=False)
     assert meta["splits"]["train"]["tokens"] == int(len(text) * 0.9)
     assert (tmp_path / "cache" / "tinyshakespeare.txt").read_text() == text
     (www / "input.txt").unlink()  # the second time comes from the cache
-    assert prep.shakespeare_text() == text
+    assert sources.shakespeare_text() == text
 
 
 def test_shakespeare_download_errors(http_dir, tmp_path, monkeypatch):
@@ -397,13 +400,53 @@ def test_shakespeare_download_errors(http_dir, tmp_path, monkeypatch):
     (www / "input.txt").write_text("not shakespeare")
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match=r"input.txt has sha256 [0-9a-f]{64}, expected 86c4e6aa.*pass --input PATH"):
-        prep.shakespeare_text(url=f"{base}/input.txt")
+        sources.shakespeare_text(url=f"{base}/input.txt")
     assert not (tmp_path / "cache" / "tinyshakespeare.txt").exists()
     with socket.socket() as s:  # a port nobody listens on: the offline case
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(UserError, match=r"could not download http://127.0.0.1:\d+/x \(.*\); download it yourself and pass --input PATH"):
-        prep.shakespeare_text(url=f"http://127.0.0.1:{port}/x")
+        sources.shakespeare_text(url=f"http://127.0.0.1:{port}/x")
+
+
+# ----------------------------------------------------------------------------- prepare: the source registry
+
+
+def test_a_new_source_is_one_registry_entry(tmp_path, monkeypatch, capsys):
+    docs = make_docs(100)
+    entry = Source("numbers", "one hundred test documents", lambda spec, args: Corpus(lambda: iter(docs), 100,
+                   {"name": spec}), tokenizer="char", val_fraction=0.2, tokens={None: 4321})
+    monkeypatch.setitem(sources.SOURCES, "numbers", entry)
+    meta = prepare("numbers", tmp_path / "out", progress=False)
+    tok = get_tokenizer(meta["tokenizer"])
+    val_ids = [i for i in range(100) if (i + 1) % 5 == 0]  # the entry's val_fraction, evenly spread
+    assert meta["tokenizer"]["kind"] == "char" and meta["source"] == {"name": "numbers"}
+    assert tok.decode(all_tokens(meta, "val")) == "".join(docs[i] + "\n\n" for i in val_ids)
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    help_text = capsys.readouterr().out
+    assert "  numbers           one hundred test documents\n" in help_text
+    assert "tokenizer char, val 0.2, ~4.32k tokens" in help_text
+
+
+def test_prepare_help_imports_neither_torch_nor_numpy():
+    code = ("import sys, gpt2lab.cli, gpt2lab.commands.prepare as p, argparse; p.add_arguments(argparse.ArgumentParser()); "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("source, kwargs, message", [
+    ("default", {"subset": "x"}, "--subset applies to fineweb-edu, hf:NAME, not default; drop --subset"),
+    ("shakespeare", {"text_field": "body"}, "--text-field applies to openwebtext, fineweb-edu, hf:NAME, PATH, not "
+                                            "shakespeare"),
+    ("hf:some/dataset", {"input_path": "x.txt"}, "--input applies to shakespeare, shakespeare_char, not hf:NAME"),
+    ("openwebtext", {"tokenizer": "char"}, "openwebtext is streamed: the char tokenizer needs a local corpus"),
+])
+def test_source_arguments_are_checked_against_the_entry(tmp_path, source, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        prepare(source, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- prepare: errors

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2lab import parallel
-from gpt2lab.checkpoint import clean_state_dict
+from gpt2lab import checkpoint, parallel
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import clean_state_dict
 from gpt2lab.model import GPT, GPTConfig
 
 TOL = 1e-5
@@ -124,7 +124,7 @@ def test_fsdp_two_ranks_equals_one_process_and_resumes_on_one(ws):
     _run(_torchrun("--standalone", "--nproc_per_node=2", *_train_args(ws, out, "--parallel.strategy", "fsdp")))
     _assert_same_run(out, ws / "ref")
     ckpt = out / "checkpoints" / "step_000003"
-    assert (ckpt / parallel.DCP_DIR / ".metadata").is_file()  # sharded model + optimizer
+    assert (ckpt / checkpoint.DCP_DIR / ".metadata").is_file()  # sharded model + optimizer
     assert (ckpt / "model.safetensors").is_file()  # consolidated, for sample / eval / convert
     # Saved by 2 ranks, resumed by one plain process (no process group): DCP reshards on load.
     resumed = ws / "fsdp_to_1"
@@ -257,7 +257,7 @@ def test_one_process_is_a_no_op(monkeypatch):
     assert parallel.unwrap(model) is model
     t = torch.tensor([3.0])
     assert parallel.all_reduce(t, "mean") is t and t.item() == 3.0
-    state = parallel.model_state_for_save(model)
+    state = checkpoint.model_state_for_save(model)
     assert "lm_head.weight" not in state and state.keys() == clean_state_dict(model.state_dict()).keys()
 
 

@@ -22,15 +22,9 @@ import torch.nn.functional as F
 
 from gpt2lab.cli import main
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import (
-    RemoteFile,
-    encode_pair,
-    fetch,
-    hellaswag,
-    lambada,
-    perplexity,
-    score_continuations,
-)
+from gpt2lab.evaluate import RemoteFile, fetch, hellaswag, lambada, perplexity
+from gpt2lab.evaluate.scoring import encode_pair, score_continuations
+from gpt2lab.evaluate.training import TaskEvaluator
 from gpt2lab.loading import load_model
 from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
 
@@ -350,24 +344,23 @@ def test_in_training_eval(models, tmp_path, monkeypatch):
     (tmp_path / "shared" / hellaswag.SHARED_FILE).write_text(TEXT_FORMAT)
     monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(tmp_path / "shared"))
     ours.train()
-    got = hellaswag.in_training_eval(ours, TOK, limit=2)
+    got = TaskEvaluator([hellaswag.TASK], 2, ours, TOK)()
     assert ours.training  # mode restored
     expected = hellaswag.evaluate(ours.eval(), TOK, hellaswag.load_tasks(tmp_path / "shared" / hellaswag.SHARED_FILE)[:2])
     assert got == {"hellaswag/acc": expected["acc"], "hellaswag/acc_norm": expected["acc_norm"]}
     # no data anywhere: {} and one warning, never an exception
     monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setattr(hellaswag, "_warned", False)
+    evaluator = TaskEvaluator([hellaswag.TASK], 2, ours, TOK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert hellaswag.in_training_eval(ours, TOK, limit=2) == {}
-        assert hellaswag.in_training_eval(ours, TOK, limit=2) == {}
-    assert len(caught) == 1 and "HellaSwag skipped" in str(caught[0].message)
+        assert evaluator() == {}
+        assert evaluator() == {}
+    assert len(caught) == 1 and "hellaswag skipped during training: no data" in str(caught[0].message)
     # a tokenizer that cannot encode the data (a character model): {} and a warning, not an exception
     monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(tmp_path / "shared"))
-    monkeypatch.setattr(hellaswag, "_warned", False)
-    with pytest.warns(UserWarning, match="HellaSwag skipped: character"):
-        assert hellaswag.in_training_eval(ours, CharTokenizer.from_text("abc"), limit=2) == {}
+    with pytest.warns(UserWarning, match="hellaswag skipped during training: character"):
+        assert TaskEvaluator([hellaswag.TASK], 2, ours, CharTokenizer.from_text("abc"))() == {}
     ours.eval()
 
 

@@ -23,6 +23,7 @@ from gpt2lab import cli
 from gpt2lab.checkpoint import load_checkpoint, save_checkpoint
 from gpt2lab.config import load_config
 from gpt2lab.data.sft import build_sft_data
+from gpt2lab.loading import load_model
 from gpt2lab.lora import load_adapter, read_adapter_config
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.run import train
@@ -138,7 +139,7 @@ def test_lora_run_outputs_agree(work, lora_run):
     reference = with_adapter.eval()(idx)[0]
     assert cli.main(["merge-lora", "--adapter", str(adapter), "--out", str(work / "merged_cli")]) == 0
     for path in (lora_run / "merged", work / "merged_cli", lora_run):
-        model, _ = load_checkpoint(path)
+        model, _ = load_model(str(path))
         assert (model.eval()(idx)[0] - reference).abs().max() <= 1e-5, path
 
 
@@ -203,8 +204,8 @@ def test_finetune_data_alpaca_offline_is_one_line(work, tmp_path, monkeypatch, c
 
 def test_sample_instruct_answers_with_the_template(full_run, capsys):
     from gpt2lab.data.sft import render_prompt
-    from gpt2lab.generate import generate
     from gpt2lab.loading import load_model
+    from gpt2lab.sampling import generate
 
     args = ["sample", "--init", str(full_run), "--instruct", "Name a primary color.", "--max-new-tokens", "8",
             "--temperature", "0", "--device", "cpu"]

@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from gpt2lab.errors import UserError
-from gpt2lab.generate import (
-    filter_logits,
-    generate,
-    generate_uncached,
-    optimize_for_decoding,
-    stream,
-    stream_text,
-)
+from gpt2lab.generate import optimize_for_decoding, stream_text
 from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.sampling import filter_logits, generate, generate_uncached, stream
 from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
 
 V = 64
@@ -258,3 +252,41 @@ def test_cli_sample_prompt_file(tmp_path, capsys):
     assert capsys.readouterr().out == first  # same seed, same samples
     assert main(["sample", "--init", "random:gpt2-tiny", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# nanoGPT's interface on the model: predict and generate
+
+
+@pytest.mark.parametrize("pos_emb, n_kv_head", [("learned", 4), ("learned", 2), ("rope", 4), ("rope", 2)])
+def test_model_generate_equals_the_generator(pos_emb, n_kv_head):
+    model = tiny_model(pos_emb=pos_emb, n_kv_head=n_kv_head)
+    idx = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(0))
+    out = model.generate(idx, 12, temperature=0)
+    assert out.shape == (3, 17) and torch.equal(out[:, :5], idx)
+    assert out[:, 5:].tolist() == generate(model, idx.tolist(), max_new_tokens=12, temperature=0, stop_ids=())
+    sampled = model.generate(idx, 12, temperature=0.9, top_k=20, top_p=0.95, seed=3)
+    expected = generate(model, idx.tolist(), max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95, seed=3,
+                        stop_ids=())
+    assert sampled[:, 5:].tolist() == expected
+
+
+def test_model_generate_pads_a_stopped_row_with_its_stop_id():
+    model = tiny_model()
+    idx = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(1))
+    free = model.generate(idx, 10, temperature=0)
+    stop = int(free[0, 6])  # the third new token of row 0 becomes a stop id
+    out = model.generate(idx, 10, temperature=0, stop_ids=(stop,))
+    row = out[0, 4:].tolist()
+    first = row.index(stop)
+    assert row[:first] == free[0, 4:4 + first].tolist() and set(row[first:]) == {stop}
+
+
+def test_predict_equals_forward_logits():
+    model = tiny_model()
+    idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
+    logits = model(idx)[0]
+    assert torch.equal(model.predict(idx), logits)
+    last = model.predict(idx, targets=False)
+    assert last.shape == (2, 1, V)
+    torch.testing.assert_close(last, logits[:, -1:], rtol=0, atol=1e-12)  # float64: one row's matmul

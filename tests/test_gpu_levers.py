@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from gpt2lab import parallel
-from gpt2lab.config import OptimConfig, TrainConfig, load_config
+from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
-from gpt2lab.logging import RunLogger
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.trainer import Trainer, TrainerParts
+from gpt2lab.optim import OptimConfig
+from gpt2lab.trainer import TrainConfig, Trainer, batch_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,11 +53,10 @@ def make_trainer(max_steps: int = 3, log_every: int = 1, **train) -> tuple[Train
     cfg = TrainConfig(max_steps=max_steps, tokens_per_step=4 * 16, micro_batch_size=2, log_every=log_every,
                       eval_every=0, **train)
     optim = OptimConfig(lr=1e-2, warmup_steps=0)
-    parts = TrainerParts(train=cfg, optim=optim, env=parallel.DistEnv(),
-                         logger=RunLogger(".", None, total_steps=max_steps, enabled=False), run_dir=Path("."),
-                         block_size=16, dtype=torch.float32, scaler=torch.amp.GradScaler("cpu", enabled=False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, foreach=True)
-    return Trainer(model, optimizer, StepData(4, 16, 50), parts), model
+    geometry = batch_geometry(cfg.tokens_per_step, cfg.micro_batch_size, 16, 1)
+    return Trainer(model, optimizer, StepData(4, 16, 50), geometry, train=cfg, optim=optim,
+                   env=parallel.DistEnv()), model
 
 
 def run_steps(**train) -> tuple[list[float], GPT]:
@@ -142,7 +141,7 @@ def prompts_of(lengths, seed=1):
 def test_static_decode_equals_dynamic_cache(name):
     """Greedy tokens of fixed-shape steps equal the ordinary cached path's, for left-padded batches too
     (the window of 4 is shorter than the prompts, so the ring wraps during the prefill and the decode)."""
-    from gpt2lab.generate import generate
+    from gpt2lab.sampling import generate
 
     model = decode_model(**DECODE_VARIANTS[name])
     prompts = prompts_of([5, 9, 1])
@@ -163,7 +162,7 @@ def prefilled(model: GPT, B: int = 2, T: int = 5, new: int = 8):
 
 @pytest.mark.parametrize("name", ["rope-gqa-win", "learned-mha-full"])
 def test_static_decode_step_is_one_graph_that_never_recompiles(name):
-    from gpt2lab.generate import decode_one_token
+    from gpt2lab.sampling import decode_one_token
 
     model = decode_model(**DECODE_VARIANTS[name])
     cache, token, pos = prefilled(model)
@@ -193,7 +192,7 @@ def test_static_step_rejects_several_tokens():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_decode_on_cuda_matches_eager():
-    from gpt2lab.generate import generate
+    from gpt2lab.sampling import generate
 
     model = decode_model(pos_emb="rope", n_kv_head=2).float().cuda()
     prompts = prompts_of([5, 9])

@@ -12,10 +12,10 @@ transformers = pytest.importorskip("transformers")
 from gpt2lab.checkpoint import save_checkpoint  # noqa: E402
 from gpt2lab.cli import main  # noqa: E402
 from gpt2lab.errors import UserError  # noqa: E402
-from gpt2lab.generate import generate  # noqa: E402
 from gpt2lab.hf import load_hf_model, save_hf_model  # noqa: E402
 from gpt2lab.loading import load_config, load_model  # noqa: E402
 from gpt2lab.model import GPT, GPTConfig  # noqa: E402
+from gpt2lab.sampling import generate  # noqa: E402
 from gpt2lab.tokenizer import get_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +94,7 @@ def test_greedy_continuation_matches_hf_generate(hf_dirs):
 @torch.no_grad()
 def test_export_round_trip(hf_dirs, tmp_path):
     hf, st, _ = hf_dirs
-    GPT.from_pretrained(str(st)).save_pretrained(str(tmp_path))  # the entry points on GPT use gpt2lab.hf
+    save_hf_model(load_hf_model(str(st)), tmp_path)
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = tokens()
     torch.testing.assert_close(again(idx).logits, hf(idx).logits, atol=1e-6, rtol=0)
@@ -120,13 +120,12 @@ def test_export_trims_padded_vocab_and_writes_a_working_tokenizer(tmp_path):
     (dict(pos_emb="rope"), "pos_emb"),
     (dict(n_kv_head=1), "n_kv_head"),
     (dict(sliding_window=4), "sliding_window"),
-    (dict(bias=False), "bias"),
 ])
 def test_export_refuses_variants_hf_cannot_express(tmp_path, overrides, match):
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, **overrides))
     with pytest.raises(UserError, match=match) as e:
         save_hf_model(model, tmp_path / "out")
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "use the gpt2lab checkpoint itself" in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -272,3 +271,35 @@ def test_cli_convert(tmp_path, capsys):
     assert main(["convert", "--init", str(tmp_path / "rope"), "--out", str(tmp_path / "hf2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pos_emb='rope'" in err
+
+
+def _fake_hub_cache(cache, repo: str, source) -> None:
+    """Lay out `source`'s files as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
+    commit = "0" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (snap / f).write_bytes((source / f).read_bytes())
+
+
+def test_any_gpt2_architecture_hub_id_loads(monkeypatch, tmp_path, bpe_hf_dir):
+    """Not only OpenAI's four: a user's repo id loads through the hub client (here from its cache)."""
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants
+
+    _fake_hub_cache(tmp_path, "someone/tiny-gpt2", bpe_hf_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model, tok = load_model("someone/tiny-gpt2")
+    reference, _ = load_model(str(bpe_hf_dir))
+    idx = tokens(vocab=50257)
+    assert torch.equal(model(idx)[0], reference(idx)[0]) and tok.name == "gpt2"
+    assert load_config("someone/tiny-gpt2") == reference.config
+    with pytest.raises(UserError) as e:
+        load_model("distilgpt2", flag="--model.init")
+    message = str(e.value)
+    assert "\n" not in message and "hf download distilgpt2 --local-dir DIR" in message
+    assert "--model.init DIR" in message

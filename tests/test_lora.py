@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch.nn as nn
 
 from gpt2lab.checkpoint import load_checkpoint, save_checkpoint
 from gpt2lab.errors import UserError
+from gpt2lab.loading import load_model
 from gpt2lab.lora import (
+    LoraConfig,
     LoRALinear,
     apply_lora,
     load_adapter,
@@ -22,7 +25,7 @@ from gpt2lab.lora import (
 )
 from gpt2lab.model import GPT, GPTConfig
 
-LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["c_attn", "c_proj", "c_fc"]}
+LORA = LoraConfig(r=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"])
 
 
 def tiny(seed: int = 0, **overrides) -> GPT:
@@ -52,12 +55,12 @@ def test_zero_b_gives_the_base_logits_exactly(idx):
 
 
 def test_targets_select_layers_by_name_or_suffix():
-    model = apply_lora(tiny(), {**LORA, "targets": ["attn.c_proj"]})
+    model = apply_lora(tiny(), replace(LORA, targets=["attn.c_proj"]))
     assert sorted(lora_modules(model)) == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
     with pytest.raises(UserError, match=r"match no nn.Linear layer; layer names are \['c_attn', 'c_fc'"):
-        apply_lora(tiny(), {**LORA, "targets": ["q_proj"]})
+        apply_lora(tiny(), replace(LORA, targets=["q_proj"]))
     with pytest.raises(UserError, match="lora.r must be a positive integer"):
-        apply_lora(tiny(), {**LORA, "r": 0})
+        apply_lora(tiny(), replace(LORA, r=0))
     with pytest.raises(UserError, match="already has LoRA layers"):
         apply_lora(model, LORA)
 
@@ -137,3 +140,15 @@ def test_lora_dropout_only_in_training():
     a = layer(x)
     torch.manual_seed(1)
     assert not torch.equal(a, layer(x))
+
+
+def test_a_saved_lora_entry_without_alpha_gets_loraconfigs_default(tmp_path, idx):
+    """One default per field: a LoRA run checkpoint whose config records only r loads with
+    LoraConfig's alpha (16), as training used it; the loader once fell back to alpha = r."""
+    torch.manual_seed(0)
+    model = trained_adapter(apply_lora(GPT(GPTConfig.from_preset("gpt2-tiny")), LoraConfig(r=4))).eval()
+    expected = model(idx)[0]
+    save_checkpoint(tmp_path / "ckpt", model, model.config, {"kind": "gpt2"}, extra={"lora": {"r": 4}})
+    loaded, _ = load_model(str(tmp_path / "ckpt"))
+    assert not lora_modules(loaded)  # merged on load
+    assert (loaded(idx)[0] - expected).abs().max() <= 1e-5

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT, GPTConfig, model_stats
+from gpt2lab.model import GPT, CausalSelfAttention, GPTConfig, KVCache, model_stats
 
 PRESET_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                  "gpt2-xl": 1_557_611_200}
@@ -172,6 +172,93 @@ def test_cache_without_pos_continues_positions(overrides):
     cache = model.new_cache(2, 12)
     steps = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(6, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mask_from_positions():
+    """The one mask builder: causal, within the window, never padding or an empty slot (-1)."""
+    attn = make(sliding_window=3).transformer.h[0].attn
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])  # row 0 left padded by two columns
+    mask = attn.attention_mask(pos, pos, torch.float32)  # a prefill: keys are the same columns
+    want = torch.tensor([
+        [[0, 0, 0, 0, 0, 1],  # a padding query sees only the last key (finite softmax, output unused)
+         [0, 0, 0, 0, 0, 1],
+         [0, 0, 1, 0, 0, 0],
+         [0, 0, 1, 1, 0, 0],
+         [0, 0, 1, 1, 1, 0],
+         [0, 0, 0, 1, 1, 1]],
+        [[1, 0, 0, 0, 0, 0],
+         [1, 1, 0, 0, 0, 0],
+         [1, 1, 1, 0, 0, 0],
+         [0, 1, 1, 1, 0, 0],
+         [0, 0, 1, 1, 1, 0],
+         [0, 0, 0, 1, 1, 1]]], dtype=torch.bool)
+    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.float32
+    assert torch.equal(mask[:, 0] == 0, want) and torch.isneginf(mask[:, 0][~want]).all()
+    # A decode step over ring slots holding positions 8, 5, 6, 7 (window 3) and over a full cache
+    # with one empty slot; q_pos (1, 1) broadcasts over the rows of k_pos.
+    slots = torch.tensor([[8, 5, 6, 7], [-1, 5, 6, 7]])
+    ring = attn.attention_mask(torch.tensor([[8]]), slots, torch.float32)
+    assert (ring[:, 0, 0] == 0).tolist() == [[True, False, True, True], [False, False, True, True]]
+    full = CausalSelfAttention(tiny(), window=None)
+    step = full.attention_mask(torch.tensor([[2]]), torch.tensor([[0, 1, 2, -1]]), torch.float32)
+    assert (step[0, 0, 0] == 0).tolist() == [True, True, True, False]
+
+
+def test_cache_update_returns_what_the_queries_may_see():
+    """A window-3 ring (layer 0) and a full cache (layer 1), GQA: update returns the keys and their
+    positions; a multi-token step into the ring gets [old slots, new keys], keeps the newest 3 in slots
+    c % 3, and later one-token steps wrap around (also in static mode)."""
+    cache = KVCache(tiny(sliding_window=[3, None], n_kv_head=2), 2, 8, torch.float32, "cpu")
+    ring, full = cache.layers
+
+    def keys(p: list[int]) -> torch.Tensor:  # (2, nkv, T, hs), every entry the column's index
+        return torch.tensor(p, dtype=torch.float32).view(1, 1, -1, 1).expand(2, 2, -1, 8)
+
+    pos = torch.tensor([[-1, 0, 1, 2, 3], [0, 1, 2, 3, 4]])
+    k, v, k_pos = ring.update(keys([0, 1, 2, 3, 4]), keys([0, 1, 2, 3, 4]), pos)
+    assert k.shape == (2, 2, 8, 8) and k[0, 0, :, 0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    assert k_pos.tolist() == [[-1, -1, -1, -1, 0, 1, 2, 3], [-1, -1, -1, 0, 1, 2, 3, 4]]
+    assert ring.slot_pos.tolist() == [[2, 3, 1], [3, 4, 2]]  # columns 3, 4, 2 in slots 0, 1, 2
+    k, v, k_pos = full.update(keys([0, 1, 2, 3, 4]), keys([0, 1, 2, 3, 4]), pos)
+    assert k.shape == (2, 2, 5, 8) and torch.equal(k_pos, pos)
+    assert cache.next_col == 5
+
+    step = torch.tensor([[4], [5]])
+    k, v, k_pos = ring.update(keys([5]), keys([5]), step)  # column 5 -> slot 2 (position 1/2 leaves)
+    assert k_pos.tolist() == [[2, 3, 4], [3, 4, 5]] and v[0, 0, :, 0].tolist() == [3, 4, 5]
+    k, v, k_pos = full.update(keys([5]), keys([5]), step)
+    assert k_pos.tolist() == [[-1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]]
+
+    cache.start_static_decoding()
+    k, v, k_pos = ring.update(keys([6]), keys([6]), step + 1)  # column 6 -> slot 0, all slots returned
+    assert k_pos.tolist() == [[5, 3, 4], [6, 4, 5]] and k[0, 0, :, 0].tolist() == [6, 4, 5]
+    k, v, k_pos = full.update(keys([6]), keys([6]), step + 1)
+    assert k_pos.tolist() == [[-1, 0, 1, 2, 3, 4, 5, -1], [0, 1, 2, 3, 4, 5, 6, -1]]
+    assert ring.col.tolist() == [7] and full.col.tolist() == [7]
+    with pytest.raises(ValueError, match="one token"):
+        ring.update(keys([7, 8]), keys([7, 8]), torch.tensor([[7, 8]]))
+    cache.reset()
+    with pytest.raises(ValueError, match="holds 8 tokens"):
+        full.update(keys(list(range(9))), keys(list(range(9))), torch.arange(9)[None])
+
+
+@torch.no_grad()
+def test_one_mask_per_window_per_forward(monkeypatch):
+    """Layers of equal (window, keys) share one mask per forward pass (the decode step's speed);
+    full causal attention without a cache builds none (is_causal, the flash kernels)."""
+    built = []
+    original = CausalSelfAttention.attention_mask
+    monkeypatch.setattr(CausalSelfAttention, "attention_mask",
+                        lambda self, *args: built.append(self.window) or original(self, *args))
+    model = make(n_layer=4, sliding_window=[4, None, 4, None])
+    idx = torch.randint(0, 50, (2, 10))
+    cache = model.new_cache(2, 12)
+    model(idx, cache=cache)
+    model(idx[:, :1], cache=cache)
+    assert built == [4, None, 4, None]
+    built.clear()
+    make(n_layer=3, sliding_window=[None, 20, 4])(idx)  # a window of 20 >= T is full attention too
+    assert built == [4]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2lab.config import DataConfig
 from gpt2lab.data.sft import (
+    SFTConfig,
     SFTData,
     build_sft_data,
     collate,
@@ -19,6 +21,7 @@ from gpt2lab.data.sft import (
     encode_segments,
     fetch_alpaca,
     load_records,
+    read_records,
     render_prompt,
     render_segments,
     tokenize_records,
@@ -49,9 +52,8 @@ def write(tmp_path: Path, name: str, content) -> Path:
     return p
 
 
-def sft_cfg(path, **kw) -> dict:
-    return {"sft": {"path": str(path), "template": "alpaca", "mask_prompt": True, "truncation": "truncate",
-                    "packing": False, "val_fraction": 0.0, "skip_invalid": False, **kw}}
+def sft_cfg(path, **kw) -> DataConfig:
+    return DataConfig(format="sft", sft=SFTConfig(path=str(path), **{"val_fraction": 0.0, **kw}))
 
 
 def check_row(x: torch.Tensor, y: torch.Tensor, prompt_ids: list[int], response_ids: list[int]) -> None:
@@ -278,31 +280,35 @@ GOOD = '{"instruction": "a", "output": "b"}'
 
 @pytest.mark.parametrize("name,content,template,message", [
     ("bad.jsonl", f'{GOOD}\n{GOOD}\n{{"instruction": "a", "output": }}\n', "alpaca",
-     r"bad.jsonl: line 3: invalid JSON"),
-    ("missing.jsonl", f'{GOOD}\n\n{{"instruction": "a"}}\n', "alpaca", r"missing.jsonl: line 3: missing 'output'"),
+     r"bad.jsonl:3: invalid JSON at column 32: Expecting value; pass --data.sft.skip_invalid true"),
+    ("missing.jsonl", f'{GOOD}\n\n{{"instruction": "a"}}\n', "alpaca",
+     r"missing.jsonl:3: missing 'output'; pass --data.sft.skip_invalid true to skip invalid records$"),
     ("type.json", '[\n' + GOOD + ',\n{"instruction": 5, "output": "b"}\n]', "alpaca",
-     r"type.json: record 1 \(line 3\): field 'instruction' must be a string, got number"),
+     r"type.json:3: record 1: field 'instruction' must be a string, got number"),
     ("input.json", '[{"instruction": "a", "input": ["x"], "output": "b"}]', "alpaca",
-     r"record 0 \(line 1\): field 'input' must be a string, got array"),
-    ("notobj.jsonl", f'{GOOD}\n[1, 2]\n', "alpaca", r"line 2: expected a JSON object, got array"),
+     r"input.json:1: record 0: field 'input' must be a string, got array"),
+    ("notobj.jsonl", f'{GOOD}\n[1, 2]\n', "alpaca", r"notobj.jsonl:2: expected a JSON object, got array"),
     ("empty.json", "  \n\n", "alpaca", r"empty.json is empty"),
-    ("text.txt", "instruction: hello\n", "alpaca", r"text.txt: line 1: neither a JSON array nor JSONL"),
+    ("text.txt", "instruction: hello\n", "alpaca", r"text.txt:1: neither a JSON array nor JSONL"),
     ("broken.json", '[\n' + GOOD + ',\n{"instruction": "a" "output": "b"}\n]', "alpaca",
-     r"broken.json: line 3: invalid JSON in record 1"),
-    ("unclosed.json", '[\n' + GOOD + ',\n', "alpaca", r"unclosed.json: line 3: invalid JSON"),
+     r"broken.json:3: record 1: invalid JSON at column 21: Expecting ',' delimiter"),
+    ("unclosed.json", '[\n' + GOOD + ',\n', "alpaca", r"unclosed.json:3: invalid JSON"),
     ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "chat",
-     r"line 1: field 'messages' has no 'assistant' turn"),
+     r"chat.jsonl:1: field 'messages' has no 'assistant' turn"),
     ("role.jsonl", '{"messages": [{"role": "bot", "content": "hi"}]}\n', "chat",
-     r"line 1: field 'messages\[0\].role' must be 'system', 'user' or 'assistant'"),
+     r"role.jsonl:1: field 'messages\[0\].role' must be 'system', 'user' or 'assistant'"),
     ("content.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}\n', "chat",
-     r"line 1: field 'messages\[1\].content' must be a string, got null"),
-    ("msgs.jsonl", '{"messages": "hello"}\n', "chat", r"line 1: field 'messages' must be a non-empty list"),
-    ("wrongtemplate.jsonl", '{"messages": []}\n', "alpaca", r"line 1: has 'messages'.*template=chat"),
+     r"content.jsonl:1: field 'messages\[1\].content' must be a string, got null"),
+    ("msgs.jsonl", '{"messages": "hello"}\n', "chat", r"msgs.jsonl:1: field 'messages' must be a non-empty list"),
+    ("wrongtemplate.jsonl", '{"messages": []}\n', "alpaca", r"wrongtemplate.jsonl:1: has 'messages'.*template=chat"),
     ("custom.jsonl", '{"question": "a", "output": "b"}\n', "Q: {question} {context}\nA: {output}",
-     r"line 1: missing 'context'"),
+     r"custom.jsonl:1: missing 'context'"),
+    ("latin1.jsonl", GOOD + '\n{"instruction": "caf\udce9", "output": "b"}\n', "alpaca",
+     r"latin1.jsonl:2: not UTF-8 text \(byte offset 56\); convert the file to UTF-8"),
 ])
 def test_malformed_input_is_one_user_error(tmp_path, name, content, template, message):
-    path = write(tmp_path, name, content)
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))  # \udce9: the lone byte 0xe9 (Latin-1 é)
     with pytest.raises(UserError, match=message) as err:
         load_records(path, template)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
@@ -324,8 +330,26 @@ def test_skip_invalid_reports_exact_counts(tmp_path):
     assert logged == [f"{path}: skipped 3 invalid records (line 2: missing 'output'; line 4: invalid JSON at "
                       "column 2: Expecting property name enclosed in double quotes; line 5: field 'instruction' "
                       "must be a string, got number)"]
-    with pytest.raises(UserError, match="line 2: missing 'output'"):
+    with pytest.raises(UserError, match="mixed.jsonl:2: missing 'output'"):
         load_records(path, "alpaca")
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c"])
+def test_jsonl_record_holding_a_unicode_line_separator_is_one_record(tmp_path, separator):
+    # str.splitlines() cut such a record into two invalid lines; JSONL lines end at "\n" only
+    record = {"instruction": f"one{separator}two", "output": "b"}
+    path = write(tmp_path, "sep.jsonl", json.dumps(record, ensure_ascii=False) + "\r\n" + GOOD + "\n")
+    assert [(r.line, r.data) for r in read_records(path)] == [(1, record), (2, json.loads(GOOD))]
+    assert load_records(path, "alpaca") == [record, json.loads(GOOD)]
+
+
+def test_val_fraction_has_one_default(tok, tmp_path):
+    # build_sft_data used to default val_fraction to 0.0 when the config left it out, SFTConfig to 0.05
+    path = alpaca_file(tmp_path, 40)
+    train, val = build_sft_data(DataConfig(format="sft", sft=SFTConfig(path=str(path))), tok, 96, 4, 0, 1, seed=0,
+                                log=lambda m: None)
+    assert SFTConfig().val_fraction == 0.05
+    assert (train.num_examples, val.num_examples) == (38, 2)
 
 
 # --------------------------------------------------------------------------------------------------

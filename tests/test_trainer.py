@@ -16,13 +16,13 @@ import torch
 
 from gpt2lab import parallel
 from gpt2lab.checkpoint import list_checkpoints, load_weights
-from gpt2lab.config import OptimConfig, TrainConfig, load_config
+from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
 from gpt2lab.logging import read_metrics
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.optim import build_optimizer, cosine_lr, lr_at, wsd_lr
+from gpt2lab.optim import OptimConfig, build_optimizer, cosine_lr, lr_at, wsd_lr
 from gpt2lab.run import train
-from gpt2lab.trainer import Trainer, TrainerParts, batch_geometry
+from gpt2lab.trainer import TrainConfig, Trainer, batch_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,15 +120,11 @@ class FixedData:
 def one_step(model: GPT, data: FixedData, micro_batch_size: int, tokens_per_step: int) -> GPT:
     """One trainer step with plain SGD (lr 1), so the weight change is the clipped gradient itself (Adam's
     first step, g / (|g| + eps), would amplify float rounding in gradients near eps)."""
-    from gpt2lab.logging import RunLogger
-
-    env = parallel.DistEnv()
     train_cfg = TrainConfig(max_steps=10, tokens_per_step=tokens_per_step, micro_batch_size=micro_batch_size)
     optim_cfg = OptimConfig(lr=1.0, warmup_steps=0, grad_clip=0.5)
-    parts = TrainerParts(train=train_cfg, optim=optim_cfg, env=env, logger=RunLogger(".", None, total_steps=1,
-                         enabled=False), run_dir=Path("."), block_size=model.config.block_size, dtype=torch.float32,
-                         scaler=torch.amp.GradScaler("cpu", enabled=False))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), data, parts)
+    geometry = batch_geometry(tokens_per_step, micro_batch_size, model.config.block_size, 1)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), data, geometry, train=train_cfg,
+                      optim=optim_cfg, env=parallel.DistEnv())
     trainer.train_step(0)
     return model
 
@@ -313,7 +309,7 @@ def test_quickstart_shortened_reaches_val_loss_bound(data_dir, tmp_path, capsys)
     assert result.val_loss < QUICKSTART_BOUND
     assert math.isfinite(result.train_loss)
     assert (run / "loss.png").is_file() and (run / "config.yaml").is_file()
-    assert result.sample.startswith("The ") and len(result.sample) > 20
+    assert result.final["sample"].startswith("The ") and len(result.final["sample"]) > 20
     assert {"train", "eval"} <= {e["event"] for e in read_metrics(run)}
 
     from gpt2lab.cli import main
@@ -330,3 +326,63 @@ def test_tensorboard_sink(data_dir, tmp_path):
     run = tmp_path / "run"
     train(load_config("quickstart", tiny(data_dir, run, **{"train.max_steps": 2, "log.tensorboard": True})))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per run directory; damaged checkpoints; failed starts
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_second_run_into_a_locked_directory_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    first = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 400})))
+    wait_for(lambda: (out / ".gpt2lab.lock").is_file() and (out / ".gpt2lab.lock").read_text(), first)
+    second = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 400})))
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f"is in use by another gpt2lab run (pid {first.pid} on" in lines[0] and "--out DIR" in lines[0]
+    first.send_signal(signal.SIGTERM)  # it saves and exits cleanly; the refused run touched nothing
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    steps = [e["step"] for e in read_metrics(out) if e["event"] == "train"]
+    assert steps == sorted(set(steps))  # one writer: no interleaved second log
+
+
+def test_kill_leaves_the_lock_file_and_resume_takes_it(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 400})))
+    wait_for(lambda: bool(list_checkpoints(out)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / ".gpt2lab.lock").read_text().startswith(f"pid {proc.pid} ")
+    resumed = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 30})) + ["--resume"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert (out / ".gpt2lab.lock").read_text().startswith(f"pid {resumed.pid} ")
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(load_config("quickstart", tiny(data_dir, out, **{"train.max_steps": 20})))
+    weights = out / "checkpoints" / "step_000020" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    resumed = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 30})) + ["--resume"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "gpt2lab: skipped step_000020: " in err and "model.safetensors is truncated" in err
+    assert "step_000010 (step 10)" in err
+    assert losses(out)[30] > 0  # it went on to the end
+
+
+def test_a_failed_fresh_start_leaves_no_run_directory(data_dir, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(UserError, match="model.vocab_size"):
+        train(load_config("quickstart", tiny(data_dir, out, **{"model.vocab_size": 3})))
+    assert not out.exists()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from gpt2lab.devices import dtype_name
 from gpt2lab.errors import UserError
 
 # --------------------------------------------------------------------------------------------------
@@ -54,7 +55,6 @@ GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
     ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
 ]
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def synchronize(device: torch.device) -> None:
@@ -103,7 +103,7 @@ def peak_flops(device: str | torch.device, dtype: torch.dtype = torch.float32) -
     devices get a measurement.
     """
     device = torch.device(device)
-    name = DTYPE_NAMES.get(dtype, str(dtype))
+    name = dtype_name(dtype)
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":

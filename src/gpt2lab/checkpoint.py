@@ -16,74 +16,32 @@ never leaves a half checkpoint with a final name).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import atomic_dir, clean_state_dict, load_model_weights, read_versioned_json
 from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.parallel import barrier, is_fsdp, unwrap
 
 FORMAT = "gpt2lab-checkpoint"
 VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
+DCP_DIR = "dcp"
+"""Subdirectory of an FSDP checkpoint holding the sharded model and optimizer (torch.distributed.checkpoint)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes (torch.compile, DDP, FSDP, activation checkpointing) from every key,
-    drop the tied `lm_head.weight` duplicate, and make tensors contiguous CPU copies for saving."""
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        if key == "lm_head.weight":
-            continue
-        out[key] = value.detach().to("cpu").contiguous()
-    return out
-
-
-def atomic_dir(final: Path):
-    """Context manager yielding a temp directory next to `final`; on success it is renamed to `final`
-    (replacing an older one of the same name); on error it is removed and `final` is untouched."""
-    return _AtomicDir(Path(final))
-
-
-class _AtomicDir:
-    def __init__(self, final: Path) -> None:
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.final.name}-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        _fsync_dir_contents(self.tmp)
-        if self.final.exists():
-            old = self.final.with_name(f".old-{self.final.name}-{os.getpid()}")
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-
-
-def _fsync_dir_contents(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def write_checkpoint(
@@ -127,23 +85,67 @@ def save_checkpoint(
 
 
 def is_checkpoint(path: str | Path) -> bool:
+    """True for a gpt2lab checkpoint directory, and for a damaged one (a step_* directory whose
+    config.json no longer parses), so loading it reports what is wrong instead of "not a checkpoint"."""
     p = Path(path) / CONFIG_FILE
     if not p.is_file():
         return False
     try:
         return json.loads(p.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return bool(_STEP_DIR.match(Path(path).name))
+    except OSError:
         return False
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run (under run_dir/checkpoints or run_dir itself), oldest first."""
-    run_dir = Path(run_dir)
+def _step_dirs(run_dir: Path) -> list[Path]:
     base = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     if not base.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in base.iterdir() if (m := _STEP_DIR.match(p.name)) and is_checkpoint(p)]
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run (under run_dir/checkpoints or run_dir itself), oldest first, damaged ones
+    included (see `intact_checkpoints`)."""
+    return _step_dirs(Path(run_dir))
+
+
+def checkpoint_problem(path: Path, need_train_state: bool = True) -> str | None:
+    """Why checkpoint `path` cannot be loaded (a truncated or corrupt file, named), or None when intact.
+    Reads every header and the train state, not the weights themselves."""
+    try:
+        read_config(path)
+        _check_safetensors(path / WEIGHTS_FILE)
+        if need_train_state and (path / TRAIN_STATE_FILE).exists():
+            load_train_state(path)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def intact_checkpoints(run_dir: str | Path, need_train_state: bool = True) -> tuple[list[Path], list[str]]:
+    """(the intact checkpoints of a run, oldest first; one line per damaged one, naming it and why).
+    Only the newest are checked until one is intact: older ones are taken as they are."""
+    ckpts = list_checkpoints(run_dir)
+    skipped = []
+    while ckpts:
+        problem = checkpoint_problem(ckpts[-1], need_train_state)
+        if problem is None:
+            break
+        skipped.append(f"skipped {ckpts.pop().name}: {problem}")
+    return ckpts, skipped
+
+
+def is_merged_checkpoint(path: str | Path) -> bool:
+    """True for a directory that holds only a checkpoint `gpt2lab merge-lora` wrote (an earlier output)."""
+    path = Path(path)
+    try:
+        merged = "lora_merged" in read_config(path)
+    except UserError:
+        return False
+    return merged and {p.name for p in path.iterdir()} <= {CONFIG_FILE, WEIGHTS_FILE}
 
 
 def find_latest(path: str | Path) -> Path | None:
@@ -154,85 +156,93 @@ def find_latest(path: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def read_versioned_json(file: Path, fmt: str, version: int, what: str) -> dict:
-    """A JSON config that names its `format` and `version` (checkpoint and adapter configs), validated;
-    `what` says what the directory should be ("gpt2lab checkpoint", "LoRA adapter")."""
-    if not file.is_file():
-        raise UserError(f"{file.parent} is not a {what}: {file.name} is missing")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    found = config.get("format") if isinstance(config, dict) else None
-    if found != fmt:
-        raise UserError(f"{file} is not a {what} config (format={found!r})")
-    if config.get("version", 0) > version:
-        raise UserError(f"{file} has {what} version {config['version']}; this gpt2lab reads up to {version}")
-    return config
-
-
 def read_config(path: str | Path) -> dict:
     """The config.json of a checkpoint directory, validated."""
     return read_versioned_json(Path(path) / CONFIG_FILE, FORMAT, VERSION, "gpt2lab checkpoint")
 
 
+def _check_safetensors(f: Path) -> None:
+    """UserError naming `f` if it is missing, not safetensors, or shorter than its header says."""
+    import struct
+
+    if not f.is_file():
+        raise UserError(f"{f.parent} has no {f.name}; the checkpoint is incomplete")
+    size = f.stat().st_size
+    n, header = 0, None
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError):
+        header = None
+    if header is None and size - 8 < n < 100_000_000:  # a plausible header length past the end of the file
+        raise UserError(f"{f} is truncated ({size:,} bytes, its header alone is {n + 8:,}); restore it or use "
+                        "another checkpoint")
+    if not isinstance(header, dict):
+        raise UserError(f"{f} is not a safetensors file (damaged or overwritten); restore it or use another "
+                        "checkpoint")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{f} is truncated ({size:,} of {8 + n + end:,} bytes); restore it or use another checkpoint")
+
+
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The safetensors weights of a checkpoint (no pickle involved)."""
+    """The safetensors weights of a checkpoint (no pickle involved); a damaged file is a one-line error."""
     from safetensors.torch import load_file
 
     f = Path(path) / WEIGHTS_FILE
-    if not f.is_file():
-        raise UserError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
-    return load_file(str(f), device=str(device))
-
-
-def load_model_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load clean weights into `model`, with a one-line error naming the first mismatch."""
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: weights do not match the model config "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise UserError(
-                f"{source}: weight {k} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
-            )
-    model.load_state_dict(state, strict=False)
+    _check_safetensors(f)
+    try:
+        return load_file(str(f), device=str(device))
+    except Exception as e:  # safetensors' own error for a corrupt body
+        raise UserError(f"{f} cannot be read ({' '.join(str(e).split())[:120]}); restore it or use another "
+                        "checkpoint") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Build the model a checkpoint (or run directory) describes; returns (model, config dict)."""
+    """Build the model a checkpoint (or run directory) describes; returns (model, config dict).
+
+    A LoRA run's checkpoint also holds lora_A/lora_B: load it through `gpt2lab.loading`, which
+    applies and merges them; here such a checkpoint is an error."""
     ckpt = find_latest(path)
     if ckpt is None:
         if not Path(path).exists():
             raise UserError(f"checkpoint path {path} does not exist")
         raise UserError(f"{path} holds no gpt2lab checkpoint (expected config.json or checkpoints/step_*/)")
     config = read_config(ckpt)
-    model_config = GPTConfig.from_dict(config["model"])
-    model = GPT.empty(model_config, device)
-    lora = config.get("lora")
-    if lora and lora.get("r"):  # a LoRA run's checkpoint also holds lora_A/lora_B: load, then fold them in
-        from gpt2lab.lora import apply_lora, merge_lora
-
-        apply_lora(model, lora)
+    model = build_model(config, device)
+    if has_lora(config):
+        raise UserError(f"{ckpt} holds LoRA adapters; load it with gpt2lab.loading.load_model")
     load_model_weights(model, load_weights(ckpt, device), str(ckpt))
-    if lora and lora.get("r"):
-        merge_lora(model)
     config["path"] = str(ckpt)
     return model, config
 
 
+def build_model(config: dict, device: str | torch.device = "cpu") -> GPT:
+    """The (uninitialised) model a checkpoint's config.json describes."""
+    return GPT.empty(GPTConfig.from_dict(config["model"]), device)
+
+
+def has_lora(config: dict) -> bool:
+    """True when a checkpoint's weights include LoRA adapters (a LoRA run's step checkpoints)."""
+    return bool((config.get("lora") or {}).get("r"))
+
+
 def load_train_state(path: str | Path) -> dict:
     """The train state of a checkpoint, loaded with weights_only=True (no code execution)."""
+    import pickle
+
     f = Path(path) / TRAIN_STATE_FILE
     if not f.is_file():
         raise UserError(f"{path} has no {TRAIN_STATE_FILE}: it holds weights only and cannot be resumed")
-    return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: loading it would run code
+        raise UserError(f"{f} holds Python objects whose loading would run code, which gpt2lab refuses; "
+                        "gpt2lab writes tensors and numbers only, so this file did not come from it") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{f} is damaged or truncated ({' '.join(str(e).split())[:100]}); resume from "
+                        "an earlier checkpoint") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,3 +293,143 @@ def check_same_architecture(saved: dict, config: GPTConfig, source: str) -> None
                 f"cannot resume from {source}: it has model.{key}={saved[key]!r} but the config says "
                 f"{current[key]!r}; use the checkpoint's architecture or start a new run with --out"
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints (any strategy, any world size)
+
+
+def _full_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def model_state_for_save(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full model state dict with clean keys as CPU tensors on rank 0, None on other ranks.
+    Collective under FSDP (shards are gathered to rank 0 one tensor at a time): call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if is_fsdp(module):
+        state = get_model_state_dict(module, options=_full_options(cpu_offload=True))
+    else:
+        state = unwrap(module).state_dict() if rank == 0 else {}
+    return clean_state_dict(state) if rank == 0 else None
+
+
+def optimizer_state_for_save(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The full optimizer state keyed by parameter names (so any strategy and world size can load it)
+    as CPU tensors on rank 0, None on other ranks. Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(module, optimizer, options=_full_options(cpu_offload=True))
+    return state if (not dist.is_initialized() or dist.get_rank() == 0) else None
+
+
+def save_sharded(
+    path: str | Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_state: dict,
+    *,
+    model_config: GPTConfig,
+    tokenizer: dict,
+    step: int | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a resumable checkpoint directory for any strategy; call on every rank.
+
+    none / DDP: rank 0 writes a normal checkpoint (config.json, model.safetensors, train_state.pt
+    holding `extra_state` plus the optimizer state keyed by parameter names).
+    FSDP: every rank writes its shards of model and optimizer to `dcp/` (torch.distributed.checkpoint);
+    rank 0 adds config.json, consolidated model.safetensors (so sample/eval/convert read it as
+    any checkpoint) and train_state.pt holding `extra_state`. The directory is written under a temp
+    name on the shared filesystem and renamed by rank 0 once every rank has finished, so a crash
+    never leaves a partial checkpoint under the final name.
+    """
+    path = Path(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if "optimizer" in extra_state:
+        raise ValueError("extra_state must not hold 'optimizer'; the optimizer is passed separately")
+    if not is_fsdp(module):
+        model_state = model_state_for_save(module)
+        optim_state = optimizer_state_for_save(module, optimizer)
+        if rank == 0:
+            with atomic_dir(path) as tmp:
+                write_checkpoint(tmp, model_state, model_config, tokenizer, step=step,
+                                 train_state={**extra_state, "optimizer": optim_state}, extra=extra)
+        barrier()
+        return path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    with _shared_atomic_dir(path, rank) as tmp:
+        sharded = {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
+        dcp.save(sharded, checkpoint_id=str(tmp / DCP_DIR))
+        model_state = model_state_for_save(module)
+        if rank == 0:
+            write_checkpoint(tmp, model_state, model_config, tokenizer, step=step, train_state=extra_state,
+                             extra={**(extra or {}), "sharded": DCP_DIR})
+    return path
+
+
+@contextlib.contextmanager
+def _shared_atomic_dir(path: Path, rank: int) -> Iterator[Path]:
+    """checkpoint.atomic_dir for all ranks: rank 0 creates the temp dir and tells the others its name;
+    after every rank has written, rank 0 renames it into place; then all ranks go on."""
+    with contextlib.ExitStack() as stack:
+        name = [str(stack.enter_context(atomic_dir(path))) if rank == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        yield Path(name[0])
+        barrier()  # every rank's shards are written before rank 0 renames
+    barrier()  # the final name exists for every rank on return
+
+
+def load_sharded(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load model (and optimizer) state from a checkpoint written by `save_sharded` at any world size
+    and strategy into `module` as parallelized now (or a plain GPT in one process, with no process
+    group); returns the `extra_state` given to save_sharded. Call on every rank."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    train_state = load_train_state(path)
+    if (path / DCP_DIR).is_dir():
+        _load_dcp(path / DCP_DIR, module, optimizer)
+        return train_state
+    weights = load_weights(path)
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied: stored once
+    try:
+        set_model_state_dict(module, weights, options=_full_options())
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match the model config ({str(e).splitlines()[0]})") from None
+    optim_state = train_state.pop("optimizer", None)
+    if optimizer is not None:
+        if optim_state is None:
+            raise UserError(f"{path}/{TRAIN_STATE_FILE} holds no optimizer state; it cannot be resumed")
+        set_optimizer_state_dict(module, optimizer, optim_state, options=_full_options())
+    return train_state
+
+
+def _load_dcp(dcp_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(module)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(module, optimizer)  # allocates the moments to fill
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
+    except (RuntimeError, dcp.CheckpointException) as e:
+        raise UserError(f"{dcp_dir}: cannot load into this model ({str(e).splitlines()[0]})") from None
+    set_model_state_dict(module, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(module, optimizer, state["optimizer"])

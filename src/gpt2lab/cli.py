@@ -5,7 +5,9 @@ Each subcommand lives in its own module, which defines
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int | None
 
-so `gpt2lab --help` stays instant and `gpt2lab sample` never imports the trainer.
+so `gpt2lab --help` stays instant and `gpt2lab sample` never imports the trainer. Building any
+command's parser imports no torch (the `train` options come from configparse's schema file), so
+every `gpt2lab COMMAND --help` is instant too.
 Errors meant for users are raised as `gpt2lab.errors.UserError` and printed as one line.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import types
+from typing import NoReturn
 
 # name -> (module, one-line help). Order is the order shown by `gpt2lab --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,7 +45,26 @@ def _top_parser() -> argparse.ArgumentParser:
     )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at --help instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def build_parser(name: str) -> tuple[types.ModuleType, argparse.ArgumentParser]:
+    """The module of command `name` and its parser (with "(default: X)" in every option's help); no torch."""
+    from gpt2lab.commands.common import HelpFormatter
+
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = ArgumentParser(prog=f"gpt2lab {name}", description=help_, formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `gpt2lab ARGV...`; returns the exit code (2 for usage and user errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         if not argv:
@@ -58,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"gpt2lab: error: unknown command '{name}'{hint}; see `gpt2lab --help`", file=sys.stderr)
         return 2
-    module_name, help_ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"gpt2lab {name}", description=help_)
-    module.add_arguments(parser)
+    module, parser = build_parser(name)
     args = parser.parse_args(rest)
 
     from gpt2lab.errors import UserError

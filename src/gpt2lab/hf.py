@@ -23,16 +23,24 @@ from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import Tokenizer
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-"""OpenAI's GPT-2 checkpoints, published on the hub as `openai-community/<name>`."""
+"""OpenAI's GPT-2 checkpoints, published on the hub as `openai-community/<name>`; any other hub id of a
+GPT-2-architecture model (`distilgpt2`, `user/my-gpt2`) loads too."""
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers older transformers versions saved with the weights; they carry no parameters.
 _BUFFER_KEY = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh-approximated GELU, as in our MLP
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name", as the hub allows
+_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
 
 def is_hub_name(name: str) -> bool:
-    """True for the names `load_hf_model` downloads: `gpt2`, `gpt2-medium`, ..., `openai-community/gpt2`, ..."""
-    return name in HUB_MODELS or (name.startswith("openai-community/") and name.split("/", 1)[1] in HUB_MODELS)
+    """True for what `load_hf_model` may download: a hub id ("gpt2", "distilgpt2", "owner/name")."""
+    return bool(_HUB_ID.match(name)) and not name.endswith((".json", ".yaml", ".yml", ".safetensors", ".bin"))
+
+
+def hub_repo(name: str) -> str:
+    """The hub repository of a name: OpenAI's four live under openai-community/."""
+    return f"openai-community/{name}" if name in HUB_MODELS else name
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -51,24 +59,23 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def load_hf_model(name_or_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  dropout: float = 0.0) -> GPT:
-    """A GPT with the weights of an HF GPT-2 (hub name or local directory), in eval mode.
+                  dropout: float = 0.0, flag: str = "--init") -> GPT:
+    """A GPT with the weights of an HF GPT-2 (hub id or local directory), in eval mode.
 
     dtype: the parameter dtype (default float32, whatever the file stores). dropout: the model's
-    dropout for later finetuning (HF's GPT-2 configs say 0.1; inference ignores it).
+    dropout for later finetuning (HF's GPT-2 configs say 0.1; inference ignores it). flag: the
+    option the user gives the model with, named in download errors.
     """
     path = Path(name_or_dir)
     if not path.is_dir():
         if not is_hub_name(str(name_or_dir)):
-            raise UserError(
-                f"{name_or_dir} is neither a directory nor a hub model ({', '.join(HUB_MODELS)})"
-            )
-        path = download_hf_model(str(name_or_dir))
+            raise UserError(f"{name_or_dir} is neither a directory nor a hub model id (e.g. gpt2, owner/name)")
+        path = download_hf_model(str(name_or_dir), flag=flag)
     config = config_from_hf(read_hf_config(path), dropout=dropout, source=str(path / "config.json"))
     state = hf_to_gpt2lab_state(read_hf_weights(path), source=str(path))
     model = GPT.empty(config, device)
 
-    from gpt2lab.checkpoint import load_model_weights
+    from gpt2lab.fileio import load_model_weights
 
     load_model_weights(model, state, str(path))  # names the first weight config.json does not fit
     if dtype is not None:
@@ -76,26 +83,28 @@ def load_hf_model(name_or_dir: str | Path, device: str | torch.device = "cpu", d
     return model.eval()
 
 
-def download_hf_model(name: str) -> Path:
-    """Download (or find in the local HF cache) config.json + model.safetensors of a hub GPT-2.
+def download_hf_model(name: str, config_only: bool = False, flag: str = "--init") -> Path:
+    """Download (or find in the local HF cache) config.json + the safetensors weights of a hub model.
 
-    Honours HF_HUB_OFFLINE; any failure becomes a one-line UserError saying how to get the files.
+    Honours HF_HUB_OFFLINE; any failure becomes a one-line UserError saying how to get the files and
+    to pass their directory with `flag`.
     """
-    repo = name if "/" in name else f"openai-community/{name}"
-    how = (f"on a machine with network run `hf download {repo} config.json model.safetensors --local-dir DIR` "
-           f"and pass --init DIR")
+    repo = hub_repo(name)
+    how = (f"on a machine with network run `hf download {repo} --local-dir DIR` and pass the directory "
+           f"with {flag} DIR")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UserError(f"downloading {repo} needs huggingface_hub (pip install 'gpt2lab[hf]'), or {how}") from None
     # Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, when it is imported.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    patterns = ["config.json"] + ([] if config_only else _WEIGHT_FILES)
     try:
-        path = snapshot_download(repo, local_files_only=offline, allow_patterns=[
-            "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"])
+        path = snapshot_download(repo, local_files_only=offline, allow_patterns=patterns)
     except Exception as e:  # no network, proxy, auth, disk: the user's fix is the same in every case
         reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else _first_line(e)
-        raise UserError(f"could not download {repo} from the Hugging Face hub ({reason}); {how}") from None
+        raise UserError(f"{flag} {name}: no such local directory, and could not download {repo} from the "
+                        f"Hugging Face hub ({reason}); {how}") from None
     return Path(path)
 
 
@@ -204,7 +213,8 @@ def hf_to_gpt2lab_state(hf_state: dict[str, torch.Tensor], source: str = "HF wei
 
 
 def check_hf_compatible(config: GPTConfig) -> None:
-    """Raise UserError if HF's GPT-2 cannot express this architecture."""
+    """Raise UserError if HF's GPT-2 cannot express this architecture (a bias-free model can: it is
+    exported with zero biases, which compute the same logits)."""
     problems = []
     if config.pos_emb != "learned":
         problems.append(f"pos_emb={config.pos_emb!r} (HF GPT-2 has learned positions only)")
@@ -212,10 +222,12 @@ def check_hf_compatible(config: GPTConfig) -> None:
         problems.append(f"n_kv_head={config.n_kv_head} (HF GPT-2 has multi-head attention only)")
     if any(w is not None for w in config.layer_windows()):
         problems.append(f"sliding_window={config.sliding_window} (HF GPT-2 has full attention only)")
-    if not config.bias:
-        problems.append("bias=false (HF GPT-2 always has biases)")
     if problems:
-        raise UserError(f"cannot export to HF GPT-2: {'; '.join(problems)}; export a model without these variants")
+        raise UserError(
+            f"cannot export to HF GPT-2: {'; '.join(problems)}; use the gpt2lab checkpoint itself (sample, chat, "
+            "eval and bench read it directly), or train with pos_emb=learned, n_kv_head=n_head and no "
+            "sliding_window to get an exportable model"
+        )
 
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer | None = None) -> dict:
@@ -263,25 +275,46 @@ def gpt2lab_to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
         if key == "transformer.wte.weight":
             value = value[:V]  # padding rows are never produced, HF has no use for them
         state[key] = value.to("cpu").contiguous()
+    if not model.config.bias:  # HF GPT-2 always has biases: zeros compute exactly what none do
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
+                out = module.weight.shape[0]
+                state[f"{name}.bias"] = torch.zeros(out, dtype=module.weight.dtype)
     return state
 
 
 def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained`
-    loads unchanged, plus the GPT-2 tokenizer files (vocab.json, merges.txt) when `tokenizer` is GPT-2 BPE.
-    Variants HF GPT-2 cannot express (RoPE, GQA/MQA, sliding windows, no biases) raise UserError."""
+    loads unchanged, plus tokenizer files `AutoTokenizer` loads: GPT-2's vocab.json/merges.txt, or a
+    tokenizer.json for a character-level model. Variants HF GPT-2 cannot express (RoPE, GQA/MQA,
+    sliding windows) raise UserError."""
     from safetensors.torch import save_file
+
+    from gpt2lab.fileio import atomic_dir
 
     config = hf_config(model.config, tokenizer)
     state = gpt2lab_to_hf_state(model)
     config["torch_dtype"] = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None and tokenizer.to_dict() == {"kind": "gpt2"}:
-        write_gpt2_tokenizer_files(out, model_max_length=model.config.block_size)
+    with atomic_dir(out) as tmp:  # an earlier export is replaced whole, or not at all
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        kind = tokenizer.to_dict().get("kind") if tokenizer is not None else None
+        if kind == "gpt2":
+            write_gpt2_tokenizer_files(tmp, model_max_length=model.config.block_size)
+        elif kind == "char":
+            write_char_tokenizer_files(tmp, tokenizer.chars, model_max_length=model.config.block_size)
     return out
+
+
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json",
+                          "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"})
+
+
+def is_hf_export(path: str | Path) -> bool:
+    """True for a directory that holds only what `save_hf_model` writes (an earlier export)."""
+    path = Path(path)
+    return is_hf_dir(path) and {p.name for p in path.iterdir()} <= EXPORT_FILES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,3 +381,20 @@ def write_gpt2_tokenizer_files(out_dir: str | Path, model_max_length: int = 1024
         "unk_token": EOT_TEXT,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def write_char_tokenizer_files(out_dir: str | Path, chars: str, model_max_length: int = 1024) -> None:
+    """Write tokenizer.json (a `tokenizers` WordLevel model with one token per character, split one
+    character at a time and joined back without spaces) and tokenizer_config.json, so
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` encodes exactly as gpt2lab's CharTokenizer."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character
+    tok.decoder = decoders.Fuse()
+    out = Path(out_dir)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -5,10 +5,13 @@
     openai-community/gpt2, ...               the same, by hub id
     random:<preset>                          a randomly initialised preset (demos, benchmarks), e.g. random:gpt2-tiny
     <HF directory>                           config.json (model_type gpt2) + model.safetensors / pytorch_model.bin
-    <checkpoint directory>                   a gpt2lab checkpoint (config.json + model.safetensors)
+    <checkpoint directory>                   a gpt2lab checkpoint (config.json + model.safetensors);
+                                             a LoRA run's checkpoint has its adapters merged in
     <run directory>                          its newest checkpoint
+    <LoRA adapter directory>                 the adapter's base (or `base`) with the adapter applied
 
-Used by sample, chat, eval, bench and finetune; none of them needs to know which kind it got.
+This is the one place an `--init` string becomes a model: sample, chat, eval, bench, convert,
+merge-lora and train all load through it, and none of them needs to know which kind it got.
 """
 
 from __future__ import annotations
@@ -17,74 +20,51 @@ from pathlib import Path
 
 import torch
 
+from gpt2lab import checkpoint, hf, lora
+from gpt2lab.devices import resolve_device, torch_dtype
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, PRESETS, GPTConfig
 from gpt2lab.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 RANDOM_PREFIX = "random:"
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """torch dtype from "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" (None and "auto" -> None)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return None
-    if name not in _DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """torch device from "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:1", "mps"."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but torch sees no CUDA GPU; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} requested but MPS is not available; use --device cpu")
-    return device
 
 
 def load_model(init: str, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+               dtype: str | torch.dtype | None = None, *, merge_adapter: bool = True,
+               flag: str = "--init") -> tuple[GPT, Tokenizer]:
     """The model and tokenizer `init` names (see the module docstring), on `device`, in eval mode.
 
     device: a torch device or a name for `resolve_device` ("auto", "cpu", "cuda", ...).
     dtype: parameter dtype or its name (default float32); e.g. torch.bfloat16 for faster decoding.
+    merge_adapter: for a LoRA adapter directory, fold the adapter into the base weights (False keeps
+    the LoRA layers, e.g. to export them).
+    flag: the option `init` came from (`--init`, `--model.init`), named in error messages.
     """
-    from gpt2lab import checkpoint, hf
-
-    dtype = parse_dtype(dtype)
+    dtype = torch_dtype(dtype)
     device = resolve_device(device) if isinstance(device, str) else device
     if init.startswith(RANDOM_PREFIX):
         model, tokenizer = _random_model(init[len(RANDOM_PREFIX):], device), get_tokenizer("gpt2")
     elif Path(init).exists():
         path = Path(init)
+        if lora.is_adapter(path):
+            model, tokenizer, _ = load_adapted_model(path, device=device, dtype=dtype)
+            if merge_adapter:
+                lora.merge_lora(model)
+            return model.eval(), tokenizer
         if checkpoint.find_latest(path) is not None:
-            model, config = checkpoint.load_checkpoint(path, device)
+            model, config = _load_checkpoint(path, device)
             tokenizer = _checkpoint_tokenizer(config)
         elif hf.is_hf_dir(path):
             model, tokenizer = hf.load_hf_model(path, device), get_tokenizer("gpt2")
         else:
             raise UserError(
-                f"{init} is neither a gpt2lab checkpoint/run directory (config.json or checkpoints/step_*/) "
-                "nor a Hugging Face GPT-2 directory (config.json + model.safetensors)"
+                f"{flag} {init}: neither a gpt2lab checkpoint/run directory (config.json or checkpoints/step_*/), "
+                "a LoRA adapter, nor a Hugging Face GPT-2 directory (config.json + model.safetensors)"
             )
     elif hf.is_hub_name(init):
-        model, tokenizer = hf.load_hf_model(init, device), get_tokenizer("gpt2")
+        model, tokenizer = hf.load_hf_model(init, device, flag=flag), get_tokenizer("gpt2")
     else:
-        raise UserError(f"--init {init}: no such file or directory, and not a model name "
-                        f"({', '.join(hf.HUB_MODELS)}, or random:<preset> with a preset of {', '.join(PRESETS)})")
+        raise UserError(_not_found(init, flag))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{init}: the model has {model.config.vocab_size} token ids but its tokenizer "
                         f"({tokenizer.name}) produces {tokenizer.vocab_size}; they do not belong together")
@@ -93,22 +73,64 @@ def load_model(init: str, device: str | torch.device = "cpu",
     return model.eval(), tokenizer
 
 
-def load_config(init: str) -> GPTConfig:
-    """Only the architecture `init` names (no weights read): a preset or random:<preset>, a hub
-    name (its preset), an HF directory, a checkpoint or run directory."""
-    from gpt2lab import checkpoint, hf
+def load_config(init: str, flag: str = "--init") -> GPTConfig:
+    """Only the architecture `init` names (no weights read): a preset or random:<preset>, a hub id
+    (its config.json only), an HF directory, a checkpoint, run or LoRA adapter directory."""
+    if init.startswith(RANDOM_PREFIX) or init in PRESETS:
+        return GPTConfig.from_preset(init.removeprefix(RANDOM_PREFIX))
+    if init.removeprefix("openai-community/") in hf.HUB_MODELS:  # OpenAI's four are presets: no download
+        return GPTConfig.from_preset(init.removeprefix("openai-community/"))
+    path = Path(init)
+    if path.exists():
+        if lora.is_adapter(path):
+            return GPTConfig.from_dict(lora.read_adapter_config(path)["base"]["model"])
+        ckpt = checkpoint.find_latest(path)
+        if ckpt is not None:
+            return GPTConfig.from_dict(checkpoint.read_config(ckpt)["model"])
+        if hf.is_hf_dir(path):
+            return hf.config_from_hf(hf.read_hf_config(path), source=str(path / "config.json"))
+        raise UserError(f"{flag} {init}: neither a gpt2lab checkpoint/run directory, a LoRA adapter, "
+                        "nor a Hugging Face GPT-2 directory")
+    if hf.is_hub_name(init):
+        hub_dir = hf.download_hf_model(init, config_only=True, flag=flag)
+        return hf.config_from_hf(hf.read_hf_config(hub_dir), source=f"{init}/config.json")
+    raise UserError(_not_found(init, flag))
 
-    name = init[len(RANDOM_PREFIX):] if init.startswith(RANDOM_PREFIX) else init
-    if not Path(init).exists():
-        if hf.is_hub_name(name):
-            name = name.rsplit("/", 1)[-1]
-        return GPTConfig.from_preset(name)
-    ckpt = checkpoint.find_latest(init)
-    if ckpt is not None:
-        return GPTConfig.from_dict(checkpoint.read_config(ckpt)["model"])
-    if hf.is_hf_dir(init):
-        return hf.config_from_hf(hf.read_hf_config(init), source=str(Path(init) / "config.json"))
-    raise UserError(f"{init} is neither a gpt2lab checkpoint/run directory nor a Hugging Face GPT-2 directory")
+
+def _not_found(init: str, flag: str) -> str:
+    return (f"{flag} {init}: no such file or directory, and not a model name (a hub id such as "
+            f"{', '.join(hf.HUB_MODELS)}, or random:<preset> with a preset of {', '.join(PRESETS)})")
+
+
+def load_adapted_model(adapter: str | Path, base_init: str | None = None, device: str | torch.device = "cpu",
+                       dtype: str | torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict]:
+    """(model, tokenizer, adapter config): the adapter's base (or `base_init`) loaded through
+    `load_model`, with the adapter applied on top (not merged)."""
+    from gpt2lab.lora import load_adapter, read_adapter_config
+
+    config = read_adapter_config(adapter)
+    init = base_init or config.get("base", {}).get("init")
+    if not init:
+        raise UserError(f"{adapter}: the adapter records no base model; pass it with --init")
+    model, tokenizer = load_model(init, device=device, dtype=dtype)
+    load_adapter(model, adapter)
+    return model, tokenizer, config
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:
+    """A checkpoint's model; a LoRA run's checkpoint (base + lora_A/lora_B) gets its adapters merged."""
+    from gpt2lab.fileio import load_model_weights
+    from gpt2lab.lora import LoraConfig, apply_lora, merge_lora
+
+    ckpt = checkpoint.find_latest(path)
+    config = checkpoint.read_config(ckpt)
+    if not checkpoint.has_lora(config):
+        return checkpoint.load_checkpoint(ckpt, device)
+    model = checkpoint.build_model(config, device)
+    apply_lora(model, LoraConfig.from_dict(config["lora"]))
+    load_model_weights(model, checkpoint.load_weights(ckpt, device), str(ckpt))
+    config["path"] = str(ckpt)
+    return merge_lora(model), config
 
 
 def _random_model(preset: str, device: torch.device) -> GPT:

@@ -17,14 +17,28 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import LogConfig
 from gpt2lab.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go (metrics.jsonl in the run directory is always written)."""
+
+    progress: bool = True
+    """Live progress bar when the console is a terminal (plain lines otherwise)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to <out_dir>/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "gpt2lab"
+    """W&B project name."""
 
 
 def format_duration(seconds: float) -> str:
@@ -169,8 +183,47 @@ class RunLogger:
         self.enabled = False
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the train and val loss of a run (from metrics.jsonl) against the step; returns the PNG path."""
+PLOT_X = ("step", "tokens")
+
+
+def _run_series(run_dir: Path) -> dict[str, dict[int, float]]:
+    """step -> value of a run's train loss, val loss, learning rate and tokens seen; a later event of
+    the same step (after a resume) replaces an earlier one."""
+    series: dict[str, dict[int, float]] = {"train": {}, "val": {}, "lr": {}, "tokens": {}}
+    for e in read_metrics(run_dir):
+        if e.get("event") == "train" and "loss" in e:
+            series["train"][e["step"]] = e["loss"]
+            if "lr" in e:
+                series["lr"][e["step"]] = e["lr"]
+            if "tokens" in e:
+                series["tokens"][e["step"]] = e["tokens"]
+        elif e.get("event") == "eval" and "val_loss" in e:
+            series["val"][e["step"]] = e["val_loss"]
+    if not series["train"] and not series["val"]:
+        raise UserError(f"{run_dir}/{METRICS_FILE} has no train or eval losses to plot yet")
+    return series
+
+
+def _tokens_at(series: dict[str, dict[int, float]], steps: list[int]) -> list[float]:
+    """Tokens seen after each step: logged with train events; val steps use the run's tokens per step."""
+    known = series["tokens"]
+    per_step = next((known[s] / s for s in sorted(known) if s > 0), None)
+    if per_step is None:
+        raise UserError("the run logged no token counts; plot it with --x step")
+    return [known.get(s, s * per_step) for s in steps]
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step", log_scale: bool | None = None) -> Path:
+    """Loss curves of one or more runs on one figure (train lines, val markers, one colour per run)
+    above a learning-rate panel; returns the PNG path.
+
+    x: "step" or "tokens" (tokens seen, comparable across batch sizes). log_scale: a log loss axis;
+    None = log when the losses span more than 3x (the first steps' ~ln(vocab) would otherwise flatten
+    the interesting range)."""
+    from gpt2lab.fileio import check_output_file
+
+    if x not in PLOT_X:
+        raise UserError(f"--x {x!r} is not one of {', '.join(PLOT_X)}")
     try:
         import matplotlib
     except ImportError:
@@ -178,26 +231,53 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = read_metrics(run_dir)
-    series: dict[str, dict[int, float]] = {"train": {}, "val": {}}
-    for e in events:  # a later event of the same step (after a resume) replaces an earlier one
-        if e.get("event") == "train" and "loss" in e:
-            series["train"][e["step"]] = e["loss"]
-        elif e.get("event") == "eval" and "val_loss" in e:
-            series["val"][e["step"]] = e["val_loss"]
-    if not series["train"] and not series["val"]:
-        raise UserError(f"{run_dir}/{METRICS_FILE} has no train or eval losses to plot yet")
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for name, style in (("train", "-"), ("val", "o-")):
-        if series[name]:
-            steps = sorted(series[name])
-            ax.plot(steps, [series[name][s] for s in steps], style, label=f"{name} loss", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(Path(run_dir).resolve().name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
+    runs = [(Path(d), _run_series(Path(d))) for d in run_dirs]
+    check_output_file(out, "-o")
+    names = [d.resolve().name for d, _ in runs]
+    if len(set(names)) < len(names):  # same folder names: tell them apart by the full path
+        names = [str(d) for d, _ in runs]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=110, sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})
+    losses: list[float] = []
+    for (_, series), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        label = "" if len(runs) == 1 else f"{name}: "
+        for kind, style in (("train", "-"), ("val", "o--")):
+            steps = sorted(series[kind])
+            if not steps:
+                continue
+            xs = _tokens_at(series, steps) if x == "tokens" else steps
+            values = [series[kind][s] for s in steps]
+            losses += values
+            ax.plot(xs, values, style, color=color, markersize=3.5, linewidth=1.2 if kind == "train" else 1.0,
+                    alpha=0.85 if kind == "train" else 1.0, label=f"{label}{kind} loss")
+        if series["lr"]:
+            steps = sorted(series["lr"])
+            xs = _tokens_at(series, steps) if x == "tokens" else steps
+            ax_lr.plot(xs, [series["lr"][s] for s in steps], color=color, linewidth=1.2)
+    finite = [v for v in losses if math.isfinite(v) and v > 0]
+    if log_scale is None:
+        log_scale = bool(finite) and max(finite) / min(finite) > 3
+    if log_scale:
+        from matplotlib import ticker
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))  # 2.5, not 2.5 x 10^0
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_ylabel("loss (nats/token)" + (", log scale" if log_scale else ""))
+    ax.set_title(names[0] if len(runs) == 1 else f"{len(runs)} runs")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens seen" if x == "tokens" else "step")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    out = Path(out)
     fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw a run's loss and learning rate against the step to <run_dir>/loss.png (or `out`)."""
+    return plot_runs([run_dir], Path(out) if out is not None else Path(run_dir) / PLOT_FILE)

@@ -19,8 +19,8 @@ import json
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,11 +28,32 @@ import torch.nn.functional as F
 
 from gpt2lab.errors import UserError
 
-DEFAULT_TARGETS = ("c_attn", "c_proj")  # as config.LoraConfig
 ADAPTER_FORMAT = "gpt2lab-lora-adapter"
 ADAPTER_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA: train low-rank adapters instead of the full weights."""
+
+    r: int = 0
+    """Adapter rank (0 = LoRA off, full finetuning)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter output is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+    """Names of the Linear layers that get adapters (c_attn, c_proj, c_fc, lm_head)."""
+    merge: bool = False
+    """Merge the adapters into the base weights at the end and save a plain checkpoint."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraConfig:
+        """From a saved config (a checkpoint's "lora" entry); keys it lacks take these defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class LoRALinear(nn.Module):
@@ -70,10 +91,6 @@ class LoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}"
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
-
-
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Qualified name -> LoRALinear for every adapted layer of `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -88,15 +105,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Replace the nn.Linear layers named by `cfg.targets` (a name or dotted suffix such as "c_attn"
-    or "mlp.c_proj"; default c_attn and c_proj) with LoRALinear(r, alpha, dropout) and freeze every
-    other parameter. Call it after the base weights are loaded. Returns `model` (changed in place)."""
-    r, alpha, dropout = _get(cfg, "r", 0), _get(cfg, "alpha", None), _get(cfg, "dropout", 0.0)
-    targets = list(_get(cfg, "targets", None) or DEFAULT_TARGETS)
+    or "mlp.c_proj") with LoRALinear(r, alpha, dropout) and freeze every other parameter. Call it
+    after the base weights are loaded. Returns `model` (changed in place)."""
+    r, alpha, dropout, targets = cfg.r, float(cfg.alpha), cfg.dropout, list(cfg.targets)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise UserError(f"lora.r must be a positive integer to apply LoRA, got {r!r}")
-    alpha = float(r if alpha is None else alpha)
     if alpha <= 0:
         raise UserError(f"lora.alpha must be positive, got {alpha}")
     if not 0.0 <= float(dropout) < 1.0:
@@ -127,7 +142,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The A and B matrices only, with clean keys (no compile/DDP prefixes), as contiguous CPU tensors."""
-    from gpt2lab.checkpoint import clean_state_dict
+    from gpt2lab.fileio import clean_state_dict
 
     return clean_state_dict({k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))})
 
@@ -153,13 +168,13 @@ def base_identity(model: nn.Module) -> dict:
     return {"config_sha256": config_sha[:16], "wte_sha256": weights_sha[:16], "model": config}
 
 
-def save_adapter(path: str | Path, model: nn.Module, cfg: Any, base_init: str,
+def save_adapter(path: str | Path, model: nn.Module, cfg: LoraConfig, base_init: str,
                  tokenizer: dict | None = None, extra: dict | None = None) -> Path:
     """Atomically write adapter.safetensors (A, B) and adapter_config.json (r, alpha, dropout,
     targets, adapted layer names, base init string and identity) into directory `path`."""
     from safetensors.torch import save_file
 
-    from gpt2lab.checkpoint import atomic_dir
+    from gpt2lab.fileio import atomic_dir
 
     modules = lora_modules(model)
     if not modules:
@@ -171,8 +186,8 @@ def save_adapter(path: str | Path, model: nn.Module, cfg: Any, base_init: str,
         "version": ADAPTER_VERSION,
         "r": first.r,
         "alpha": first.alpha,
-        "dropout": float(_get(cfg, "dropout", 0.0)),
-        "targets": list(_get(cfg, "targets", None) or DEFAULT_TARGETS),
+        "dropout": float(cfg.dropout),
+        "targets": list(cfg.targets),
         "modules": sorted({key.rpartition(".")[0] for key in weights}),
         "base": {"init": str(Path(base_init).resolve()) if Path(base_init).exists() else base_init,
                  **base_identity(model)},
@@ -193,7 +208,7 @@ def is_adapter(path: str | Path) -> bool:
 
 def read_adapter_config(path: str | Path) -> dict:
     """The adapter_config.json of an adapter directory, validated."""
-    from gpt2lab.checkpoint import read_versioned_json
+    from gpt2lab.fileio import read_versioned_json
 
     return read_versioned_json(Path(path) / ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_VERSION, "gpt2lab LoRA adapter")
 
@@ -214,8 +229,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
     if base.get("wte_sha256") != ident["wte_sha256"]:
         warnings.warn(f"{path}: this base's weights differ from those of '{base.get('init')}', which the adapter "
                       "was trained on", stacklevel=2)
-    apply_lora(model, {"r": config["r"], "alpha": config["alpha"], "dropout": config.get("dropout", 0.0),
-                       "targets": config.get("modules") or config.get("targets")})
+    apply_lora(model, LoraConfig(r=config["r"], alpha=config["alpha"], dropout=config.get("dropout", 0.0),
+                                 targets=config.get("modules") or config.get("targets")))
     f = Path(path) / ADAPTER_WEIGHTS
     if not f.is_file():
         raise UserError(f"{path} has no {ADAPTER_WEIGHTS}; the adapter is incomplete")
@@ -235,16 +250,57 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
     return config
 
 
-def load_adapted_model(adapter: str | Path, base_init: str | None = None, device: str = "cpu",
-                       dtype: str | None = None) -> tuple[nn.Module, Any, dict]:
-    """(model, tokenizer, adapter config): the adapter's base (or `base_init`) loaded through
-    `gpt2lab.loading.load_model`, with the adapter applied on top (not merged)."""
-    from gpt2lab.loading import load_model
+# --------------------------------------------------------------------------------------------------
+# PEFT export
 
-    config = read_adapter_config(adapter)
-    init = base_init or config.get("base", {}).get("init")
-    if not init:
-        raise UserError(f"{adapter}: the adapter records no base model; pass it with --init")
-    model, tokenizer = load_model(init, device=device, dtype=dtype)
-    load_adapter(model, adapter)
-    return model, tokenizer, config
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_peft_export(path: str | Path) -> bool:
+    """True for a directory that holds only a PEFT LoRA adapter (an earlier `save_peft_adapter`)."""
+    path, config = Path(path), Path(path) / "adapter_config.json"
+    try:
+        peft = json.loads(config.read_text()).get("peft_type") == "LORA"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return peft and {p.name for p in path.iterdir()} <= {"adapter_config.json", PEFT_WEIGHTS, "README.md"}
+
+
+def save_peft_adapter(path: str | Path, model: nn.Module, base_model_name_or_path: str) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    that `peft.PeftModel.from_pretrained(base, path)` applies to the HF export of the same base.
+
+    HF GPT-2's projections are Conv1D layers, hence `fan_in_fan_out`; A (r, in) and B (out, r) are
+    stored as PEFT's lora_A / lora_B weights unchanged, and the scaling alpha / r is the same."""
+    from safetensors.torch import save_file
+
+    from gpt2lab.fileio import atomic_dir
+
+    modules = lora_modules(model)
+    if not modules:
+        raise UserError("the model has no LoRA layers to export; pass a LoRA adapter directory with --init")
+    first = next(iter(modules.values()))
+    if any((m.r, m.alpha) != (first.r, first.alpha) for m in modules.values()):
+        raise UserError("the adapter's layers have different ranks or alphas; PEFT needs one r and alpha")
+    weights = {f"base_model.model.{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().cpu().contiguous()
+               for name, m in modules.items() for ab in ("A", "B")}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": float(first.lora_dropout.p),
+        "target_modules": sorted(modules),
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(weights, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

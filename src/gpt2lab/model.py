@@ -2,15 +2,16 @@
 
     GPTConfig  -> the architecture (presets: gpt2, gpt2-medium, gpt2-large, gpt2-xl, and tiny ones)
     RoPE       -> rotary position embeddings (optional, `pos_emb="rope"`)
-    KVCache    -> preallocated key/value cache for fast generation (ring buffer under a sliding window)
-    Attention  -> causal self-attention: MHA / GQA / MQA, optional sliding window, through SDPA
+    KVCache    -> preallocated key/value storage for fast generation (ring buffer under a sliding window)
+    Attention  -> causal self-attention: MHA / GQA / MQA, optional sliding window; one mask, one SDPA call
     MLP, Block -> the pre-LayerNorm transformer block of GPT-2
-    GPT        -> embeddings, blocks, final LayerNorm, tied LM head; `logits, loss = model(idx, targets)`
+    GPT        -> embeddings, blocks, final LayerNorm, tied LM head; `logits, loss = model(idx, targets)`,
+                  `model.predict(idx)`, `model.generate(idx, max_new_tokens, temperature, top_k)`
 
 With the default config this is OpenAI's GPT-2 exactly: learned absolute positions, pre-LayerNorm,
 GELU (tanh approximation), fused qkv projection, token embedding tied to the LM head, biases.
 Shape comments use B (batch), T (time), C (n_embd), nh (heads), nkv (kv heads), hs (head size).
-This module imports torch only.
+This module imports torch only (and, inside `GPT.generate`, the token loop of gpt2lab.sampling).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def rope_cache(head_size: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x (B, nh, T, hs) by angles given as cos/sin (B, 1, T, hs/2)."""
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x (B, nh, T, hs) by angles given as cos/sin
+    (B or 1, 1, T, hs/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
@@ -171,19 +173,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LayerKVCache(nn.Module):
-    """Preallocated keys/values of one layer: (B, nkv, S, hs), never grown.
+    """Preallocated keys/values of one layer: (B, nkv, S, hs), never grown. It only stores; attention
+    is computed in `CausalSelfAttention`.
 
     Rows advance in lockstep by columns (a left-padded row simply has padding in its first columns);
     column c is stored in slot c (full attention, S = max_len) or c % S (sliding window: a ring of
     S = window slots). `slot_pos` records the absolute position each slot holds (-1 = empty or
     padding), so the attention mask is computed from positions, never assumed.
 
-    In static mode (`KVCache.start_static_decoding`) one-token steps go through `attend_static`,
-    whose shapes and Python state never change from step to step (for torch.compile / CUDA graphs).
+    In static mode (`KVCache.start_static_decoding`) `update` takes one-token steps whose shapes and
+    Python state never change from step to step (for torch.compile / CUDA graphs).
     """
 
     def __init__(self, batch_size: int, n_kv_head: int, size: int, head_size: int, window: int | None,
-                 dtype: torch.dtype, device: torch.device | str | None, step_masks: dict | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
         super().__init__()
         shape = (batch_size, n_kv_head, size, head_size)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -197,66 +200,53 @@ class LayerKVCache(nn.Module):
         # Static mode: the next column as a device tensor, advanced by the step itself.
         self.register_buffer("col", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.static = False
-        # Layers of equal (window, size) hold identical slot positions, so within one forward pass the
-        # first of them builds the attention mask and the rest reuse it (KVCache clears it per pass).
-        self.step_masks = {} if step_masks is None else step_masks
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
         self.next_col = 0
         self.static = False
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Store k, v (B, nkv, T, hs) of absolute positions pos (B, T) (-1 = padding, never attended)
-        and return the attention of q (B, nh, T, hs) over every key visible to each query."""
-        if self.static:
-            return self.attend_static(q, k, v, pos)
+    def update(self, k: torch.Tensor, v: torch.Tensor,
+               pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) of absolute positions pos (B or 1, T) (-1 = padding) and return
+        what the T new queries may attend over: keys and values (B, nkv, Tk, hs) with their positions
+        (B, Tk) (-1 = empty or padding, to be masked).
+
+        Tk is the filled prefix (full attention), the S ring slots (one-token steps, static mode) or
+        S + T (a multi-token step into a ring: the old slots followed by the new keys).
+        """
+        pos = pos.expand(k.shape[0], -1)
         T = k.shape[2]
+        if self.static:
+            # Fixed shapes: the column is the tensor `col`, the write an index_copy_ into slot col % S,
+            # and all S slots are returned. Nothing is read back to the host; the caller must not step
+            # past the cache's max_len.
+            if T != 1:
+                raise ValueError(f"static KV-cache steps take one token per row, got {T}")
+            slot = self.col % self.size  # (1,)
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            self.slot_pos.index_copy_(1, slot, pos)
+            self.col += 1
+            return self.k, self.v, self.slot_pos
         start = self.next_col
-        key = (self.window, self.size)
         if self.window is None:
             if start + T > self.size:
                 raise ValueError(f"KV cache holds {self.size} tokens per row; {start + T} were requested")
             self._write(k, v, pos, start)
-            n = start + T  # attend over the filled prefix only
-            mask = self.step_masks.get(key)
-            if mask is None:
-                mask = self.step_masks[key] = attention_mask(pos, self.slot_pos[:, :n], None, q.dtype)
-            return _sdpa(q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask)
+            n = start + T  # the filled prefix only
+            return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:, :n]
         if T == 1:
             # The slot overwritten holds position p - window, which is already outside the window.
             self._write(k, v, pos, start)
-            mask = self.step_masks.get(key)
-            if mask is None:
-                mask = self.step_masks[key] = attention_mask(pos, self.slot_pos, self.window, q.dtype)
-            return _sdpa(q, self.k, self.v, attn_mask=mask)
+            return self.k, self.v, self.slot_pos
         # A multi-token step into a ring could overwrite keys its own earlier queries still need:
-        # attend over [old ring, new keys] first, then keep only the newest S columns.
-        mask = self.step_masks.get(key)
-        if mask is None:
-            k_pos = torch.cat((self.slot_pos, pos), dim=1)
-            mask = self.step_masks[key] = attention_mask(pos, k_pos, self.window, q.dtype)
-        out = _sdpa(q, torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2), attn_mask=mask)
+        # return [old ring, new keys], then keep only the newest S columns.
+        out = (torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2),
+               torch.cat((self.slot_pos, pos), dim=1))
         keep = min(T, self.size)
         self._write(k[:, :, T - keep:], v[:, :, T - keep:], pos[:, T - keep:], start + T - keep)
         return out
-
-    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """`attend` for one token (T = 1) with fixed shapes: the column is the tensor `col`, the write
-        an index_copy_ into slot col % S, and the query attends over all S slots (empty ones masked).
-        Nothing is read back to the host; the caller must not step past the cache's max_len."""
-        if k.shape[2] != 1:
-            raise ValueError(f"static KV-cache steps take one token per row, got {k.shape[2]}")
-        slot = self.col % self.size  # (1,)
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
-        self.slot_pos.index_copy_(1, slot, pos)
-        self.col += 1
-        key = (self.window, self.size)
-        mask = self.step_masks.get(key)
-        if mask is None:
-            mask = self.step_masks[key] = attention_mask(pos, self.slot_pos, self.window, q.dtype)
-        return _sdpa(q, self.k, self.v, attn_mask=mask)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, start_col: int) -> None:
         T = k.shape[2]
@@ -284,19 +274,23 @@ class KVCache(nn.Module):
                 f"generation needs {max_len} positions but the model's block_size is {config.block_size}"
             )
         self.max_len = max_len
-        self.step_masks: dict = {}
         self.layers = nn.ModuleList(
             LayerKVCache(batch_size, config.n_kv_head, min(w, max_len) if w else max_len, config.head_size, w,
-                         dtype, device, self.step_masks)
+                         dtype, device)
             for w in config.layer_windows()
         )
+
+    @property
+    def next_col(self) -> int:
+        """Columns filled so far (outside static mode); every layer advances in lockstep."""
+        return self.layers[0].next_col
 
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
 
     def start_static_decoding(self) -> None:
-        """From the next step on, take one-token steps of fixed shapes (`LayerKVCache.attend_static`),
+        """From the next step on, take one-token steps of fixed shapes (see `LayerKVCache.update`),
         which torch.compile can capture whole (mode="reduce-overhead": CUDA graphs). Call it after the
         prefill; every later step must pass `pos`. `reset()` goes back to the ordinary mode."""
         for layer in self.layers:
@@ -311,35 +305,13 @@ class KVCache(nn.Module):
 # Attention
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, Tq, Tk) of `dtype` (0 = visible, -inf = hidden) from absolute positions
-    q_pos (B, Tq) and k_pos (B, Tk): causal, within the window, never padding (-1)."""
-    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    # A padding query sees nothing; let it see itself so softmax stays finite (its output is unused).
-    allowed |= (q_pos[:, :, None] < 0) & (torch.arange(k_pos.shape[1], device=k_pos.device) == k_pos.shape[1] - 1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-    return mask[:, None]
-
-
-def _sdpa(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
-    """scaled_dot_product_attention with grouped-query heads expanded when there are fewer kv heads."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-
-
-def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
-    """Boolean (T, T) mask: query i sees keys j with i - window < j <= i."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (i - j < window)
-
-
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention (MHA / GQA / MQA, optional sliding window), the one place attention is
+    computed: training (no cache), prefill, decode and static decode all go through `forward`, which
+    takes its mask from `attention_mask` (built from positions) and calls SDPA once. A new attention
+    variant is an edit to this class only: a new mask rule in `attention_mask`, new scores or kernels
+    at the SDPA call in `forward`; the KV cache just stores keys, values and their positions."""
+
     def __init__(self, config: GPTConfig, window: int | None) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
@@ -352,8 +324,24 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: LayerKVCache | None,
-                pos: torch.Tensor | None) -> torch.Tensor:
+    def attention_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (B, 1, Tq, Tk) of `dtype` (0 = visible, -inf = hidden) from absolute positions
+        q_pos (B, Tq) and k_pos (B, Tk) (B may be 1 in either): causal, within the window, never
+        padding or an empty slot (-1)."""
+        allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if self.window is not None:
+            allowed = allowed & ((q_pos[:, :, None] - k_pos[:, None, :]) < self.window)
+        # A padding query sees nothing; let it see the last key so softmax stays finite (output unused).
+        last = torch.arange(k_pos.shape[1], device=k_pos.device) == k_pos.shape[1] - 1
+        allowed = allowed | ((q_pos[:, :, None] < 0) & last)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, float("-inf"))[:, None]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: LayerKVCache | None, pos: torch.Tensor, masks: dict) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). pos (B or 1, T): absolute positions of the tokens (-1 = padding);
+        cache: this layer's KV store, or None (training: the T tokens attend among themselves);
+        masks: this forward pass's masks by (window, Tk), shared by layers that see the same keys."""
         B, T, C = x.shape
         hs = self.head_size
         q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -362,12 +350,22 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_pos = pos
         if cache is not None:
-            y = cache.attend(q, k, v, pos)
-        else:
-            dropout_p = self.dropout if self.training else 0.0
-            mask = None if self.window is None or self.window >= T else sliding_window_mask(T, self.window, x.device)
-            y = _sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
+            k, v, k_pos = cache.update(k, v, pos)  # (B, nkv, Tk, hs), (B, Tk): every key q may see
+        mask = None  # plain causal attention: is_causal, no materialised mask, the flash kernels
+        if cache is not None or (self.window is not None and self.window < T):
+            # Caches advance in lockstep, so layers of equal (window, Tk) hold equal key positions.
+            key = (self.window, k_pos.shape[1])
+            mask = masks.get(key)
+            if mask is None:
+                mask = masks[key] = self.attention_mask(pos, k_pos, q.dtype)
+        if self.n_kv_head != self.n_head:  # GQA/MQA: each kv head serves n_head // n_kv_head query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        dropout_p = self.dropout if self.training and cache is None else 0.0  # a cache means inference
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -394,8 +392,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, pos=None):
-        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: LayerKVCache | None, pos: torch.Tensor, masks: dict) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); the other arguments are `CausalSelfAttention.forward`'s."""
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, masks)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -479,7 +479,8 @@ class GPT(nn.Module):
         targets (B, T): next-token ids, -100 = ignored. `loss_reduction` "mean" averages over the
         counted tokens; "sum" returns their sum (for normalising across micro-batches or ranks).
         pos (B, T): absolute positions (default 0..T-1, continuing after the tokens already in
-        `cache`; -1 marks left padding). cache: a KVCache from `new_cache` to decode incrementally.
+        `cache`; -1 marks left padding, masked with a cache; without one, full-attention layers are
+        causal by column). cache: a KVCache from `new_cache` to decode incrementally.
         last_only: logits of the last position only.
         fused_loss: with targets, compute the LM head and the loss chunk by chunk
         (`gpt2lab.losses.linear_cross_entropy`, same value and gradients) and return logits None.
@@ -489,11 +490,12 @@ class GPT(nn.Module):
             if cache is None and T > self.config.block_size and self.config.pos_emb == "learned":
                 raise UserError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
             # With a cache, positions continue after the tokens it already holds.
-            start = cache.layers[0].next_col if cache is not None else 0
-            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+            start = cache.next_col if cache is not None else 0
+            pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T): the same in every row
         x = self.transformer.wte(idx)
         if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(pos.clamp(min=0))
+            # Looked up per row (B, T, C): broadcasting would change the order wpe's gradient is summed in.
+            x = x + self.transformer.wpe(pos.clamp(min=0).expand(B, T))
         rope = None
         if self.config.pos_emb == "rope":
             # Positions never exceed the columns a cache holds, so no device sync is needed here.
@@ -501,12 +503,11 @@ class GPT(nn.Module):
             if need > self.rope_len:
                 self._build_rope(max(need, 2 * self.rope_len), idx.device)
             p = pos.clamp(min=0)
-            rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, hs/2)
+            rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B or 1, 1, T, hs/2)
         x = self.transformer.drop(x)
-        if cache is not None:
-            cache.step_masks.clear()  # masks are per forward pass (see LayerKVCache.step_masks)
+        masks: dict = {}  # attention masks are built once per forward pass (CausalSelfAttention.forward)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache.layers[i] if cache is not None else None, pos)
+            x = block(x, rope, cache.layers[i] if cache is not None else None, pos, masks)
         x = self.transformer.ln_f(x)
         if fused_loss and targets is not None:  # never materialises the (B*T, V) logits
             if not isinstance(self.lm_head, nn.Linear):
@@ -543,19 +544,37 @@ class GPT(nn.Module):
         w = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len, dtype or w.dtype, w.device)
 
-    # Interop lives in gpt2lab.hf; these entry points import it lazily.
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """Load OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, ...) from the HF hub, or a local HF directory."""
-        from gpt2lab.hf import load_hf_model
+    # nanoGPT's inference interface, backed by the KV-cache generator (gpt2lab.sampling).
+    @torch.no_grad()
+    def predict(self, idx: torch.Tensor, targets: bool = True) -> torch.Tensor:
+        """Logits for the ids idx (B, T): the prediction after every position (B, T, vocab_size)
+        with `targets=True`, or after the last position only (B, 1, vocab_size)."""
+        logits, _ = self(idx, last_only=not targets)
+        return logits
 
-        return load_hf_model(name_or_dir, **kwargs)
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 *, top_p: float | None = None, seed: int | None = None,
+                 stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+        """Complete the sequences idx (B, T) with `max_new_tokens` tokens each, feeding every
+        prediction back in; returns prompt + continuation, (B, T + max_new_tokens).
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads unchanged."""
-        from gpt2lab.hf import save_hf_model
+        temperature 0 = greedy; top_k / top_p restrict sampling; `seed` makes it reproducible. A row
+        that produces one of `stop_ids` ends there; its remaining columns repeat that stop id. The
+        same tokens as `gpt2lab.sampling.generate` (KV cache; a learned-position model slides its
+        context past block_size)."""
+        from gpt2lab.sampling import stream
 
-        save_hf_model(self, out_dir)
+        rows = [list(r) for r in idx.tolist()]
+        steps = stream(self, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed, stop_ids=stop_ids)
+        out = [[] for _ in rows]
+        for step in steps:
+            for row, t in enumerate(step):
+                if t is not None:
+                    out[row].append(t)
+        fill = stop_ids[0] if stop_ids else 0
+        new = [o + [fill] * (max_new_tokens - len(o)) for o in out]  # a stopped row: padded with its stop id
+        return torch.cat((idx, torch.tensor(new, dtype=idx.dtype, device=idx.device)), dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,10 +14,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from gpt2lab.config import OptimConfig
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 6e-4
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 6e-5
+    """Final learning rate of the cosine and wsd schedules."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings (params with >= 2 dims) only."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    fused: bool | str = "auto"
+    """Fused AdamW kernel: "auto" = fused on CUDA and CPU (several times faster there), foreach
+    elsewhere; true/false to force."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping; the norm is still reported)."""
+    schedule: str = "cosine"
+    """"cosine" (warmup, cosine decay to min_lr at max_steps), "constant" (warmup, then lr), or
+    "wsd" (warmup, stable lr, linear decay to min_lr over the last decay_fraction of the steps)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from lr/warmup_steps to lr."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of max_steps spent decaying to min_lr."""
 
 
 def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:

@@ -1,12 +1,13 @@
 """Distributed training: the process group from torchrun's environment, every parallel wrapping
-applied in one place, and checkpoints that reshard across world sizes.
+applied in one place.
 
     init_distributed  -> DistEnv (rank, world size, device) from torchrun's env; one process without it
     parallelize       -> activation checkpointing -> torch.compile per block -> FSDP2 per block or DDP
     no_sync           -> skip the gradient all-reduce on accumulation micro-steps (DDP)
     all_reduce        -> reduce a metric across ranks (a no-op in one process)
-    save_sharded      -> a checkpoint directory: rank 0 writes it (none/DDP) or DCP shards + consolidated
-    load_sharded         weights (FSDP); either kind loads at any world size, with or without a process group
+
+Checkpoints of a parallelized model (DCP shards under FSDP) are written and read by
+`gpt2lab.checkpoint.save_sharded` / `load_sharded`.
 
 Gradient convention: the trainer divides each rank's summed loss by the *global* number of counted
 tokens of the step (docs/design.md), so the true gradient is the *sum* of the ranks' gradients.
@@ -20,33 +21,51 @@ import contextlib
 import datetime
 import os
 import sys
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gpt2lab.checkpoint import (
-    TRAIN_STATE_FILE,
-    atomic_dir,
-    clean_state_dict,
-    load_train_state,
-    load_weights,
-    write_checkpoint,
-)
+from gpt2lab.devices import resolve_device
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPT
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
-DCP_DIR = "dcp"
-"""Subdirectory of an FSDP checkpoint holding the sharded model and optimizer (torch.distributed.checkpoint)."""
 DEFAULT_TIMEOUT_S = 600.0
 """Collective timeout: a rank stuck this long in a collective (a peer hung or lost) raises and exits."""
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 options (parallel.strategy "fsdp")."""
+
+    reshard_after_forward: bool = True
+    """Free gathered parameters after the forward (less memory, one more all-gather in backward)."""
+    mixed_precision: bool = True
+    """Gather parameters and reduce gradients in the compute dtype (bf16) instead of fp32."""
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-GPU training (launch with torchrun)."""
+
+    strategy: str = "auto"
+    """"auto" (ddp with several ranks, none with one), "none", "ddp" or "fsdp" (FSDP2, sharded)."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP2 options."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward to save memory: "none", "block" (every block) or
+    "selective" (every other block)."""
+    compile_blocks: bool = False
+    """With train.compile: compile each block separately (faster compile; used with FSDP)."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Process group
@@ -71,19 +90,6 @@ class DistEnv:
         return self.backend is not None
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-
-
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT); without WORLD_SIZE this is one process and nothing is initialized.
@@ -92,7 +98,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     after GPT2LAB_DIST_TIMEOUT seconds (default 600), so a rank whose peer hangs exits instead of
     waiting forever; a peer that dies is noticed sooner by torchrun's agent, which stops the job.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if "WORLD_SIZE" not in os.environ:
         return DistEnv(device=dev, restart_count=restart_count)
@@ -337,143 +343,3 @@ def unwrap(module: nn.Module) -> GPT:
         else:
             raise TypeError(f"no GPT inside {type(module).__name__}")
     return module
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _full_options(**kwargs):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kwargs)
-
-
-def model_state_for_save(module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full model state dict with clean keys as CPU tensors on rank 0, None on other ranks.
-    Collective under FSDP (shards are gathered to rank 0 one tensor at a time): call it on every rank."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if is_fsdp(module):
-        state = get_model_state_dict(module, options=_full_options(cpu_offload=True))
-    else:
-        state = unwrap(module).state_dict() if rank == 0 else {}
-    return clean_state_dict(state) if rank == 0 else None
-
-
-def optimizer_state_for_save(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """The full optimizer state keyed by parameter names (so any strategy and world size can load it)
-    as CPU tensors on rank 0, None on other ranks. Collective under FSDP."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(module, optimizer, options=_full_options(cpu_offload=True))
-    return state if (not dist.is_initialized() or dist.get_rank() == 0) else None
-
-
-def save_sharded(
-    path: str | Path,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    extra_state: dict,
-    *,
-    model_config: GPTConfig,
-    tokenizer: dict,
-    step: int | None = None,
-    extra: dict | None = None,
-) -> Path:
-    """Write a resumable checkpoint directory for any strategy; call on every rank.
-
-    none / DDP: rank 0 writes a normal checkpoint (config.json, model.safetensors, train_state.pt
-    holding `extra_state` plus the optimizer state keyed by parameter names).
-    FSDP: every rank writes its shards of model and optimizer to `dcp/` (torch.distributed.checkpoint);
-    rank 0 adds config.json, consolidated model.safetensors (so sample/eval/convert read it as
-    any checkpoint) and train_state.pt holding `extra_state`. The directory is written under a temp
-    name on the shared filesystem and renamed by rank 0 once every rank has finished, so a crash
-    never leaves a partial checkpoint under the final name.
-    """
-    path = Path(path)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if "optimizer" in extra_state:
-        raise ValueError("extra_state must not hold 'optimizer'; the optimizer is passed separately")
-    if not is_fsdp(module):
-        model_state = model_state_for_save(module)
-        optim_state = optimizer_state_for_save(module, optimizer)
-        if rank == 0:
-            with atomic_dir(path) as tmp:
-                write_checkpoint(tmp, model_state, model_config, tokenizer, step=step,
-                                 train_state={**extra_state, "optimizer": optim_state}, extra=extra)
-        barrier()
-        return path
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    with _shared_atomic_dir(path, rank) as tmp:
-        sharded = {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
-        dcp.save(sharded, checkpoint_id=str(tmp / DCP_DIR))
-        model_state = model_state_for_save(module)
-        if rank == 0:
-            write_checkpoint(tmp, model_state, model_config, tokenizer, step=step, train_state=extra_state,
-                             extra={**(extra or {}), "sharded": DCP_DIR})
-    return path
-
-
-@contextlib.contextmanager
-def _shared_atomic_dir(path: Path, rank: int) -> Iterator[Path]:
-    """checkpoint.atomic_dir for all ranks: rank 0 creates the temp dir and tells the others its name;
-    after every rank has written, rank 0 renames it into place; then all ranks go on."""
-    with contextlib.ExitStack() as stack:
-        name = [str(stack.enter_context(atomic_dir(path))) if rank == 0 else None]
-        dist.broadcast_object_list(name, src=0)
-        yield Path(name[0])
-        barrier()  # every rank's shards are written before rank 0 renames
-    barrier()  # the final name exists for every rank on return
-
-
-def load_sharded(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load model (and optimizer) state from a checkpoint written by `save_sharded` at any world size
-    and strategy into `module` as parallelized now (or a plain GPT in one process, with no process
-    group); returns the `extra_state` given to save_sharded. Call on every rank."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    path = Path(path)
-    train_state = load_train_state(path)
-    if (path / DCP_DIR).is_dir():
-        _load_dcp(path / DCP_DIR, module, optimizer)
-        return train_state
-    weights = load_weights(path)
-    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied: stored once
-    try:
-        set_model_state_dict(module, weights, options=_full_options())
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match the model config ({str(e).splitlines()[0]})") from None
-    optim_state = train_state.pop("optimizer", None)
-    if optimizer is not None:
-        if optim_state is None:
-            raise UserError(f"{path}/{TRAIN_STATE_FILE} holds no optimizer state; it cannot be resumed")
-        set_optimizer_state_dict(module, optimizer, optim_state, options=_full_options())
-    return train_state
-
-
-def _load_dcp(dcp_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    state = {"model": get_model_state_dict(module)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(module, optimizer)  # allocates the moments to fill
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
-            dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
-    except (RuntimeError, dcp.CheckpointException) as e:
-        raise UserError(f"{dcp_dir}: cannot load into this model ({str(e).splitlines()[0]})") from None
-    set_model_state_dict(module, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(module, optimizer, state["optimizer"])

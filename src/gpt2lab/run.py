@@ -11,6 +11,7 @@ logger -> Trainer.fit -> loss plot, final sample.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import sys
@@ -25,29 +26,63 @@ from gpt2lab.checkpoint import (
     CONFIG_FILE,
     check_same_architecture,
     check_writable,
+    checkpoint_problem,
     find_latest,
+    intact_checkpoints,
     list_checkpoints,
+    load_sharded,
+    model_state_for_save,
+    prune_checkpoints,
     read_config,
+    save_sharded,
+    step_dir,
 )
 from gpt2lab.config import ModelConfig, RunConfig, save_yaml, to_dict
+from gpt2lab.devices import resolve_dtype
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
-from gpt2lab.trainer import Trainer, TrainerParts, TrainResult, batch_geometry
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gpt2lab.trainer import Hook, Trainer, TrainResult, batch_geometry
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Build everything `cfg` describes and train; returns the trainer's result."""
+    """Build everything `cfg` describes and train; returns the trainer's result.
+
+    Rank 0 holds an exclusive lock on the run directory for the whole run (a second run into it is
+    refused); a fresh run that fails before writing anything leaves no empty run directory behind."""
     cfg.validate()
     env = parallel.init_distributed(cfg.train.device)
+    run_dir = cfg.out_dir
+    created = env.is_main and not run_dir.exists()
     try:
-        return _train(cfg, env)
+        if env.is_main:
+            resolve_resume(_resume_setting(cfg, env), run_dir, quiet=True)  # refuse before touching run_dir
+            check_writable(run_dir)
+        with RunLock(run_dir) if env.is_main else contextlib.nullcontext():
+            return _train(cfg, env)
+    except BaseException:
+        if created:
+            _remove_if_unused(run_dir)
+        raise
     finally:
         parallel.destroy()
+
+
+def _resume_setting(cfg: RunConfig, env: Any) -> bool | str:
+    """checkpoint.resume, except that a run restarted by torchrun (--max-restarts) after a failure
+    continues from its newest checkpoint."""
+    return True if env.restart_count > 0 and list_checkpoints(cfg.out_dir) else cfg.checkpoint.resume
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory this process created if the run wrote nothing into it but its lock."""
+    left = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    if run_dir.is_dir() and not left:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def _say(env: Any, message: str) -> None:
@@ -57,12 +92,11 @@ def _say(env: Any, message: str) -> None:
 
 def _train(cfg: RunConfig, env: Any) -> TrainResult:
     run_dir = cfg.out_dir
-    if env.is_main:
-        check_writable(run_dir)
-    # Restarted by torchrun (--max-restarts) after a failure: continue from the run's newest checkpoint.
-    resume = True if env.restart_count > 0 and list_checkpoints(run_dir) else cfg.checkpoint.resume
-    resume_from = resolve_resume(resume, run_dir)
+    resume_from = resolve_resume(_resume_setting(cfg, env), run_dir)
+    eval_schedule = cfg.eval.schedule()  # a bad eval section fails before any work
     dtype = resolve_dtype(cfg.train.dtype, env.device)
+    if dtype != torch.float32 and env.device.type == "cpu":
+        print(f"gpt2lab: warning: train.dtype={cfg.train.dtype} on CPU is usually much slower than fp32", file=sys.stderr)
     if env.device.type == "cuda" and cfg.train.tf32:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; a no-op on older GPUs
         torch.backends.cudnn.allow_tf32 = True
@@ -83,22 +117,20 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
 
         apply_lora(model, cfg.lora)
 
-    global_rows, accum = batch_geometry(cfg.train.tokens_per_step, cfg.train.micro_batch_size, block_size,
-                                        env.world_size)
-    train_data, eval_batches = build_data(cfg, tokenizer, block_size, global_rows, env)
+    geometry = batch_geometry(cfg.train.tokens_per_step, cfg.train.micro_batch_size, block_size, env.world_size)
+    train_data, val_batches = build_data(cfg, tokenizer, block_size, geometry.global_rows, env)
 
     pcfg = dataclasses.replace(cfg.parallel, compile_blocks=cfg.train.compile and cfg.parallel.compile_blocks)
     wrapped = parallel.parallelize(model, pcfg, env)
     if env.rank > 0:  # same init weights on every rank, but each rank its own dropout masks
         torch.manual_seed(cfg.train.seed + env.rank)
     optimizer = build_optimizer(parallel.unwrap(wrapped), cfg.optim, env.device.type)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     module = torch.compile(wrapped) if cfg.train.compile and not cfg.parallel.compile_blocks else wrapped
 
     start_step = 0
     resume_state = None
     if resume_from is not None:
-        resume_state = parallel.load_sharded(resume_from, wrapped, optimizer)
+        resume_state = load_sharded(resume_from, wrapped, optimizer)
         start_step = int(resume_state["step"])
         _say(env, f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
@@ -112,23 +144,21 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
         n_trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         logger.print(
             f"gpt2lab train: {run_dir} | {n_params:,} params ({n_trainable:,} trained) | {env.device} {dtype} | "
-            f"{cfg.train.tokens_per_step:,} tokens/step = {global_rows} rows x {block_size} "
-            f"({cfg.train.micro_batch_size} per pass x {accum} accumulation x {env.world_size} ranks)"
-        )
-        parts = TrainerParts(
-            train=cfg.train, optim=cfg.optim, env=env, logger=logger, run_dir=run_dir, block_size=block_size,
-            dtype=dtype, scaler=scaler, eval_batches=eval_batches,
-            checkpoint_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
-            save_checkpoint=_checkpoint_saver(cfg, wrapped, optimizer, tokenizer),
-            sample=_sampler(cfg, wrapped, tokenizer) if cfg.train.sample_tokens > 0 else None,
-            hellaswag=_hellaswag(cfg, wrapped, tokenizer, env), hellaswag_every=cfg.eval.hellaswag_every,
-            flops_per_token=model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train,
-            peak_flops=_peak_flops(env.device, dtype),
+            f"{cfg.train.tokens_per_step:,} tokens/step = {geometry.global_rows} rows x {block_size} "
+            f"({cfg.train.micro_batch_size} per pass x {geometry.accum} accumulation x {env.world_size} ranks)"
         )
         if start_step >= cfg.train.max_steps:
             logger.print(f"already at step {start_step} of train.max_steps={cfg.train.max_steps}: nothing to train; "
                          "raise --train.max_steps to continue")
-        trainer = Trainer(module, optimizer, train_data, parts, start_step=start_step)
+        flops_per_token = model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train
+        peak = _peak_flops(env.device, dtype)
+        trainer = Trainer(
+            module, optimizer, train_data, geometry, train=cfg.train, optim=cfg.optim, env=env, logger=logger,
+            dtype=dtype, val_batches=val_batches, hooks=_hooks(cfg, wrapped, tokenizer, env, eval_schedule),
+            save=_checkpoint_saver(cfg, wrapped, optimizer, tokenizer, run_dir, env),
+            checkpoint_every=cfg.checkpoint.every,
+            peak_tokens_per_s=peak / flops_per_token if peak else None, start_step=start_step,
+        )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
         result = trainer.fit()
@@ -166,27 +196,16 @@ def _finish(run_dir: Path, result: TrainResult) -> None:
 # Pieces
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for train.dtype on `device`: auto = bf16 on CUDA with bf16 support, fp16
-    (with loss scaling) on older CUDA GPUs, fp32 elsewhere (bf16 autocast on CPU is far slower)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name != "fp32" and device.type == "cpu":
-        print(f"gpt2lab: warning: train.dtype={name} on CPU is usually much slower than fp32", file=sys.stderr)
-    return DTYPES[name]
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def resolve_resume(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (None = fresh run), after refusing to overwrite a run's checkpoints."""
-    existing = list_checkpoints(run_dir)
+def resolve_resume(resume: bool | str, run_dir: Path, quiet: bool = False) -> Path | None:
+    """The checkpoint to continue from (None = fresh run), after refusing to overwrite a run's checkpoints.
+    `quiet`: do not report the damaged checkpoints it skips (a first check, before the lock is taken)."""
+    existing = list_checkpoints(run_dir)  # damaged ones too: a fresh run must not write over any of them
     if resume is False:
         if existing:
             raise UserError(
@@ -195,8 +214,13 @@ def resolve_resume(resume: bool | str, run_dir: Path) -> Path | None:
             )
         return None
     if resume is True or resume == "auto":
-        if existing:
-            return existing[-1]
+        intact, skipped = intact_checkpoints(run_dir)
+        for line in [] if quiet else skipped:  # a truncated or corrupt newest checkpoint: resume from the one before
+            print(f"gpt2lab: {line}", file=sys.stderr, flush=True)
+        if intact:
+            return intact[-1]
+        if skipped:
+            raise UserError(f"--resume: no intact checkpoint in {run_dir} ({len(skipped)} damaged, see above)")
         if resume is True:
             raise UserError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start fresh")
         return None
@@ -204,6 +228,9 @@ def resolve_resume(resume: bool | str, run_dir: Path) -> Path | None:
     if path is None:
         raise UserError(f"checkpoint.resume={resume}: no gpt2lab checkpoint there (expected {CONFIG_FILE} "
                         "or checkpoints/step_*/)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"checkpoint.resume={resume}: {problem}")
     return path
 
 
@@ -266,15 +293,9 @@ def build_model(mcfg: ModelConfig, meta: dict | None, device: torch.device) -> t
 
 def load_init(init: str, device: torch.device) -> tuple[GPT, Tokenizer]:
     """A pretrained model and its tokenizer through gpt2lab.loading (preset name, HF dir, checkpoint)."""
-    try:
-        from gpt2lab.loading import load_model
-    except ImportError:  # loading.py not available: gpt2lab checkpoints still load
-        from gpt2lab.checkpoint import load_checkpoint
+    from gpt2lab.loading import load_model
 
-        model, config = load_checkpoint(init, device)
-        return model, tokenizer_from_dict(config["tokenizer"])
-    model, tokenizer = load_model(init, device=device, dtype=torch.float32)
-    return model, tokenizer
+    return load_model(init, device=device, dtype=torch.float32, flag="--model.init")
 
 
 def set_dropout(model: GPT, p: float) -> None:
@@ -317,33 +338,52 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, block_size: int, global_row
 
 
 def _checkpoint_saver(cfg: RunConfig, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      tokenizer: Tokenizer):
+                      tokenizer: Tokenizer, run_dir: Path, env: Any):
+    """The trainer's save(step, train_state) -> checkpoint directory: every rank writes its share, then
+    rank 0 keeps the newest checkpoint.keep_last."""
     config_dict = to_dict(cfg)
     extra = {"run": cfg.name, "init": cfg.model.init}
     if cfg.lora.r > 0:
         extra["lora"] = to_dict(cfg.lora)  # weights hold lora_A/lora_B: apply_lora before loading them
 
-    def save(path: Path, step: int, train_state: dict) -> None:
-        parallel.save_sharded(path, wrapped, optimizer, {**train_state, "config": config_dict},
-                              model_config=parallel.unwrap(wrapped).config, tokenizer=tokenizer.to_dict(),
-                              step=step, extra=extra)
+    def save(step: int, train_state: dict) -> Path:
+        path = step_dir(run_dir, step)
+        save_sharded(path, wrapped, optimizer, {**train_state, "config": config_dict},
+                     model_config=parallel.unwrap(wrapped).config, tokenizer=tokenizer.to_dict(), step=step,
+                     extra=extra)
+        if env.is_main:
+            prune_checkpoints(run_dir, cfg.checkpoint.keep_last)
+        parallel.barrier()
+        return path
 
     return save
 
 
-def _sampler(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer):
-    def sample() -> str:
-        return sample_text(parallel.unwrap(wrapped), tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
-                           cfg.train.sample_temperature, cfg.train.sample_top_k, cfg.train.seed)
+def _hooks(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer, env: Any,
+           eval_schedule: tuple[list[str], int, int | None]) -> list[Hook]:
+    """What the trainer runs between steps, in this order: the sample (train.sample_every, and after the
+    last step), then the eval tasks (eval.every; eval_schedule is cfg.eval.schedule())."""
+    from gpt2lab.evaluate.registry import get_task
+    from gpt2lab.evaluate.training import TaskEvaluator
 
-    return sample
+    hooks = []
+    if cfg.train.sample_tokens > 0:
+        def sample() -> str:
+            return sample_text(parallel.unwrap(wrapped), tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
+                               cfg.train.sample_temperature, cfg.train.sample_top_k, cfg.train.seed)
+
+        hooks.append(Hook("sample", cfg.train.sample_every, sample, at_end=True))
+    tasks, every, limit = eval_schedule
+    if tasks:
+        hooks.append(Hook("eval", every, TaskEvaluator([get_task(t) for t in tasks], limit, wrapped, tokenizer, env)))
+    return hooks
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
                 top_k: int | None, seed: int) -> str:
     """Prompt + a sampled continuation (KV-cached generation, reproducible for a seed; the context of a
-    learned-position model slides past block_size as `gpt2lab.generate.stream` describes)."""
-    from gpt2lab.generate import generate
+    learned-position model slides past block_size as `gpt2lab.sampling.stream` describes)."""
+    from gpt2lab.sampling import generate
 
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # generation needs at least one token to condition on
@@ -354,17 +394,6 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: i
     return prompt + tokenizer.decode(new)
 
 
-def _hellaswag(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer, env: Any):
-    if cfg.eval.hellaswag_every <= 0:
-        return None
-    try:
-        from gpt2lab.evaluate.hellaswag import in_training_eval
-    except ImportError:
-        _say(env, "gpt2lab: eval.hellaswag_every is set but gpt2lab.evaluate.hellaswag is unavailable; skipping")
-        return None
-    return lambda: in_training_eval(wrapped, tokenizer, cfg.eval.hellaswag_limit, env)
-
-
 def _save_lora_outputs(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer, run_dir: Path,
                        env: Any) -> None:
     """LoRA runs also leave the adapter alone (<run_dir>/adapter) and, with lora.merge, a plain
@@ -373,7 +402,7 @@ def _save_lora_outputs(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Toke
     from gpt2lab.lora import apply_lora, merge_lora, save_adapter
 
     model = parallel.unwrap(wrapped)
-    state = parallel.model_state_for_save(wrapped)  # collective under FSDP
+    state = model_state_for_save(wrapped)  # collective under FSDP
     if not env.is_main:
         return
     save_adapter(run_dir / "adapter", model, cfg.lora, cfg.model.init, tokenizer=tokenizer.to_dict())

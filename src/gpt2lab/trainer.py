@@ -1,7 +1,12 @@
 """The one training loop (pretraining and finetuning alike). It builds nothing and parses nothing:
-`gpt2lab.run` hands it a parallelized model, an optimizer, data and sinks.
+`gpt2lab.run` hands it a parallelized model, an optimizer, data, the batch geometry, a logger and
+hooks (work done every N steps: sampling, eval tasks).
 
-    trainer = Trainer(module, optimizer, train_data, parts)
+    geometry = batch_geometry(tokens_per_step, micro_batch_size, block_size, world_size)
+    hooks = [Hook("sample", every=250, fn=lambda: sample_text(...), at_end=True),
+             Hook("eval", every=250, fn=TaskEvaluator(...))]
+    trainer = Trainer(module, optimizer, train_data, geometry, train=cfg.train, optim=cfg.optim, env=env,
+                      logger=logger, dtype=dtype, hooks=hooks, save=save, checkpoint_every=500)
     result = trainer.fit()
 
 One optimizer step:
@@ -12,9 +17,11 @@ One optimizer step:
         loss_sum(micro-batch) / N -> backward    so accumulation and ranks never change the update
     unscale (fp16), clip the global grad norm, AdamW step at lr_at(step)
 
-The host waits for the device (`.item()`) only when it logs, evaluates or saves. A non-finite
-loss stops the run with a message and leaves the last good checkpoint as it was. SIGTERM/SIGINT
-finish the current step, save a checkpoint and return (a second SIGINT stops at once).
+After a step: the log line, the validation loss, the hooks in their order, then the checkpoint; the
+time they take is kept out of tokens/s. The host waits for the device (`.item()`) only when it
+logs, evaluates or saves. A non-finite loss stops the run with a message and leaves the last good
+checkpoint as it was. SIGTERM/SIGINT finish the current step, save a checkpoint and return (a
+second SIGINT stops at once).
 """
 
 from __future__ import annotations
@@ -24,29 +31,83 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from gpt2lab import parallel
-from gpt2lab.checkpoint import prune_checkpoints, step_dir
-from gpt2lab.config import OptimConfig, TrainConfig
 from gpt2lab.errors import UserError
 from gpt2lab.logging import RunLogger
-from gpt2lab.optim import lr_at, set_lr
+from gpt2lab.optim import OptimConfig, lr_at, set_lr
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int = 1000
+    """Number of optimizer steps."""
+    tokens_per_step: int = 65536
+    """Global batch in tokens per optimizer step (all ranks, all micro-batches); must be a multiple of
+    micro_batch_size * block_size * world_size (the quotient is the gradient accumulation)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on one device."""
+    seed: int = 1337
+    """Seed of the model init, the data order and dropout."""
+    device: str = "auto"
+    """"auto" (the rank's CUDA device if any, else cpu), "cpu", "cuda", "cuda:N" or "mps"."""
+    dtype: str = "auto"
+    """Compute precision: "auto" (bf16 on CUDA with bf16 support, fp16 + loss scaling on older CUDA,
+    fp32 on CPU), "fp32", "bf16" or "fp16". Weights and optimizer state stay fp32."""
+    compile: bool = False
+    """torch.compile the model (CUDA; slow to start, faster steps)."""
+    fused_loss: bool = False
+    """Compute the LM head and the loss chunk by chunk, never holding the (tokens x vocab) logits: same
+    loss and gradients, several GB less memory at GPT-2 scale (see gpt2lab.losses)."""
+    sdpa_backend: str = "auto"
+    """Attention kernel of training steps: "auto" (PyTorch picks), "flash", "math", or the CUDA-only
+    "cudnn" and "efficient"."""
+    tf32: bool = True
+    """Allow TF32 matmuls on Ampere or newer GPUs."""
+    eval_every: int = 250
+    """Evaluate the validation loss every this many steps and at the end (0 = only at the end)."""
+    eval_batches: int = 20
+    """Validation micro-batches (of micro_batch_size rows) per evaluation, in total over all ranks, so the
+    validation set is the same whatever the world size (rounded up to a multiple of the world size)."""
+    sample_every: int = 0
+    """Print a sample every this many steps (0 = only the final sample)."""
+    sample_prompt: str = "\n"
+    """Prompt of the samples."""
+    sample_tokens: int = 200
+    """New tokens per sample (0 = no samples)."""
+    sample_temperature: float = 0.8
+    """Sampling temperature of the samples."""
+    sample_top_k: int | None = 200
+    """Sample among the top-k most likely tokens (null = all)."""
+    log_every: int = 10
+    """Log train metrics (loss, lr, grad norm, tokens/s, MFU) every this many steps."""
 
 # --------------------------------------------------------------------------------------------------
 # Batch geometry
 
 
-def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int, world_size: int) -> tuple[int, int]:
-    """(global rows per step, gradient-accumulation steps) for a global batch given in tokens.
+class BatchGeometry(NamedTuple):
+    """How the global batch of one optimizer step is laid out (computed once, by `batch_geometry`)."""
+
+    global_rows: int
+    """Sequences per step, all ranks and micro-batches together."""
+    accum: int
+    """Micro-batches per rank and step (gradient accumulation)."""
+
+
+def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int, world_size: int) -> BatchGeometry:
+    """The BatchGeometry of a global batch given in tokens.
 
     accum = tokens_per_step / (micro_batch_size * block_size * world_size) must be a whole number.
     """
@@ -58,7 +119,7 @@ def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int,
             f"world_size = {micro_batch_size} * {block_size} * {world_size} = {per_pass:,}; use e.g. "
             f"--train.tokens_per_step {lower} or {lower + per_pass}"
         )
-    return tokens_per_step // block_size, tokens_per_step // per_pass
+    return BatchGeometry(tokens_per_step // block_size, tokens_per_step // per_pass)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,35 +177,19 @@ def set_rng_state(state: dict) -> None:
 # The trainer
 
 
-@dataclass
-class TrainerParts:
-    """What the trainer needs besides the model, optimizer and training data (built by gpt2lab.run)."""
+@dataclass(frozen=True)
+class Hook:
+    """Work the trainer does between steps, on every rank (hooks may hold collectives)."""
 
-    train: TrainConfig
-    optim: OptimConfig
-    env: Any
-    """gpt2lab.parallel.DistEnv"""
-    logger: RunLogger
-    run_dir: Path
-    block_size: int
-    dtype: torch.dtype
-    """Autocast dtype (float32 = no autocast)."""
-    scaler: torch.amp.GradScaler
-    eval_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
-    """A fresh iterator over the same validation batches each call; None = no validation."""
-    checkpoint_every: int = 0
-    keep_last: int = 0
-    save_checkpoint: Callable[[Path, int, dict], None] | None = None
-    """save_checkpoint(path, step, train_state): writes a checkpoint on every rank (collective)."""
-    sample: Callable[[], str] | None = None
-    """Generates the sample text shown at eval time (called on every rank; printed by rank 0)."""
-    hellaswag: Callable[[], dict] | None = None
-    """In-training HellaSwag (every rank), called every eval.hellaswag_every steps."""
-    hellaswag_every: int = 0
-    flops_per_token: float | None = None
-    """Training FLOPs per token (6N + attention), for MFU."""
-    peak_flops: float | None = None
-    """Peak FLOP/s of one device at the compute dtype, for MFU."""
+    name: str
+    """The event its metrics are logged under (and the banner of a text it returns)."""
+    every: int
+    """Run after every this many steps (0 = never, except at_end)."""
+    fn: Callable[[], dict[str, Any] | str | None]
+    """Returns metrics to log as event `name`, a text to print (a sample), or None / {} for nothing."""
+    at_end: bool = False
+    """Run once after the last step (after its checkpoint, not when a signal stopped the run) instead
+    of at that step; what it returns is kept in TrainResult.final."""
 
 
 @dataclass
@@ -156,7 +201,8 @@ class TrainResult:
     stopped_by: str | None = None
     """None when max_steps was reached, else the signal that stopped the run (SIGTERM, SIGINT)."""
     checkpoint: Path | None = None
-    sample: str | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+    """What each at_end hook returned after the last step, by hook name (e.g. the final "sample")."""
     history: list[dict] = field(default_factory=list)
     """Every logged event: {"event": "train"|"eval", "step": ..., metrics}."""
 
@@ -166,19 +212,39 @@ class TrainingDiverged(UserError):
 
 
 class Trainer:
+    """Trains `module` on `train_data` (get_batch(step) -> this rank's (x, y), state_dict, load_state_dict).
+
+    `val_batches` returns a fresh iterator over the same validation batches on each call (None = no
+    validation loss). `save(step, train_state)` writes a checkpoint on every rank (a collective) and
+    returns its directory; None = no checkpoints. `peak_tokens_per_s` is one device's peak FLOP/s over
+    the training FLOPs per token, the MFU denominator (None = no MFU). `dtype` is the autocast dtype
+    (float32 = none; float16 adds loss scaling).
+    """
+
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: Any,
-                 parts: TrainerParts, *, start_step: int = 0) -> None:
+                 geometry: BatchGeometry, *, train: TrainConfig, optim: OptimConfig, env: Any,
+                 logger: RunLogger | None = None, dtype: torch.dtype = torch.float32,
+                 val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                 hooks: Sequence[Hook] = (), save: Callable[[int, dict], Path] | None = None,
+                 checkpoint_every: int = 0, peak_tokens_per_s: float | None = None, start_step: int = 0) -> None:
         self.module = module
         self.optimizer = optimizer
         self.train_data = train_data
-        self.p = parts
-        self.cfg = parts.train
-        self.env = parts.env
+        self.cfg = train
+        self.optim = optim
+        self.env = env
+        self.logger = logger or RunLogger(".", None, total_steps=train.max_steps, enabled=False)
+        self.dtype = dtype
+        self.val_batches = val_batches
+        self.hooks = list(hooks)
+        self.save = save
+        self.checkpoint_every = checkpoint_every
+        self.peak_tokens_per_s = peak_tokens_per_s
         self.step = start_step
         self.params = [p for p in module.parameters() if p.requires_grad]
-        _, self.accum = batch_geometry(self.cfg.tokens_per_step, self.cfg.micro_batch_size, parts.block_size,
-                                       self.env.world_size)
+        self.accum = geometry.accum
         self.device = self.env.device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         sdpa_context(self.cfg.sdpa_backend, self.device)  # an unusable backend fails here, not at step 1
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any non-finite loss since last check
         self._stop_signal: str | None = None
@@ -194,14 +260,14 @@ class Trainer:
             "step": self.step,  # the LR schedule is a pure function of it
             "rng": rng_state(),
             "data": self.train_data.state_dict(),
-            "scaler": self.p.scaler.state_dict(),
+            "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.train_data.load_state_dict(state["data"])
         if state.get("scaler"):
-            self.p.scaler.load_state_dict(state["scaler"])
+            self.scaler.load_state_dict(state["scaler"])
         if self.env.world_size == 1 or self.env.rank == 0:
             set_rng_state(state["rng"])
         else:  # other ranks' dropout streams: a pure function of (seed, rank, step)
@@ -211,14 +277,14 @@ class Trainer:
     # One step
 
     def _autocast(self):
-        if self.p.dtype == torch.float32:
+        if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.p.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step on the batch of `step`; returns (loss, grad norm) as device tensors, without
         waiting for the device (loss: mean over the step's counted tokens of all ranks), and the lr."""
-        lr = lr_at(step, self.p.optim, self.cfg.max_steps)
+        lr = lr_at(step, self.optim, self.cfg.max_steps)
         set_lr(self.optimizer, lr)
         x, y = self.train_data.get_batch(step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -235,20 +301,20 @@ class Trainer:
                 with parallel.no_sync(self.module, enabled=i < self.accum - 1):
                     with self._autocast():
                         _, loss = self.module(xb, yb, loss_reduction="sum", fused_loss=self.cfg.fused_loss)
-                    self.p.scaler.scale(loss / denom).backward()
+                    self.scaler.scale(loss / denom).backward()
                 loss_sum += loss.detach().float()
-        self.p.scaler.unscale_(self.optimizer)
-        max_norm = self.p.optim.grad_clip if self.p.optim.grad_clip > 0 else math.inf
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        self.p.scaler.step(self.optimizer)
-        self.p.scaler.update()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         parallel.all_reduce(loss_sum, "sum")  # queued on the device; read only at log time
         loss = loss_sum / denom
         self._bad |= ~torch.isfinite(loss)
-        if not self.p.scaler.is_enabled():  # with fp16 loss scaling an inf norm just skips the step
+        if not self.scaler.is_enabled():  # with fp16 loss scaling an inf norm just skips the step
             self._bad |= ~torch.isfinite(grad_norm)
         return loss, grad_norm, lr
 
@@ -258,13 +324,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss per counted token over the fixed validation batches, reduced across ranks."""
-        if self.p.eval_batches is None:
+        if self.val_batches is None:
             return None
         self.module.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         try:
-            for x, y in self.p.eval_batches():
+            for x, y in self.val_batches():
                 x, y = x.to(self.device), y.to(self.device)
                 with self._autocast():  # every rank runs every forward, even on an empty batch (FSDP)
                     _, loss = self.module(x, y, loss_reduction="sum")
@@ -290,19 +356,14 @@ class Trainer:
             )
 
     def _save(self, step: int) -> None:
-        if self.p.save_checkpoint is None:
+        if self.save is None:
             return
         self._check_finite(step)  # never save weights that went bad
-        path = step_dir(self.p.run_dir, step)
-        self.p.save_checkpoint(path, step, self.state_dict())
-        self.last_checkpoint = path
-        if self.env.is_main:
-            prune_checkpoints(self.p.run_dir, self.p.keep_last)
-        parallel.barrier()
+        self.last_checkpoint = self.save(step, self.state_dict())
 
     def _log(self, event: str, step: int, metrics: dict) -> None:
         self.history.append({"event": event, "step": step, **metrics})
-        self.p.logger.log(event, step, metrics)
+        self.logger.log(event, step, metrics)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
@@ -322,15 +383,23 @@ class Trainer:
     def _every(self, n: int, step: int) -> bool:
         return n > 0 and step % n == 0
 
+    def _run_hook(self, hook: Hook, step: int) -> dict[str, Any] | str | None:
+        out = hook.fn()
+        if isinstance(out, str):
+            self.logger.print(f"--- {hook.name} at step {step} ---\n{out}\n---")
+        elif out:
+            self._log(hook.name, step, out)
+        return out
+
     def fit(self) -> TrainResult:
-        """Train from self.step to train.max_steps (or a stop signal); eval, sample and save on schedule."""
-        cfg, p = self.cfg, self.p
+        """Train from self.step to train.max_steps (or a stop signal); validate, run hooks and save on schedule."""
+        cfg = self.cfg
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not in the main thread: no handlers
                 previous[sig] = signal.signal(sig, self._on_signal)
         train_loss = val_loss = None
-        sample = None
+        final: dict[str, Any] = {}
         try:
             self.module.train()
             t_last, step_last = time.perf_counter(), self.step
@@ -347,9 +416,7 @@ class Trainer:
                     dt = (now - t_last) / max(1, step - step_last)
                     t_last, step_last = now, step
                     tok_s = tokens_per_step / dt
-                    mfu = None
-                    if p.flops_per_token and p.peak_flops:
-                        mfu = p.flops_per_token * tok_s / (p.peak_flops * self.env.world_size)
+                    mfu = tok_s / (self.peak_tokens_per_s * self.env.world_size) if self.peak_tokens_per_s else None
                     self._log("train", step, {
                         "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
@@ -361,33 +428,23 @@ class Trainer:
                     if val_loss is not None:
                         self._log("eval", step, {"val_loss": val_loss})
                     t_last, step_last = time.perf_counter(), step  # keep eval time out of tokens/s
-                if p.sample is not None and self._every(cfg.sample_every, step) and not last:
-                    self._show_sample(step)
-                    t_last, step_last = time.perf_counter(), step
-                if p.hellaswag is not None and self._every(p.hellaswag_every, step):
-                    result = p.hellaswag()
-                    if result:
-                        self._log("hellaswag", step, result)
-                    t_last, step_last = time.perf_counter(), step
+                for hook in self.hooks:
+                    if self._every(hook.every, step) and not (last and hook.at_end):
+                        self._run_hook(hook, step)
+                        t_last, step_last = time.perf_counter(), step
                 stop = self._agreed_stop()
-                if self._every(p.checkpoint_every, step) or last or stop:
+                if self._every(self.checkpoint_every, step) or last or stop:
                     self._save(step)
                     t_last, step_last = time.perf_counter(), step
                 if stop:
-                    p.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
-                                   f"{self.last_checkpoint}; continue with --resume")
+                    self.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
+                                      f"{self.last_checkpoint}; continue with --resume")
                     self._log("stopped", step, {"signal": self._stop_signal})
                     break
             else:
-                if p.sample is not None:
-                    sample = self._show_sample(self.step)
+                final = {hook.name: self._run_hook(hook, self.step) for hook in self.hooks if hook.at_end}
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return TrainResult(step=self.step, train_loss=train_loss, val_loss=val_loss, stopped_by=self._stop_signal,
-                           checkpoint=self.last_checkpoint, sample=sample, history=self.history)
-
-    def _show_sample(self, step: int) -> str:
-        text = self.p.sample()
-        self.p.logger.print(f"--- sample at step {step} ---\n{text}\n---")
-        return text
+                           checkpoint=self.last_checkpoint, final=final, history=self.history)

@@ -14,20 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
+from gpt2lab.commands.common import add_model_arguments
 from gpt2lab.errors import UserError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init", default="gpt2",
-                        help="model: preset name, random:<preset>, HF directory or checkpoint (default: gpt2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="compute dtype, by autocast over fp32 weights (auto: bf16 on GPUs that have it, "
-                             "else fp32)")
+    add_model_arguments(parser, init_default="gpt2",
+                        dtype_help="compute dtype, by autocast over fp32 weights (auto = bf16 on GPUs that have it, "
+                                   "else fp32)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for the training step (prefill and decode stay eager)")
     parser.add_argument("--seq-len", type=int, help="training / prefill sequence length (default: block_size, "
@@ -46,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from gpt2lab import bench
-    from gpt2lab.loading import load_model, resolve_device
+    from gpt2lab.devices import dtype_name, resolve_device, resolve_dtype
+    from gpt2lab.loading import load_model
     from gpt2lab.model import model_stats
 
     for name in ("seq_len", "batch_size", "steps", "repeats", "prompt_len", "new_tokens"):
@@ -64,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--decode-batch-sizes must be positive integers like 1,8, got {args.decode_batch_sizes!r}")
 
     device = resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, fp16_without_bf16=False)
     model, _ = load_model(args.init, device=device)
     config = model.config
     seq_len = args.seq_len or min(config.block_size, 1024)
@@ -92,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     stats = model_stats(config, seq_len)
     flops_per_token = {"train": stats.flops_per_token_train, "prefill": stats.flops_per_token_forward}
     result: dict = {
-        "model": args.init, "device": bench.device_name(device), "dtype": bench.DTYPE_NAMES[dtype],
+        "model": args.init, "device": bench.device_name(device), "dtype": dtype_name(dtype),
         "compile": args.compile, "params": model.num_params(), "seq_len": seq_len, "batch_size": args.batch_size,
         "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "peak_flops": peak, "peak_flops_source": peak_source,
@@ -116,14 +113,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(result, list(phases), list(adapters))
     return 0
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _fmt_flops(flops: float) -> str:

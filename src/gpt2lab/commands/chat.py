@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2lab.commands.common import INIT_HELP, add_model_arguments
 from gpt2lab.errors import UserError
 
 # Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there.
@@ -21,8 +22,8 @@ TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init", required=True, metavar="PATH",
-                        help="checkpoint or run directory, Hugging Face GPT-2 directory, preset name, or LoRA adapter")
+    add_model_arguments(parser, init_required=True, init_help=INIT_HELP + ", or a LoRA adapter directory",
+                        dtype_help="weight dtype (auto = as stored)")
     parser.add_argument("--base", metavar="INIT", help="base model of a LoRA adapter (default: the one it records)")
     parser.add_argument("--template", default="alpaca",
                         help="prompt template the model was finetuned with: alpaca, chat, or a custom "
@@ -34,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", type=int, default=3, metavar="N",
                         help="previous exchanges kept in the prompt (default: 3; 0 = none)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible answers")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default: auto)")
 
 
 def _read_lines(interactive: bool):
@@ -59,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
     from gpt2lab.data.sft import check_template, encode_chat_prompt
     from gpt2lab.generate import optimize_for_decoding, stream_text
-    from gpt2lab.lora import is_adapter, load_adapted_model
+    from gpt2lab.loading import load_adapted_model
+    from gpt2lab.lora import is_adapter
+    from gpt2lab.sampling import check_sampling
 
     check_template(args.template)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading the model
     if args.history < 0:
         raise UserError(f"--history must be >= 0, got {args.history}")
     if is_adapter(args.init):

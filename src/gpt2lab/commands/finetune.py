@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2lab.data.sft import ALPACA_URL
+from gpt2lab.commands.common import add_config_arguments
 
-NO_DATA_HELP = f"""gpt2lab finetune: no instruction data given; pass --data FILE.json|FILE.jsonl|alpaca.
+NO_DATA_HELP = """gpt2lab finetune: no instruction data given; pass --data FILE.json|FILE.jsonl|alpaca.
 
 Records look like {{"instruction": "...", "input": "... (optional)", "output": "..."}} (Alpaca) or
 {{"messages": [{{"role": "user", "content": "..."}}, {{"role": "assistant", "content": "..."}}]}} (with
@@ -24,13 +24,11 @@ Records look like {{"instruction": "...", "input": "... (optional)", "output": "
 To use the 52K Stanford Alpaca set:
   gpt2lab finetune --data alpaca --init gpt2        downloads it once into $GPT2LAB_CACHE or ~/.cache/gpt2lab
 or fetch it yourself and pass the file:
-  curl -LO {ALPACA_URL}
+  curl -LO {url}
   gpt2lab finetune --data alpaca_data.json --init gpt2"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gpt2lab.config import add_config_arguments
-
     parser.description = (__doc__ or "").split("\n\n")[0]
     parser.add_argument("--data", metavar="FILE|alpaca",
                         help="instruction records (.json array or .jsonl), or 'alpaca' to download the 52K set "
@@ -51,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         setattr(args, "model.init", args.init)
     setattr(args, "data.format", "sft")
     if not getattr(args, "data.sft.path", None) and not _preset_has_data(args.config):
-        print(NO_DATA_HELP, file=sys.stderr)
+        from gpt2lab.data.sft import ALPACA_URL
+
+        print(NO_DATA_HELP.format(url=ALPACA_URL), file=sys.stderr)
         return 2
     cfg = config_from_args(args)
     from gpt2lab.run import train

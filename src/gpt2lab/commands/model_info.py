@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import typing
+from typing import TYPE_CHECKING
 
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPTConfig, ModelStats, model_stats
+
+if TYPE_CHECKING:
+    from gpt2lab.model import GPTConfig
+
+GPT_CONFIG = "gpt2lab.model:GPTConfig"
+"""The architecture fields, as configparse's schema file names them (read without importing torch)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
-    from gpt2lab.config import field_docs
+    from gpt2lab.configparse import load_schema
 
     parser.allow_abbrev = False
     parser.add_argument("preset", nargs="?", help="architecture preset (gpt2, gpt2-medium, ..., gpt2-tiny)")
@@ -29,18 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context length for attention FLOPs and the full-context KV cache (default: block_size)")
     parser.add_argument("--compare", action="store_true",
                         help="compare with GQA, MQA and sliding-window variants of the same model")
-    docs = field_docs(GPTConfig)
     group = parser.add_argument_group("architecture overrides (GPTConfig fields)")
-    for f in fields(GPTConfig):
-        group.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", default=argparse.SUPPRESS,
-                           metavar="VALUE", help=docs.get(f.name, "").replace("%", "%%"))
+    for option in load_schema(GPT_CONFIG)["options"]:
+        help_ = f"{option['doc']} (default: the preset's or --init's; GPTConfig: {option['default']})"
+        group.add_argument(f"--model.{option['key']}", dest=f"model.{option['key']}", default=argparse.SUPPRESS,
+                           metavar="VALUE", help=help_.replace("%", "%%"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """--model.FIELD values, read as YAML ("null", "[256, null]") and coerced to the field's type."""
     import yaml
 
-    from gpt2lab.config import coerce
+    from gpt2lab.configparse import coerce
+    from gpt2lab.model import GPTConfig
 
     hints = typing.get_type_hints(GPTConfig)
     out = {}
@@ -65,6 +70,8 @@ def _base_config(args: argparse.Namespace) -> GPTConfig:
 
 def _variants(config: GPTConfig) -> list[tuple[str, GPTConfig]]:
     """The model as given, with its MHA/GQA/MQA siblings and sliding-window versions."""
+    from gpt2lab.model import GPTConfig
+
     base = config.to_dict()
     nh = config.n_head
     # GQA: the divisor of n_head nearest to n_head / 4 (e.g. 3 kv heads for 12 query heads).
@@ -117,6 +124,8 @@ def _describe(config: GPTConfig) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from gpt2lab.model import GPTConfig, ModelStats, model_stats
 
     base = _base_config(args)
     config = GPTConfig(**{**base.to_dict(), **_overrides(args)})

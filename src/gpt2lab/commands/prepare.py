@@ -1,28 +1,53 @@
-"""`gpt2lab prepare SOURCE --out DIR`: tokenize a corpus into token shards + meta.json."""
+"""`gpt2lab prepare SOURCE --out DIR`: tokenize a corpus into token shards + meta.json.
+
+The list of sources in `--help` is generated from `gpt2lab.data.sources.SOURCES`; building this
+parser imports neither torch nor numpy.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from gpt2lab.data.prepare import DEFAULT_SHARD_TOKENS, SOURCES
+from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_TEXT_FIELD, SOURCES, Source, sources_taking
+
+
+def _approx(n: int) -> str:
+    """A size hint for people: 465000 -> "465k", 9040000000 -> "9B"."""
+    for factor, unit in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if n >= factor:
+            return f"{n / factor:.3g}{unit}"
+    return str(n)
+
+
+def describe(source: Source) -> str:
+    """Two help lines for one entry: its description, then its defaults and size hint."""
+    val = "the first shard" if source.val_fraction is None else f"{source.val_fraction:g}"
+    defaults = [f"tokenizer {source.tokenizer}", f"val {val}"]
+    if source.subset:
+        defaults.append(f"subset {source.subset}")
+    if source.subset in source.tokens:
+        defaults.append(f"~{_approx(source.tokens[source.subset])} tokens")
+    return f"  {source.name:<18}{source.description}\n  {'':<18}{', '.join(defaults)}"
+
+
+def _applies_to(option: str) -> str:
+    return f"({', '.join(sources_taking(option))})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help=f"one of {', '.join(SOURCES)}; hf:NAME for another Hugging Face dataset; "
-        "or a local .txt file, folder of .txt files, .jsonl or .parquet",
-    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "sources (and their defaults):\n" + "\n".join(describe(s) for s in SOURCES.values())
+    parser.add_argument("source", help="a source listed below: a name, hf:NAME or a local PATH")
     parser.add_argument("--out", required=True, help="dataset folder to write (train_*.bin, val_*.bin, meta.json)")
-    parser.add_argument("--tokenizer", choices=["gpt2", "char"],
-                        help="default: char for default and shakespeare_char, gpt2 otherwise")
+    parser.add_argument("--tokenizer", choices=["gpt2", "char"], help="default: the source's, listed below")
     parser.add_argument("--val-fraction", type=float,
-                        help="share held out for validation (default 0.1; openwebtext 0.0005; fineweb-edu: first shard)")
+                        help="share held out for validation (default: the source's, listed below)")
     parser.add_argument("--shard-tokens", type=int, help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     parser.add_argument("--workers", type=int, help="tokenizer processes for streamed corpora (default: half the CPUs)")
-    parser.add_argument("--input", help="shakespeare/shakespeare_char: read this input.txt instead of downloading")
-    parser.add_argument("--subset", help="dataset config, e.g. sample-10BT or sample-100BT for fineweb-edu")
-    parser.add_argument("--text-field", default="text", help="record field holding the text (jsonl/parquet/hf)")
+    parser.add_argument("--input", help=f"read this file instead of downloading {_applies_to('input')}")
+    parser.add_argument("--subset", help=f"dataset config, e.g. sample-100BT {_applies_to('subset')}")
+    parser.add_argument("--text-field",
+                        help=f"record field holding the text (default {DEFAULT_TEXT_FIELD}) {_applies_to('text_field')}")
     parser.add_argument("--block-size", type=int,
                         help="refuse a corpus whose train or val split cannot fill one block of this size")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")

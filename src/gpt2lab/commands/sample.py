@@ -11,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from gpt2lab.commands.common import add_model_arguments
 from gpt2lab.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init", required=True,
-                        help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, random:<preset>, an HF directory, "
-                             "a checkpoint directory or a run directory (its latest checkpoint)")
+    add_model_arguments(parser, init_required=True, dtype_default="fp32",
+                        dtype_help="weight dtype for decoding (bf16 is ~2x faster on recent CPUs; auto = as stored)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
     parser.add_argument("--instruct", metavar="INSTRUCTION",
@@ -38,9 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop a sample when this text appears (repeatable); the text is not printed")
     parser.add_argument("--ignore-eot", action="store_true",
                         help="keep generating past <|endoftext|> instead of ending the sample there")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weight dtype for decoding (bfloat16 is ~2x faster on recent CPUs)")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -53,18 +50,22 @@ def _read_prompt(args: argparse.Namespace) -> str:
         return render_prompt(args.instruct, args.instruct_input, template=args.template)
     if args.prompt_file is None:
         return args.prompt
+    from gpt2lab.fileio import read_text
+
     path = Path(args.prompt_file)
     if not path.is_file():
         raise UserError(f"--prompt-file {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    return read_text(path)
 
 
 def run(args: argparse.Namespace) -> int:
     from gpt2lab.generate import optimize_for_decoding, stream_text
     from gpt2lab.loading import load_model
+    from gpt2lab.sampling import check_sampling
 
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading the model
     prompt = _read_prompt(args)
     model, tokenizer = load_model(args.init, device=args.device, dtype=args.dtype)
     optimize_for_decoding(model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2lab.config import add_config_arguments, config_from_args
+from gpt2lab.commands.common import add_config_arguments
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2lab.config import config_from_args
     from gpt2lab.run import train
 
     result = train(config_from_args(args))

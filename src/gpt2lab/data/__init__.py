@@ -1,18 +1,28 @@
-"""Data: token shards (`shards`), corpora -> shards + meta.json (`prepare`), the step-indexed loader (`loader`).
+"""Data: corpora (`sources`), corpora -> shards + meta.json (`prepare`), token shards (`shards`), the
+step-indexed loader (`loader`) and instruction records (`sft`).
 
-`prepare` is a submodule here: call `gpt2lab.data.prepare.prepare(...)`.
+Submodules are imported on first use, so `gpt2lab prepare --help` (which reads `sources`) needs no torch.
 """
 
-from gpt2lab.data.loader import TokenLoader, dataset_fingerprint, iter_eval_batches
-from gpt2lab.data.prepare import check_min_tokens, load_meta
-from gpt2lab.data.shards import open_shard, write_shard
+from __future__ import annotations
 
-__all__ = [
-    "TokenLoader",
-    "check_min_tokens",
-    "dataset_fingerprint",
-    "iter_eval_batches",
-    "load_meta",
-    "open_shard",
-    "write_shard",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "TokenLoader": "loader",
+    "dataset_fingerprint": "loader",
+    "iter_eval_batches": "loader",
+    "check_min_tokens": "prepare",
+    "load_meta": "prepare",
+    "open_shard": "shards",
+    "write_shard": "shards",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, imported from their submodule on first use."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"gpt2lab.data.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'gpt2lab.data' has no attribute {name!r}")

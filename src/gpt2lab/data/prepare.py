@@ -7,31 +7,17 @@ A prepared dataset is a directory:
     meta.json              format_version, tokenizer, vocab_size, splits {train, val: shards, tokens},
                            source, settings; written last, so a directory without it is unfinished
 
-Sources:
+Sources (`gpt2lab.data.sources`) are registry entries; `prepare` opens one and picks the pipeline
+from its corpus alone, with no per-source code:
 
-- `default`: the Python language reference that ships with every Python (`pydoc_data.topics`:
-  79 topics, ~465k characters of plain English with code examples; 103 distinct characters on
-  Python 3.11), char tokenizer. It needs no network and no files, so the quickstart runs anywhere.
-  We chose it over the standard library's `.py` sources because English prose with short code
-  samples gives samples a reader recognises after a few CPU minutes, while a model of a few M
-  parameters trained on raw source mostly learns indentation and `self.`. The text changes a
-  little between Python versions (its sha256 is stored in meta.json). Char-level because with
-  ~0.5M characters a 50,257-id BPE table would hold most of a small model's parameters and most
-  of its CPU time (the output softmax), and would see each BPE token only a few times.
-- `shakespeare` (GPT-2 BPE) / `shakespeare_char` (char): Tiny Shakespeare from char-rnn,
-  sha256-checked and cached under `$GPT2LAB_CACHE` (default ~/.cache/gpt2lab), or `--input PATH`.
-  Split as nanoGPT: first 90% of the characters train, last 10% val (char: 1,003,854 / 111,540).
-- `openwebtext`, `fineweb-edu` (`--subset sample-10BT`), `hf:NAME`: Hugging Face datasets,
-  streamed. Documents are tokenized by a pool of worker processes, each prefixed with
-  <|endoftext|> as in build-nanogpt, and packed into shards (default 100M tokens). Val is the
-  first shard for fineweb-edu (as build-nanogpt), an evenly spread fraction of documents otherwise
-  (0.05% for openwebtext, as nanoGPT). A re-run resumes: `progress.json` records how many
-  documents are in finished shards, plus the unfinished shards' tokens, and the stream is skipped
-  to that point.
-- a local path: a .txt file, a folder of .txt files (sorted, one document each), or a .jsonl /
-  .parquet file with a `text` column (`text_field` to choose another). With many documents val is
-  a fraction of the documents (same streaming code as above); with few, the last `val_fraction`
-  of the token stream (of the characters, for a single text, as nanoGPT).
+- one document (a single text): the first 1-val_fraction of its characters train, the rest val
+  (nanoGPT's split), `prepare_text`;
+- a stream, or many documents: tokenized by a pool of worker processes, each document prefixed with
+  <|endoftext|> as in build-nanogpt, and packed into shards (default 100M tokens); val is an evenly
+  spread fraction of the documents, or the first shard (val_fraction None), `prepare_documents`.
+  A re-run resumes: `progress.json` records how many documents are in finished shards, plus the
+  unfinished shards' tokens, and the stream is skipped to that point;
+- a few documents: val is the last val_fraction of the token stream.
 """
 
 from __future__ import annotations
@@ -41,7 +27,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
@@ -50,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
-from gpt2lab.download import cache_dir, download
+from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, find_source, source_args
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -58,31 +43,12 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
-DEFAULT_SHARD_TOKENS = 100_000_000
-DEFAULT_VAL_FRACTION = 0.1
 CHAR_DOC_SEPARATOR = "\n\n"  # the char tokenizer has no <|endoftext|>: documents end with a blank line
 MIN_VAL_DOCUMENTS = 10  # below this many val documents, split the token stream instead
 DOCS_PER_TASK = 256  # documents per worker task: large enough to amortise pickling
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-# Streamed Hugging Face corpora: dataset path, default subset, val rule, approximate GPT-2 tokens (for ETA).
-HF_SOURCES = {
-    "openwebtext": {"path": "Skylion007/openwebtext", "subset": None, "val_fraction": 0.0005,
-                    "tokens": {None: 9_040_000_000}},
-    "fineweb-edu": {"path": "HuggingFaceFW/fineweb-edu", "subset": "sample-10BT", "val_fraction": None,
-                    "tokens": {"sample-10BT": 10_000_000_000, "sample-100BT": 100_000_000_000,
-                               "sample-350BT": 350_000_000_000}},
-}
-SOURCES = ("default", "shakespeare", "shakespeare_char", *HF_SOURCES)
-
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -98,138 +64,6 @@ def check_min_tokens(tokens: int, block_size: int, what: str) -> None:
             f"{what} has {tokens} tokens, fewer than block_size+1={block_size + 1}; "
             "use a larger corpus or smaller block_size"
         )
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror})") from None
-
-
-def shakespeare_text(input_path: str | os.PathLike | None = None, url: str | None = None) -> str:
-    """Tiny Shakespeare: from `input_path`, else the cache, else downloaded (URL: `url`, $GPT2LAB_SHAKESPEARE_URL)."""
-    if input_path is not None:
-        path = Path(input_path)
-        if not path.is_file():
-            raise UserError(f"--input {path} does not exist; pass the path of Tiny Shakespeare's input.txt")
-        return _read_text(path)
-    url = url or os.environ.get("GPT2LAB_SHAKESPEARE_URL") or SHAKESPEARE_URL
-    cached = cache_dir() / "tinyshakespeare.txt"
-    if not (cached.is_file() and _sha256(cached.read_bytes()) == SHAKESPEARE_SHA256):
-        download(url, cached, sha256=SHAKESPEARE_SHA256, fix="download it yourself and pass --input PATH")
-    return _read_text(cached)
-
-
-def default_corpus_text() -> str:
-    """The quickstart corpus: every topic of Python's own language reference, in sorted order."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise UserError(
-            "this Python has no pydoc_data (some distributions strip it); "
-            "prepare another corpus, e.g. gpt2lab prepare shakespeare_char"
-        ) from None
-    return "\n\n".join(topics[name].strip("\n") for name in sorted(topics)) + "\n"
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def _count_jsonl_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def local_documents(path: str | os.PathLike, text_field: str = "text") -> tuple[Callable[[], Iterator[str]], int]:
-    """The documents of a local corpus: (function returning a fresh iterator over them, their count).
-
-    `path` is a .txt file (one document), a folder of .txt files (sorted by path, one document each),
-    or a .jsonl / .parquet file with one document per record in column `text_field`.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"input {path} does not exist; pass a .txt/.jsonl/.parquet file or a folder of .txt files")
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
-        if not files:
-            raise UserError(f"folder {path} has no .txt files; put the corpus in .txt files (UTF-8)")
-        return (lambda: (_read_text(f) for f in files)), len(files)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return (lambda: _jsonl_documents(path, text_field)), _count_jsonl_lines(path)
-    if suffix == ".parquet":
-        pq = _import_pyarrow_parquet()
-        try:
-            meta = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a damaged file
-            raise UserError(f"{path} is not a readable parquet file ({e})") from None
-        if text_field not in meta.schema_arrow.names:
-            raise UserError(
-                f"{path} has no column '{text_field}' (columns: {', '.join(meta.schema_arrow.names)}); "
-                "pass --text-field NAME"
-            )
-        return (lambda: _parquet_documents(path, text_field)), meta.metadata.num_rows
-    if suffix in (".txt", ".text", ".md", ""):
-        return (lambda: iter([_read_text(path)])), 1
-    raise UserError(f"input {path}: unknown file type '{suffix}'; use .txt, .jsonl, .parquet or a folder of .txt files")
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path} line {lineno} has no string field '{text_field}'; pass --text-field NAME")
-            yield text
-
-
-def _import_pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("reading .parquet needs pyarrow: pip install gpt2lab[data]") from None
-    return pq
-
-
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    pq = _import_pyarrow_parquet()
-    for batch in pq.ParquetFile(path).iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            yield text or ""
-
-
-def hf_documents(path: str, *, name: str | None = None, split: str = "train", data_files=None,
-                 text_field: str = "text") -> Iterator[str]:
-    """Stream the `text_field` of each record of a Hugging Face dataset (`datasets.load_dataset(..., streaming=True)`)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"dataset {path} needs the 'datasets' package: pip install gpt2lab[data]") from None
-    try:
-        ds = datasets.load_dataset(path, name=name, split=split, data_files=data_files, streaming=True)
-    except Exception as e:  # network, auth and naming errors all arrive here with many types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not open dataset {path} ({first_line}); check the name, --subset and your network") from None
-    count = 0
-    try:
-        for record in ds:
-            if text_field not in record:
-                raise UserError(f"dataset {path} has no field '{text_field}' (fields: {', '.join(record)}); pass --text-field NAME")
-            count += 1
-            yield record[text_field] or ""
-    except UserError:
-        raise
-    except Exception as e:  # a dropped connection mid-stream: the finished shards are kept
-        raise UserError(f"reading dataset {path} failed after {count} documents ({e}); re-run the same command to resume") from None
 
 
 # ----------------------------------------------------------------------------- output directory
@@ -615,18 +449,12 @@ def prepare_text(
     dtype = token_dtype(tok.vocab_size)
     train, val = _split_text(text, val_fraction)
     splits = {"train": np.array(tok.encode(train), dtype=dtype), "val": np.array(tok.encode(val), dtype=dtype)}
-    return prepare_tokens(splits, out_dir, tok, source={**source, "sha256": _sha256(text.encode("utf-8"))},
+    return prepare_tokens(splits, out_dir, tok, source={**source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},
                           settings={"val": {"characters": val_fraction}}, shard_tokens=shard_tokens,
                           overwrite=overwrite, block_size=block_size)
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-def _fingerprint(path: Path) -> dict:
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    stats = [f.stat() for f in files]
-    return {"files": len(files), "bytes": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
 
 
 def _default_workers() -> int:
@@ -643,12 +471,13 @@ def prepare(
     workers: int | None = None,
     input_path: str | os.PathLike | None = None,
     subset: str | None = None,
-    text_field: str = "text",
+    text_field: str | None = None,
     overwrite: bool = False,
     block_size: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Prepare `source` (a name in SOURCES, "hf:NAME" or a local path) into `out_dir`; returns `load_meta(out_dir)`.
+    """Prepare `source` (an entry of `gpt2lab.data.sources.SOURCES`: a name, "hf:NAME" or a local path)
+    into `out_dir`; returns `load_meta(out_dir)`. Unset arguments take the source's defaults.
 
     Re-running with the same arguments returns the finished dataset at once (or resumes a streamed one).
     """
@@ -658,56 +487,36 @@ def prepare(
         raise UserError(f"--shard-tokens {shard_tokens} must be a positive number of tokens")
     if tokenizer not in (None, "gpt2", "char"):
         raise UserError(f"--tokenizer {tokenizer}: use gpt2 or char")
-    if input_path is not None and source not in ("shakespeare", "shakespeare_char"):
-        raise UserError("--input applies to shakespeare and shakespeare_char; for a local corpus pass its path as SOURCE")
-    shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
+    entry = find_source(source)
+    args = source_args(entry, input=input_path, subset=subset, text_field=text_field)
+    tokenizer = tokenizer or entry.tokenizer
+    fraction = val_fraction if val_fraction is not None else entry.val_fraction
     workers = workers or _default_workers()
-    common = {"shard_tokens": shard_tokens, "overwrite": overwrite, "block_size": block_size}
+    common = {"shard_tokens": shard_tokens or DEFAULT_SHARD_TOKENS, "overwrite": overwrite, "block_size": block_size}
+    corpus = entry.open(source, args)
 
-    if source in ("default", "shakespeare", "shakespeare_char"):
-        if source == "default":
-            text = default_corpus_text()
-            info = {"name": "default", "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
-        else:
-            text = shakespeare_text(input_path)
-            info = {"name": source}
-        tok = tokenizer or ("gpt2" if source == "shakespeare" else "char")
-        return prepare_text(text, out_dir, tok, source=info, val_fraction=val_fraction or DEFAULT_VAL_FRACTION, **common)
-
-    if source in HF_SOURCES or source.startswith("hf:"):
+    if corpus.count == 1:
+        return prepare_text(next(corpus.documents()), out_dir, tokenizer, source=corpus.info,
+                            val_fraction=fraction, **common)
+    if corpus.count is None:  # a stream: one pass, so no char vocabulary can be built first
         if tokenizer == "char":
             raise UserError(f"{source} is streamed: the char tokenizer needs a local corpus; use --tokenizer gpt2")
-        spec = HF_SOURCES.get(source, {"path": source[3:], "subset": None, "val_fraction": DEFAULT_VAL_FRACTION, "tokens": {}})
-        subset = subset or spec["subset"]
-        fraction = val_fraction if val_fraction is not None else spec["val_fraction"]
-        docs = hf_documents(spec["path"], name=subset, text_field=text_field)
-        info = {"name": source, "path": spec["path"], "subset": subset, "text_field": text_field}
-        return prepare_documents(docs, out_dir, get_tokenizer("gpt2"), source=info, val_fraction=fraction,
-                                 workers=workers, total_tokens=spec["tokens"].get(subset), progress=progress, **common)
-
-    path = Path(source)
-    if not path.exists():
-        raise UserError(
-            f"unknown source '{source}': not one of {', '.join(SOURCES)}, hf:NAME, or an existing file or folder"
-        )
-    open_docs, n_docs = local_documents(path, text_field)
-    fraction = val_fraction or DEFAULT_VAL_FRACTION
-    info = {"name": "local", "path": str(path.resolve()), "text_field": text_field, **_fingerprint(path)}
-    if n_docs == 1:
-        return prepare_text(next(open_docs()), out_dir, tokenizer or "gpt2", source=info, val_fraction=fraction, **common)
+        return prepare_documents(corpus.documents(), out_dir, get_tokenizer(tokenizer), source=corpus.info,
+                                 val_fraction=fraction, workers=workers, total_tokens=entry.tokens.get(args.subset),
+                                 progress=progress, **common)
     if tokenizer == "char":
         chars = set(CHAR_DOC_SEPARATOR)
-        for doc in open_docs():
+        for doc in corpus.documents():
             chars.update(doc)
         tok = CharTokenizer("".join(sorted(chars)))
     else:
-        tok = get_tokenizer("gpt2")
-    if n_docs * fraction >= MIN_VAL_DOCUMENTS:
-        return prepare_documents(open_docs(), out_dir, tok, source=info, val_fraction=fraction, workers=workers,
-                                 progress=progress, **common)
+        tok = get_tokenizer(tokenizer)
+    if fraction is None or corpus.count * fraction >= MIN_VAL_DOCUMENTS:
+        return prepare_documents(corpus.documents(), out_dir, tok, source=corpus.info, val_fraction=fraction,
+                                 workers=workers, progress=progress, **common)
     # few documents: val is the end of the token stream, which needs the whole stream in memory
     _init_worker(tok.to_dict())
-    stream = np.concatenate(_tokenize_documents(list(open_docs())))
+    stream = np.concatenate(_tokenize_documents(list(corpus.documents())))
     n_train = int(len(stream) * (1 - fraction))
-    return prepare_tokens({"train": stream[:n_train], "val": stream[n_train:]}, out_dir, tok, source=info,
+    return prepare_tokens({"train": stream[:n_train], "val": stream[n_train:]}, out_dir, tok, source=corpus.info,
                           settings={"val": {"tokens": fraction}}, **common)

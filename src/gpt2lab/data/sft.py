@@ -19,6 +19,9 @@ permutation seeded with (seed, epoch); rows are right-padded to the longest row 
 `packing`, whole examples are laid end to end in rows of block_size + 1 tokens (an example never
 straddles two rows); attention then crosses example boundaries inside a row, as in common practice:
 the `<|endoftext|>` between them is the only separator (positions are not reset).
+
+The settings are `SFTConfig` (the `data.sft` section of a run config, defined here beside its only
+consumer). A bad record is reported as "FILE:LINE: problem; fix", the format of `gpt2lab.fileio`.
 """
 
 from __future__ import annotations
@@ -34,13 +37,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import LineError, iter_jsonl, json_type, read_text, str_field_problem
+
+if TYPE_CHECKING:  # torch is imported where batches are built, so config.py can import SFTConfig cheaply
+    import torch
+
+    from gpt2lab.config import DataConfig
 
 IGNORE_INDEX = -100
 
@@ -62,6 +70,28 @@ ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/a
 ALPACA_FILE = "alpaca_data.json"
 
 Segment = tuple[str, bool]  # (text, is_response)
+SKIP_HINT = "pass --data.sft.skip_invalid true to skip invalid records"
+
+
+@dataclass
+class SFTConfig:
+    """Instruction-tuning data (used when data.format is "sft")."""
+
+    path: str | None = None
+    """Records file (.json array or .jsonl), or "alpaca" for the Stanford Alpaca set."""
+    template: str = "alpaca"
+    """Prompt template: "alpaca", "chat" (messages records), or a custom string such as
+    "Q: {instruction}\\nA: {output}"."""
+    mask_prompt: bool = True
+    """Leave prompt tokens out of the loss (only response tokens are counted)."""
+    truncation: str = "truncate"
+    """Records longer than block_size: "truncate" (cut the end) or "drop" (skip the record)."""
+    packing: bool = False
+    """Lay several examples end to end in one row (fewer padding tokens)."""
+    val_fraction: float = 0.05
+    """Fraction of records held out for validation (0 = none)."""
+    skip_invalid: bool = False
+    """Skip malformed records (with a count) instead of stopping at the first one."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,8 +230,14 @@ def encode_chat_prompt(turns: Sequence[tuple[str, str]], message: str, tokenizer
 class Record:
     """One record as read from a file, with where it came from (for error messages)."""
 
-    where: str  # "line 4" (JSONL) or "record 17 (line 120)" (JSON array)
+    line: int
+    index: int | None  # position in a JSON array; None for a JSONL line
     data: Any
+
+    @property
+    def label(self) -> str:
+        """What a message says after FILE:LINE: "record 17: " in a JSON array, nothing for JSONL."""
+        return "" if self.index is None else f"record {self.index}: "
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -211,38 +247,33 @@ def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"SFT data file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSON or JSONL") from None
+    text = read_text(path)
     stripped = text.lstrip("\ufeff \t\r\n")
     if not stripped:
         raise UserError(f"{path} is empty; expected a JSON array of records or JSONL (one record per line)")
     if stripped[0] == "[":
         return _read_json_array(path, text)
     if stripped[0] == "{":
-        return _read_jsonl(text)
+        return _read_jsonl(path)
     line = text[: len(text) - len(stripped)].count("\n") + 1
-    raise UserError(
-        f"{path}: line {line}: neither a JSON array nor JSONL (starts with {stripped[0]!r}); expected "
+    raise LineError(
+        path, line, f"neither a JSON array nor JSONL (starts with {stripped[0]!r}); expected "
         '[{"instruction": ..., "output": ...}, ...] or one {...} record per line'
     )
 
 
 class _ParseError(str):
-    """A JSONL line that is not valid JSON (the message says why)."""
+    """A JSONL line that is not a JSON object (the message says why)."""
 
 
-def _read_jsonl(text: str) -> list[Record]:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            data = _ParseError(f"invalid JSON at column {e.colno}: {e.msg}")
-        records.append(Record(f"line {lineno}", data))
+def _read_jsonl(path: Path) -> list[Record]:
+    records: list[Record] = []
+
+    def invalid(error: LineError) -> None:  # kept in line order, to be reported or skipped with the rest
+        records.append(Record(error.line, None, _ParseError(error.problem)))
+
+    for line, data in iter_jsonl(path, invalid):
+        records.append(Record(line, None, data))
     return records
 
 
@@ -262,27 +293,24 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
         while pos < len(text) and text[pos] in ws:
             pos += 1
         if pos >= len(text):
-            raise UserError(f"{path}: line {line_of(pos)}: invalid JSON: the array is not closed with ']'")
+            raise LineError(path, line_of(pos), "invalid JSON: the array is not closed with ']'")
         if text[pos] == "]" and (not records or not expect_value):
             break
         if not expect_value:
             if text[pos] != ",":
-                raise UserError(f"{path}: line {line_of(pos)}: invalid JSON: expected ',' or ']' after "
-                                f"record {len(records) - 1}")
+                raise LineError(path, line_of(pos), f"invalid JSON: expected ',' or ']' after record {len(records) - 1}")
             pos += 1
             expect_value = True
             continue
         try:
             data, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}: invalid JSON in record {len(records)}: {e.msg} "
-                            f"(column {e.colno})") from None
-        records.append(Record(f"record {len(records)} (line {line_of(pos)})", data))
+            raise LineError(path, e.lineno, f"record {len(records)}: invalid JSON at column {e.colno}: {e.msg}") from None
+        records.append(Record(line_of(pos), len(records), data))
         pos, expect_value = end, False
     rest = text[pos + 1:].strip()
     if rest:
-        raise UserError(f"{path}: line {line_of(pos + 1 + text[pos + 1:].index(rest[0]))}: "
-                        "unexpected text after the closing ']'")
+        raise LineError(path, line_of(pos + 1 + text[pos + 1:].index(rest[0])), "unexpected text after the closing ']'")
     return records
 
 
@@ -291,26 +319,17 @@ def record_problem(data: Any, template: str) -> str | None:
     if isinstance(data, _ParseError):
         return str(data)
     if not isinstance(data, dict):
-        return f"expected a JSON object, got {_json_type(data)}"
+        return f"expected a JSON object, got {json_type(data)}"
     if template == "chat":
         return _messages_problem(data)
     if template == "alpaca":
-        required, optional = ("instruction", "output"), ("input",)
         if "messages" in data and "instruction" not in data:
             return "has 'messages' but no 'instruction': chat records need data.sft.template=chat"
+        required: Sequence[str] = ("instruction", "output")
     else:
-        names = _template_fields(template)
-        required = tuple(dict.fromkeys(n for n in names if n != "input"))
-        optional = ("input",)
-    for name in required:
-        if name not in data:
-            return f"missing '{name}'"
-        if not isinstance(data[name], str):
-            return f"field '{name}' must be a string, got {_json_type(data[name])}"
-    for name in optional:
-        if data.get(name) is not None and not isinstance(data[name], str):
-            return f"field '{name}' must be a string, got {_json_type(data[name])}"
-    return None
+        required = tuple(dict.fromkeys(n for n in _template_fields(template) if n != "input"))
+    problems = [str_field_problem(data, name) for name in required] + [str_field_problem(data, "input", optional=True)]
+    return next((p for p in problems if p is not None), None)
 
 
 def _messages_problem(data: dict) -> str | None:
@@ -328,17 +347,10 @@ def _messages_problem(data: dict) -> str | None:
         if m["role"] == "system" and i:
             return f"field 'messages[{i}].role': a 'system' message may only come first"
         if not isinstance(m.get("content"), str):
-            return f"field 'messages[{i}].content' must be a string, got {_json_type(m.get('content'))}"
+            return f"field 'messages[{i}].content' must be a string, got {json_type(m.get('content'))}"
     if not any(m["role"] == "assistant" for m in messages):
         return "field 'messages' has no 'assistant' turn (nothing to learn)"
     return None
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), type(value).__name__)
 
 
 def load_records(path: str | Path, template: str, skip_invalid: bool = False,
@@ -353,10 +365,9 @@ def load_records(path: str | Path, template: str, skip_invalid: bool = False,
         if problem is None:
             valid.append(rec.data)
         elif skip_invalid:
-            skipped.append(f"{rec.where}: {problem}")
+            skipped.append(f"line {rec.line}: {rec.label}{problem}")
         else:
-            raise UserError(f"{path}: {rec.where}: {problem} (pass --data.sft.skip_invalid true to skip "
-                            "invalid records)")
+            raise LineError(path, rec.line, f"{rec.label}{problem}; {SKIP_HINT}")
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; ... {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log(f"{path}: skipped {len(skipped)} invalid record{'s' if len(skipped) != 1 else ''} ({shown})")
@@ -445,6 +456,8 @@ def collate(examples: Examples, rows: Sequence[Sequence[int]], pad_id: int) -> t
     """Inputs x and targets y (B, T) int64 for rows given as lists of example indices (several per
     row when packed, none for an all-padding row), right-padded to the longest row; y is -100 on
     masked and padding positions."""
+    import torch
+
     seqs = []
     for row in rows:
         ids = np.concatenate([examples.ids[i] for i in row] or [np.array([pad_id], np.int32)])
@@ -562,10 +575,6 @@ class SFTData:
 # Entry point used by run.py
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
-
-
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation record indices (each sorted): a seeded random `val_fraction` of records,
     at least one when the fraction is positive, never all of them."""
@@ -576,39 +585,35 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def build_sft_data(data_cfg: Any, tokenizer, block_size: int, global_batch_size: int, rank: int,
+def build_sft_data(data_cfg: DataConfig, tokenizer, block_size: int, global_batch_size: int, rank: int,
                    world_size: int, seed: int, log: Any = None) -> tuple[SFTData, SFTData | None]:
-    """Train and validation SFTData from `data_cfg.sft` (path, template, mask_prompt, truncation,
-    packing, val_fraction, skip_invalid). Validation is None when val_fraction is 0."""
-    sft = _get(data_cfg, "sft", data_cfg)
+    """Train and validation SFTData from `data_cfg.sft` (an `SFTConfig`). Validation is None when
+    its val_fraction is 0."""
+    sft = data_cfg.sft
     if log is None:
         def log(msg: str) -> None:
             if rank == 0:
                 print(msg, file=sys.stderr, flush=True)
     if tokenizer.eot_id is None:
         raise UserError("SFT needs a tokenizer with an end-of-text token (use the gpt2 tokenizer)")
-    template = _get(sft, "template", "alpaca")
-    mask_prompt = bool(_get(sft, "mask_prompt", True))
-    truncation = _get(sft, "truncation", "truncate")
-    raw_path = _get(sft, "path")
-    if not raw_path:
+    if not sft.path:
         raise UserError("data.sft.path is not set: pass --data FILE.json|FILE.jsonl|alpaca")
-    path = resolve_data_path(str(raw_path))
-    records = load_records(path, template, bool(_get(sft, "skip_invalid", False)), log)
-    train_idx, val_idx = split_indices(len(records), float(_get(sft, "val_fraction", 0.0)), seed)
+    path = resolve_data_path(str(sft.path))
+    records = load_records(path, sft.template, sft.skip_invalid, log)
+    train_idx, val_idx = split_indices(len(records), sft.val_fraction, seed)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    ident = json.dumps([digest, template, mask_prompt, truncation, block_size, _get(sft, "packing", False),
-                        _get(sft, "val_fraction", 0.0)])
+    ident = json.dumps([digest, sft.template, sft.mask_prompt, sft.truncation, block_size, sft.packing,
+                        sft.val_fraction])
     fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
     splits = []
     for name, idx in (("train", train_idx), ("val", val_idx)):
         if name == "val" and len(idx) == 0:
             splits.append(None)
             continue
-        examples, report = tokenize_records([records[i] for i in idx], tokenizer, template, block_size,
-                                            mask_prompt, truncation)
+        examples, report = tokenize_records([records[i] for i in idx], tokenizer, sft.template, block_size,
+                                            sft.mask_prompt, sft.truncation)
         log(f"{path} {name}: {len(idx)} records, {report} (block_size={block_size})")
         splits.append(SFTData(examples, block_size=block_size, global_batch_size=global_batch_size, rank=rank,
-                              world_size=world_size, seed=seed, packing=bool(_get(sft, "packing", False)) and
-                              name == "train", pad_id=tokenizer.eot_id, fingerprint=fingerprint))
+                              world_size=world_size, seed=seed, packing=sft.packing and name == "train",
+                              pad_id=tokenizer.eot_id, fingerprint=fingerprint))
     return splits[0], splits[1]

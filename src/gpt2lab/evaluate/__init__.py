@@ -1,33 +1,30 @@
-"""Evaluation of language models: HellaSwag, perplexity, LAMBADA, and the pieces they share.
+"""Evaluation of language models: eval tasks behind one interface, and the data files they read.
 
-    from gpt2lab.evaluate import hellaswag
-    tasks = hellaswag.load_tasks(hellaswag.find_data_file())
-    hellaswag.evaluate(model, tokenizer, tasks)       # {"acc": ..., "acc_norm": ..., "acc_token_mean": ...}
+    from gpt2lab.evaluate.registry import get_task
+    task = get_task("hellaswag")                       # an EvalTask (task.py)
+    options = task.default_options()
+    examples = task.load(task.resolve_data(None), options)
+    task.run(model, tokenizer, examples, options)      # {"acc": ..., "acc_norm": ..., "n": ...}
 
-Shared here, so the three tasks score, download and split work the same way:
+    task.py       the EvalTask interface: name, description, CLI options, data, run, table rows
+    registry.py   task name -> module; `gpt2lab eval`, --json and in-training eval all go through it
+    training.py   EvalConfig (the run config's `eval` section) and the trainer's eval-task hook
+    scoring.py    the torch side the tasks share: continuation scoring, rank sharding, progress
+    hellaswag.py  lambada.py  perplexity.py  wikitext.py   the tasks
 
-    encode_pair          context/continuation tokenization of lm-evaluation-harness
-    score_continuations  sum log-likelihood and greedy match of continuation tokens, batched
-    fetch                download a public data file into the cache, sha256-checked
-    shard, all_reduce_sum  split work over torchrun ranks and add up the counts
+Here, without torch (parsers import this package): the shared data folder, the download cache,
+`fetch` (a public data file, sha256-checked) and `read_utf8`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-
 from gpt2lab.download import cache_dir, download, sha256_file
 from gpt2lab.errors import UserError
-from gpt2lab.parallel import all_reduce, unwrap
 
 MIRROR_ENV = "GPT2LAB_DATA_MIRROR"
 SHARED_DATA_ENV = "GPT2LAB_SHARED_DATA"
@@ -96,244 +93,3 @@ def read_utf8(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}); convert the file to UTF-8") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Ranks: each takes a strided share of the items and the counts are summed
-
-
-def rank_and_world(env=None) -> tuple[int, int]:
-    """(rank, world_size) from a DistEnv, else from an initialized process group, else (0, 1)."""
-    if env is not None:
-        return env.rank, env.world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard(items: Sequence, env=None) -> list:
-    """This rank's items: those at positions i with i % world_size == rank."""
-    rank, world = rank_and_world(env)
-    return list(items[rank::world])
-
-
-def all_reduce_sum(values: Sequence[float], env=None) -> list[float]:
-    """Element-wise sum of `values` over all ranks (unchanged in a single process)."""
-    return _all_reduce(values, "sum", env)
-
-
-def _all_reduce(values: Sequence[float], op: str, env=None) -> list[float]:
-    _, world = rank_and_world(env)
-    if world == 1:
-        return [float(v) for v in values]
-    return all_reduce(torch.tensor([float(v) for v in values], dtype=torch.float64), op).tolist()
-
-
-def most_forward_calls(calls: int, env=None) -> int:
-    """The largest of every rank's planned number of forward calls (a collective; `calls` in one process).
-
-    A sharded (FSDP) model gathers its weights in every forward call, so every rank must make the same
-    number of calls: ranks agree on it before the first call and the ones with less work make dummy
-    calls (`dummy_forward_calls`) after theirs. Agreeing first matters: a rank that reached this
-    all-reduce while another is still inside a forward's all-gather would deadlock.
-    """
-    _, world = rank_and_world(env)
-    return calls if world == 1 else int(_all_reduce([calls], "max", env)[0])
-
-
-def dummy_forward_calls(model: torch.nn.Module, count: int) -> None:
-    """`count` forward calls on one token, whose output is thrown away."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for _ in range(count):
-            model(torch.zeros((1, 1), dtype=torch.long, device=device))
-
-
-# --------------------------------------------------------------------------------------------------
-# Scoring continuations
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) the way lm-evaluation-harness makes them.
-
-    Trailing whitespace of the context moves to the continuation; `context + continuation` is
-    encoded as one string and split after as many tokens as the context alone encodes to, so the
-    continuation's first token is the one the model really sees there (e.g. " word", not "word").
-    """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids):]
-
-
-@dataclass
-class ContinuationScore:
-    """How well a model predicts a continuation given its context."""
-
-    logprob: float
-    """Sum of log p(token | everything before it) over the continuation tokens (natural log)."""
-    n_tokens: int
-    greedy: bool
-    """Every continuation token is the model's most likely next token."""
-
-
-@torch.no_grad()
-def score_continuations(
-    model: torch.nn.Module,
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-    batch_size: int = 16,
-    env=None,
-    on_batch: Callable[[int], None] | None = None,
-    use_kv_cache: bool | None = None,
-) -> list[ContinuationScore]:
-    """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
-
-    A row longer than block_size + 1 tokens loses tokens from the left of its context, as in
-    lm-evaluation-harness. Pairs are sorted by length (less padding; scores come back in input
-    order) and up to `batch_size` of them share a batch, run through the model's KV cache in two
-    calls: the contexts, left-padded so that they all end in the same column, with logits for that
-    last column only (it predicts each continuation's first token); then the continuations but their
-    last tokens, right-padded, whose logits predict the rest. So the LM head, the largest matmul of a
-    small model, runs on continuation positions only, and padding is never attended (padding columns
-    have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
-
-    `use_kv_cache=False` runs one plain forward over context + continuation instead (same numbers,
-    logits at every position). That is the default for FSDP-sharded models, whose mixed-precision
-    compute dtype a cache allocated outside the forward could not match.
-    """
-    model = unwrap(model)
-    if use_kv_cache is None:
-        use_kv_cache = not _is_fsdp(model)
-    block_size = model.config.block_size
-    device = next(model.parameters()).device
-    rows = []
-    for context, continuation in pairs:
-        if not context or not continuation:
-            raise ValueError("score_continuations needs a non-empty context and continuation")
-        if len(continuation) > block_size:
-            raise UserError(
-                f"a continuation of {len(continuation)} tokens does not fit the model's block_size={block_size}"
-            )
-        rows.append((list(context)[-(block_size + 1 - len(continuation)):], list(continuation)))
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][1]), len(rows[i][0])))
-    batches = _pack([rows[i] for i in order], batch_size, block_size)
-    # The cache path makes a second call when some continuation has more than one token.
-    calls = sum(1 + (use_kv_cache and max(len(n) for _, n in b) > 1) for b in batches)
-    most = most_forward_calls(calls, env)
-    scores: list[ContinuationScore] = []
-    for batch in batches:
-        if use_kv_cache:
-            logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
-        else:
-            logits = _continuation_logits_full(model, batch, device)
-        lengths = torch.tensor([len(c) for _, c in batch])
-        valid = torch.arange(logits.shape[1])[None, :] < lengths[:, None]  # (B, Ln)
-        targets = torch.zeros(valid.shape, dtype=torch.long)
-        for i, (_, c) in enumerate(batch):
-            targets[i, : len(c)] = torch.tensor(c)
-        picked = logits[valid.to(device)].float()  # (N, V), row-major: row i's tokens in order
-        flat = targets[valid].to(device)
-        token_logprob = F.log_softmax(picked, dim=-1).gather(1, flat[:, None]).squeeze(1)
-        token_greedy = (picked.argmax(dim=-1) == flat).float()
-        row_of = torch.arange(len(batch))[:, None].expand_as(valid)[valid].to(device)
-        sums = torch.zeros(len(batch), device=device, dtype=torch.float64)
-        sums.index_add_(0, row_of, token_logprob.double())
-        hits = torch.zeros(len(batch), device=device).index_add_(0, row_of, token_greedy)
-        for n, s, h in zip(lengths.tolist(), sums.tolist(), hits.tolist()):
-            scores.append(ContinuationScore(logprob=s, n_tokens=n, greedy=round(h) == n))
-        if on_batch is not None:
-            on_batch(len(batch))
-    dummy_forward_calls(model, most - calls)
-    in_order: list[ContinuationScore] = [None] * len(rows)  # type: ignore[list-item]
-    for i, score in zip(order, scores):
-        in_order[i] = score
-    return in_order
-
-
-def _pack(rows: list[tuple[list[int], list[int]]], batch_size: int, block_size: int) -> list[list]:
-    """Consecutive rows in batches of at most `batch_size`, each fitting one KV cache of block_size columns
-    (longest context + longest continuation - 1: contexts are left-padded, continuations right-padded)."""
-    batches, current, longest_context, longest_continuation = [], [], 0, 0
-    for context, continuation in rows:
-        lc, ln = max(longest_context, len(context)), max(longest_continuation, len(continuation))
-        if current and (len(current) == batch_size or lc + ln - 1 > block_size):
-            batches.append(current)
-            current, lc, ln = [], len(context), len(continuation)
-        current.append((context, continuation))
-        longest_context, longest_continuation = lc, ln
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _continuation_logits(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
-    """Logits (B, Ln, V) of a packed batch: column j of row i predicts continuation token j of row i."""
-    B = len(batch)
-    Lc = max(len(c) for c, _ in batch)
-    Ln = max(len(n) for _, n in batch)
-    idx = torch.zeros((B, Lc), dtype=torch.long)
-    pos = torch.full((B, Lc), -1, dtype=torch.long)
-    for i, (context, _) in enumerate(batch):
-        idx[i, Lc - len(context):] = torch.tensor(context)
-        pos[i, Lc - len(context):] = torch.arange(len(context))
-    cache = model.new_cache(B, Lc + Ln - 1)
-    first, _ = model(idx.to(device), pos=pos.to(device), cache=cache, last_only=True)  # (B, 1, V)
-    if Ln == 1:
-        return first
-    idx = torch.zeros((B, Ln - 1), dtype=torch.long)
-    pos = torch.full((B, Ln - 1), -1, dtype=torch.long)
-    for i, (context, continuation) in enumerate(batch):
-        n = len(continuation) - 1
-        idx[i, :n] = torch.tensor(continuation[:-1])
-        pos[i, :n] = torch.arange(len(context), len(context) + n)
-    rest, _ = model(idx.to(device), pos=pos.to(device), cache=cache)  # (B, Ln - 1, V)
-    return torch.cat([first, rest], dim=1)
-
-
-def _continuation_logits_full(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
-    """Like `_continuation_logits`, from one forward over right-padded context + continuation[:-1]."""
-    B = len(batch)
-    T = max(len(c) + len(n) - 1 for c, n in batch)
-    Ln = max(len(n) for _, n in batch)
-    idx = torch.zeros((B, T), dtype=torch.long)
-    where = torch.zeros((B, Ln), dtype=torch.long)  # the position whose logits predict continuation[j]
-    for i, (context, continuation) in enumerate(batch):
-        row = context + continuation[:-1]
-        idx[i, : len(row)] = torch.tensor(row)
-        where[i] = (len(context) - 1 + torch.arange(Ln)).clamp(max=T - 1)
-    logits, _ = model(idx.to(device))  # (B, T, V)
-    return logits[torch.arange(B, device=device)[:, None], where.to(device)]
-
-
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(model, FSDPModule)
-
-
-# --------------------------------------------------------------------------------------------------
-# Console
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`; draws a rich progress bar on stderr when enabled and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
-
-
-def stderr_of_mean(p: float, n: int) -> float:
-    """Standard error of an accuracy p measured on n items (sample std / sqrt(n), as lm-evaluation-harness)."""
-    return (p * (1 - p) / (n - 1)) ** 0.5 if n > 1 else 0.0

@@ -30,31 +30,20 @@ schema with a label 0-3.
 
 from __future__ import annotations
 
-import functools
+import argparse
 import json
 import re
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import (
-    RemoteFile,
-    all_reduce_sum,
-    cached_path,
-    encode_pair,
-    fetch,
-    progress_bar,
-    rank_and_world,
-    read_utf8,
-    score_continuations,
-    shard,
-    shared_data_dir,
-    stderr_of_mean,
-)
-from gpt2lab.parallel import unwrap
+from gpt2lab.evaluate import RemoteFile, cached_path, fetch, read_utf8, shared_data_dir
+from gpt2lab.evaluate.task import EvalTask, MetricRow
+
+if TYPE_CHECKING:
+    import torch
 
 HELLASWAG_VAL = RemoteFile("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
 N_VAL_TASKS = 10042
@@ -215,6 +204,8 @@ def find_data_file(download: bool = True) -> Path | None:
 
 def encode_task(tokenizer, task: Task) -> list[tuple[list[int], list[int]]]:
     """The four (context ids, " " + ending ids) pairs of a task."""
+    from gpt2lab.evaluate.scoring import encode_pair
+
     return [encode_pair(tokenizer, task.context, " " + ending) for ending in task.endings]
 
 
@@ -244,14 +235,16 @@ def evaluate(
     `batch_size` tasks (4 rows each) go through the model at once. Under torchrun each rank scores
     the tasks i with i % world_size == rank and the counts are summed over ranks.
     """
+    from gpt2lab.evaluate import scoring
+
     # Every rank tokenizes every task, so a tokenizer error is raised on all ranks alike, before any collective.
     encoded = [encode_task(tokenizer, task) for task in tasks]
-    mine_idx = shard(range(len(tasks)), env)
+    mine_idx = scoring.shard(range(len(tasks)), env)
     mine = [tasks[i] for i in mine_idx]
     pairs = [pair for i in mine_idx for pair in encoded[i]]
-    rank, _ = rank_and_world(env)
-    with progress_bar(len(pairs) // 4, "hellaswag", enabled=show_progress and rank == 0) as advance:
-        scores = score_continuations(
+    rank, _ = scoring.rank_and_world(env)
+    with scoring.progress_bar(len(pairs) // 4, "hellaswag", enabled=show_progress and rank == 0) as advance:
+        scores = scoring.score_continuations(
             model, pairs, batch_size=4 * batch_size, env=env,
             on_batch=lambda rows: advance(rows // 4),
         )
@@ -261,59 +254,49 @@ def evaluate(
         picked = predictions(task, [s.logprob for s in four], [s.n_tokens for s in four])
         for metric, choice in picked.items():
             correct[metric] += int(choice == task.label)
-    totals = all_reduce_sum([*correct.values(), len(mine)], env)
+    totals = scoring.all_reduce_sum([*correct.values(), len(mine)], env)
     n = int(totals[-1])
     result: dict = {"n": n}
     for metric, count in zip(correct, totals):
         result[metric] = count / n
-        result[f"{metric}_stderr"] = stderr_of_mean(count / n, n)
+        result[f"{metric}_stderr"] = scoring.stderr_of_mean(count / n, n)
     return result
 
 
 # --------------------------------------------------------------------------------------------------
-# During training
+# The task
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_tasks(path: str, mtime: float) -> list[Task]:
-    return load_tasks(path)
+class HellaSwag(EvalTask):
+    name = "hellaswag"
+    description = "zero-shot HellaSwag validation accuracy (acc, acc_norm, acc_token_mean)"
+    data_help = ("hellaswag_val.jsonl or a llama.cpp-format text file (default: the shared file if present, "
+                 "else the official jsonl, downloaded and cached)")
+    unit = batch_unit = "tasks"
+    default_batch_size = 8
+    training_metrics = ("acc", "acc_norm")
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--context-style", choices=CONTEXT_STYLES, default="llamacpp",
+                            help="llamacpp: the same tasks from either file format (default); harness: "
+                                 "lm-evaluation-harness's context, official jsonl only")
+
+    def find_data(self, download: bool = True) -> Path | None:
+        return find_data_file(download)
+
+    def load(self, path: Path, options: argparse.Namespace) -> list[Task]:
+        return load_tasks(path, options.context_style)
+
+    def run(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence, options: argparse.Namespace,
+            env: Any = None, batch_size: int | None = None, show_progress: bool = False) -> dict:
+        result = evaluate(model, tokenizer, list(examples), batch_size=batch_size or self.default_batch_size,
+                          env=env, show_progress=show_progress)
+        return {**result, "context_style": options.context_style}
+
+    def rows(self, result: dict) -> list[MetricRow]:
+        rows = [MetricRow(metric, f"{result[metric]:.4f} ± {result[metric + '_stderr']:.4f}", meaning)
+                for metric, meaning in METRICS.items()]
+        return [*rows, MetricRow("n", str(result["n"]), f"tasks (context style {result['context_style']})")]
 
 
-_warned = False
-
-
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        warnings.warn(message, stacklevel=3)
-        _warned = True
-
-
-def in_training_eval(model: torch.nn.Module, tokenizer, limit: int | None, env=None,
-                     batch_size: int = 8) -> dict[str, float]:
-    """{"hellaswag/acc", "hellaswag/acc_norm"} on the first `limit` tasks, for the trainer's logs.
-
-    Uses the shared text file if present, else the cached official jsonl; it never downloads. When
-    neither exists, the file is unreadable or the tokenizer cannot encode it (a char model), it warns
-    once and returns {}: evaluation never stops training. Every rank must call it (the work is split across ranks); the model's train/eval mode
-    is restored afterwards.
-    """
-    path = find_data_file(download=False)
-    if path is None:
-        _warn_once(
-            f"HellaSwag skipped: no data (set GPT2LAB_SHARED_DATA, or run `gpt2lab eval hellaswag` once "
-            f"online to cache {HELLASWAG_VAL.name})"
-        )
-        return {}
-    inner = unwrap(model)
-    was_training = inner.training
-    inner.eval()
-    try:
-        tasks = _cached_tasks(str(path), path.stat().st_mtime)[: limit or None]
-        result = evaluate(model, tokenizer, tasks, batch_size=batch_size, env=env)
-    except UserError as e:
-        _warn_once(f"HellaSwag skipped: {e}")
-        return {}
-    finally:
-        inner.train(was_training)
-    return {"hellaswag/acc": result["acc"], "hellaswag/acc_norm": result["acc_norm"]}
+TASK = HellaSwag()

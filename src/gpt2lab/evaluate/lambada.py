@@ -18,27 +18,20 @@ agree on 5,146 of the 5,153 passages (the other 7 have a newline just before the
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import (
-    RemoteFile,
-    all_reduce_sum,
-    cached_path,
-    fetch,
-    progress_bar,
-    rank_and_world,
-    read_utf8,
-    score_continuations,
-    shard,
-    shared_data_dir,
-    stderr_of_mean,
-)
+from gpt2lab.evaluate import RemoteFile, cached_path, fetch, read_utf8, shared_data_dir
+from gpt2lab.evaluate.task import EvalTask, MetricRow
+
+if TYPE_CHECKING:
+    import torch
 
 LAMBADA_TEST = RemoteFile(
     "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
@@ -102,11 +95,13 @@ def evaluate(
     show_progress: bool = False,
 ) -> dict:
     """Last-word accuracy and perplexities of `model` on `passages` (every rank gets the same dict)."""
+    from gpt2lab.evaluate import scoring
+
     # Every rank tokenizes every passage, so a tokenizer error is raised on all ranks alike.
-    pairs = shard([split_passage(tokenizer, text) for text in passages], env)
-    rank, _ = rank_and_world(env)
-    with progress_bar(len(pairs), "lambada", enabled=show_progress and rank == 0) as advance:
-        scores = score_continuations(
+    pairs = scoring.shard([split_passage(tokenizer, text) for text in passages], env)
+    rank, _ = scoring.rank_and_world(env)
+    with scoring.progress_bar(len(pairs), "lambada", enabled=show_progress and rank == 0) as advance:
+        scores = scoring.score_continuations(
             model, pairs, batch_size=batch_size, env=env,
             on_batch=advance,
         )
@@ -116,13 +111,47 @@ def evaluate(
         sum(s.n_tokens for s in scores),
         len(scores),
     ]
-    correct, logprob, n_tokens, n = all_reduce_sum(sums, env)
+    correct, logprob, n_tokens, n = scoring.all_reduce_sum(sums, env)
     n = int(n)
     return {
         "n": n,
         "acc": correct / n,
-        "acc_stderr": stderr_of_mean(correct / n, n),
+        "acc_stderr": scoring.stderr_of_mean(correct / n, n),
         "ppl": math.exp(-logprob / n),
         "ppl_token": math.exp(-logprob / n_tokens),
         "target_tokens": int(n_tokens),
     }
+
+
+class Lambada(EvalTask):
+    name = "lambada"
+    description = "LAMBADA (OpenAI's GPT-2 version) last-word accuracy and perplexity"
+    data_help = ("lambada_test.jsonl (default: the shared file if present, else OpenAI's, downloaded, "
+                 "sha256-checked and cached)")
+    unit = batch_unit = "passages"
+    default_batch_size = 16
+    training_metrics = ("acc", "ppl")
+
+    def find_data(self, download: bool = True) -> Path | None:
+        return find_data_file(download)
+
+    def load(self, path: Path, options: argparse.Namespace) -> list[str]:
+        return read_passages(path)
+
+    def run(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence, options: argparse.Namespace,
+            env: Any = None, batch_size: int | None = None, show_progress: bool = False) -> dict:
+        return evaluate(model, tokenizer, list(examples), batch_size=batch_size or self.default_batch_size, env=env,
+                        show_progress=show_progress)
+
+    def rows(self, result: dict) -> list[MetricRow]:
+        return [
+            MetricRow("acc", f"{result['acc']:.4f} ± {result['acc_stderr']:.4f}",
+                      "last word predicted greedily, every token"),
+            MetricRow("ppl", f"{result['ppl']:.3f}", "per-word perplexity of the last word (lm-eval's)"),
+            MetricRow("ppl_token", f"{result['ppl_token']:.3f}",
+                      f"per-token perplexity over {result['target_tokens']:,} target tokens"),
+            MetricRow("n", str(result["n"]), "passages"),
+        ]
+
+
+TASK = Lambada()

@@ -25,22 +25,18 @@ text is slightly shorter than the guide's and the perplexities are close but not
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import (
-    all_reduce_sum,
-    dummy_forward_calls,
-    most_forward_calls,
-    progress_bar,
-    rank_and_world,
-    read_utf8,
-    shard,
-)
-from gpt2lab.parallel import unwrap
+from gpt2lab.evaluate import read_utf8
+from gpt2lab.evaluate.task import EvalTask, MetricRow, positive_int
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_text(path: str | Path, hf_rows: bool = False) -> str:
@@ -65,7 +61,6 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     return out
 
 
-@torch.no_grad()
 def sliding_window_nll(
     model: torch.nn.Module,
     ids: list[int],
@@ -80,42 +75,20 @@ def sliding_window_nll(
     Windows of equal length are batched `batch_size` at a time; under torchrun each rank takes the
     windows k with k % world_size == rank (every rank must call this).
     """
-    model = unwrap(model)
-    if max_length > model.config.block_size:
-        raise UserError(f"--max-length {max_length} exceeds the model's block_size={model.config.block_size}")
+    from gpt2lab.evaluate.scoring import sum_target_nll
+    from gpt2lab.parallel import unwrap
+
+    block_size = unwrap(model).config.block_size
+    if max_length > block_size:
+        raise UserError(f"--max-length {max_length} exceeds the model's block_size={block_size}")
     if len(ids) < 2:
         raise UserError("the text is shorter than 2 tokens: nothing to score")
-    device = next(model.parameters()).device
-    data = torch.tensor(ids, dtype=torch.long)
-    all_windows = windows(len(ids), max_length, stride)
-    rank, _ = rank_and_world(env)
-    batches = _batches(shard(all_windows, env), batch_size)
-    most = most_forward_calls(len(batches), env)
-    nll, count = 0.0, 0
-    with progress_bar(len(batches), "perplexity", enabled=show_progress and rank == 0) as advance:
-        for batch in batches:
-            idx = torch.stack([data[b:e] for b, e, _ in batch])  # (B, T)
-            targets = torch.full_like(idx, -100)
-            for row, (b, e, first) in enumerate(batch):
-                # Position t predicts token b + t + 1; score targets first .. e - 1.
-                targets[row, first - b - 1 : e - b - 1] = data[first:e]
-            _, loss = model(idx.to(device), targets.to(device), loss_reduction="sum")
-            nll += loss.item()
-            count += int((targets != -100).sum())
-            advance(1)
-    dummy_forward_calls(model, most - len(batches))
-    nll, count = all_reduce_sum([nll, count], env)
-    return nll, int(count)
-
-
-def _batches(wins: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive windows in groups of `batch_size`, split so that each batch has one window length."""
-    out = []
-    for i in range(0, len(wins), batch_size):
-        group = wins[i : i + batch_size]
-        for length in sorted({e - b for b, e, _ in group}, reverse=True):
-            out.append([w for w in group if w[1] - w[0] == length])
-    return out
+    rows = []
+    for b, e, first in windows(len(ids), max_length, stride):
+        # Position t predicts token b + t + 1; score targets first .. e - 1.
+        targets = [-100] * (first - b - 1) + ids[first:e] + [-100]
+        rows.append((ids[b:e], targets))
+    return sum_target_nll(model, rows, batch_size, env, show_progress, "perplexity")
 
 
 def evaluate(
@@ -129,6 +102,8 @@ def evaluate(
     show_progress: bool = False,
 ) -> dict:
     """Perplexity figures of `text` (defaults: max_length = block_size, stride = max_length // 2)."""
+    from gpt2lab.parallel import unwrap
+
     max_length = max_length or unwrap(model).config.block_size
     stride = stride or max(max_length // 2, 1)
     ids = tokenizer.encode(text)
@@ -147,3 +122,45 @@ def evaluate(
         "byte_ppl": math.exp(nll / n_bytes),
         "bits_per_byte": nll / n_bytes / math.log(2),
     }
+
+
+class Perplexity(EvalTask):
+    name = "perplexity"
+    description = "sliding-window token perplexity (and per word / per byte) of a UTF-8 text file"
+    data_help = "the text file to score"
+    unit = None
+    batch_unit = "windows"
+    default_batch_size = 1
+    training_metrics = ("ppl",)
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--max-length", type=positive_int,
+                            help="window length in tokens (default: the model's block_size)")
+        parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: max-length / 2)")
+        parser.add_argument("--hf-rows", action="store_true",
+                            help="join non-empty lines as HF dataset rows with '\\n\\n' (the transformers guide's "
+                                 "WikiText text); default: score the file as it is")
+
+    def load(self, path, options: argparse.Namespace) -> list[str]:
+        return [read_text(path, hf_rows=options.hf_rows)]
+
+    def run(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence, options: argparse.Namespace,
+            env: Any = None, batch_size: int | None = None, show_progress: bool = False) -> dict:
+        (text,) = examples
+        result = evaluate(model, tokenizer, text, max_length=options.max_length, stride=options.stride,
+                          batch_size=batch_size or self.default_batch_size, env=env, show_progress=show_progress)
+        return {**result, "hf_rows": options.hf_rows}
+
+    def rows(self, result: dict) -> list[MetricRow]:
+        return [
+            MetricRow("tokens_scored", f"{result['tokens_scored']:,}",
+                      f"of {result['tokens']:,}; windows of {result['max_length']}, stride {result['stride']}"),
+            MetricRow("nll", f"{result['nll']:.4f}", "mean negative log-likelihood per token (nats)"),
+            MetricRow("ppl", f"{result['ppl']:.3f}", "token perplexity"),
+            MetricRow("word_ppl", f"{result['word_ppl']:.3f}", f"per whitespace word ({result['words']:,} words)"),
+            MetricRow("byte_ppl", f"{result['byte_ppl']:.4f}", f"per UTF-8 byte ({result['bytes']:,} bytes)"),
+            MetricRow("bits_per_byte", f"{result['bits_per_byte']:.4f}", "NLL in bits per byte"),
+        ]
+
+
+TASK = Perplexity()

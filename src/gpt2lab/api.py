@@ -1,0 +1,123 @@
+"""The Python front door: load any model the CLI can name, generate, stream, score; train from Python.
+
+    import gpt2lab
+    lm = gpt2lab.load("out/quickstart")                   # any --init: preset/hub id, HF dir, run, checkpoint, adapter
+    lm.generate("The ", max_new_tokens=50, seed=0)        # -> str (a list of prompts -> a list of str)
+    for piece in lm.stream("The "): print(piece, end="")
+    lm.score("some text")                                 # Score(loglikelihood=..., tokens=..., perplexity=...)
+    result = gpt2lab.train("quickstart", **{"train.max_steps": 100, "checkpoint.out_dir": "out/qs"})
+
+Everything here goes through the same code as the commands: `gpt2lab.loading.load_model` (what
+`--init` means), `gpt2lab.generate` (what `gpt2lab sample` runs), the sliding-window scorer of
+`gpt2lab eval perplexity`, and `gpt2lab.run.train` (what `gpt2lab train` runs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Score:
+    """How well a model predicts one text (as `gpt2lab eval perplexity` computes it)."""
+
+    loglikelihood: float
+    """Sum of log p(token | context) over the scored tokens, in nats."""
+    tokens: int
+    """Tokens scored (every token but the first, which has no context)."""
+    perplexity: float
+    """exp(-loglikelihood / tokens)."""
+
+
+class LoadedModel:
+    """A model and its tokenizer, with text in and text out. `.model` is the plain `gpt2lab.GPT`."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (f"LoadedModel({self.model.num_params():,} params, {c.n_layer} layers x {c.n_embd}, "
+                f"tokenizer {self.tokenizer.name}, {self.model.transformer.wte.weight.device})")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids."""
+        return self.tokenizer.decode(ids)
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 100, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> str | list[str]:
+        """The text generated after `prompt` (a list of prompts -> a list of texts, one batch).
+        temperature 0 = greedy; `seed` makes sampling reproducible; generation ends at the
+        tokenizer's end-of-text or at a `stop` string (not included)."""
+        from gpt2lab.generate import stream_text
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = []
+        for p in prompts:  # one prompt at a time: the same text `gpt2lab sample` gives for it
+            pieces = stream_text(self.model, self.tokenizer, self._prompt_ids(p), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_strings=stop)
+            texts.append("".join(pieces))
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 100, **kwargs: Any) -> Iterator[str]:
+        """The text generated after `prompt`, piece by piece as it is decoded (arguments of `generate`)."""
+        from gpt2lab.generate import stream_text
+
+        stop = kwargs.pop("stop", ())
+        yield from stream_text(self.model, self.tokenizer, self._prompt_ids(prompt), max_new_tokens=max_new_tokens,
+                               stop_strings=stop, **kwargs)
+
+    def score(self, text: str | Sequence[str], *, max_length: int | None = None,
+              stride: int | None = None) -> Score | list[Score]:
+        """Log-likelihood, token count and perplexity of `text` (a list -> a list), with the
+        sliding windows of `gpt2lab eval perplexity` (defaults: block_size, stride half of it)."""
+        from gpt2lab.evaluate.perplexity import sliding_window_nll
+
+        texts = [text] if isinstance(text, str) else list(text)
+        max_length = max_length or self.model.config.block_size
+        stride = stride or max(max_length // 2, 1)
+        scores = []
+        for t in texts:
+            nll, count = sliding_window_nll(self.model, self.tokenizer.encode(t), max_length, stride)
+            scores.append(Score(loglikelihood=-nll, tokens=count, perplexity=math.exp(nll / count)))
+        return scores[0] if isinstance(text, str) else scores
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        eot = self.tokenizer.eot_id
+        return ids if ids else ([eot] if eot is not None else [0])  # an empty prompt starts a document
+
+
+def load(init: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model `init` names, as `--init` does on the command line: a preset or hub id (`gpt2`,
+    `distilgpt2`, `random:gpt2-tiny`), a Hugging Face directory, a gpt2lab run or checkpoint directory,
+    or a LoRA adapter directory (merged into its base). device: auto|cpu|cuda|cuda:N|mps.
+    dtype: auto (as `gpt2lab sample` decodes) or fp32|bf16|fp16."""
+    from gpt2lab.devices import canonical_dtype, check_device_name, resolve_device
+    from gpt2lab.loading import load_model
+
+    check_device_name(device)
+    dtype = canonical_dtype(dtype)
+    model, tokenizer = load_model(init, device=resolve_device(device), dtype=None if dtype == "auto" else dtype)
+    return LoadedModel(model, tokenizer)
+
+
+def train(config: str | None = "quickstart", **overrides: Any) -> Any:
+    """Run `gpt2lab train`'s trainer from Python and return its `TrainResult` (step, losses, checkpoint).
+
+    config: a preset name or YAML path (None = the dataclass defaults). overrides: dotted keys, as on
+    the command line (`**{"train.max_steps": 100}`), or whole sections (`optim={"lr": 1e-3}`).
+    """
+    from gpt2lab.config import load_config
+    from gpt2lab.run import train as run_training
+
+    return run_training(load_config(config, overrides))

@@ -1,0 +1,94 @@
+"""Devices and dtypes: the one table of dtype names and the one resolver of device names.
+
+    DTYPES                              "fp32" | "bf16" | "fp16" -> torch dtype name (no torch import)
+    canonical_dtype("bfloat16")         -> "bf16"   (long names are aliases; "auto" stays "auto")
+    torch_dtype("bf16")                 -> torch.bfloat16   ("auto" -> None: keep the loaded dtype)
+    resolve_dtype("auto", device)       -> the compute dtype "auto" means on that device
+    resolve_device("auto")              -> cuda if torch sees a GPU, else cpu (mps only when asked)
+
+Only the functions that return torch objects import torch, so command-line parsers can use the
+names here without it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from gpt2lab.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Short dtype name -> the torch attribute (torch.float32, ...); the long names are accepted as aliases."""
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
+_ALIASES = {long: short for short, long in DTYPES.items()}
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def canonical_dtype(name: str) -> str:
+    """"auto", "fp32", "bf16" or "fp16" for a dtype name or alias ("float32", "bfloat16", "float16")."""
+    name = _ALIASES.get(name, name)
+    if name not in DTYPE_CHOICES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)} "
+                        f"(or {', '.join(_ALIASES)})")
+    return name
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is one of auto, cpu, cuda, cuda:N, mps; else a UserError (no torch needed)."""
+    if not _DEVICE_RE.fullmatch(name):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype of a name or alias; None and "auto" -> None (the caller keeps what it has)."""
+    import torch
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    name = canonical_dtype(name)
+    return None if name == "auto" else getattr(torch, DTYPES[name])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a torch dtype ("fp32", "bf16", "fp16"), or str(dtype) for any other."""
+    return _ALIASES.get(str(dtype).removeprefix("torch."), str(dtype))
+
+
+def resolve_dtype(name: str, device: torch.device, *, fp16_without_bf16: bool = True) -> torch.dtype:
+    """The compute (autocast) dtype for `name` on `device`: auto = bf16 on CUDA with bf16 support,
+    fp16 on older CUDA GPUs (fp32 there if not `fp16_without_bf16`), fp32 elsewhere (bf16 autocast on
+    CPU is far slower)."""
+    import torch
+
+    if canonical_dtype(name) != "auto":
+        return torch_dtype(name)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if fp16_without_bf16 else torch.float32
+    return torch.float32
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of "auto" (cuda if torch sees a GPU, else cpu), "cpu", "cuda", "cuda:N" or
+    "mps"; a UserError when the requested device is not there. torchrun ranks move cuda to cuda:LOCAL_RANK
+    (`parallel.init_distributed`)."""
+    import torch
+
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} requested but MPS is not available; use --device cpu")
+    return device

@@ -1,0 +1,111 @@
+"""Eval tasks during training: the run config's `eval` section and what the trainer's hook calls.
+
+    tasks, every, limit = cfg.eval.schedule()                # old hellaswag_* keys resolved, checked
+    evaluator = TaskEvaluator([get_task(t) for t in tasks], limit, model, tokenizer, env)
+    evaluator()                                              # {"hellaswag/acc": ..., "wikitext/bits_per_byte": ...}
+
+The trainer logs the dict as event "eval", so each number is eval/<task>/<metric> in TensorBoard and
+W&B. Importing this module does not import torch (config.py imports EvalConfig).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpt2lab.errors import UserError
+from gpt2lab.evaluate.task import EvalTask
+
+
+@dataclass
+class EvalConfig:
+    """Eval tasks run during training (those of `gpt2lab eval`, at their default options)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Tasks run every eval.every steps, by their `gpt2lab eval` names, e.g. hellaswag,lambada,wikitext."""
+    every: int = 0
+    """Run eval.tasks every this many steps (0 = off)."""
+    limit: int | None = None
+    """Examples per task and evaluation: the first N (null = all)."""
+    hellaswag_every: int = 0
+    """Older spelling, still accepted: N means eval.tasks [hellaswag] with eval.every N (0 = off)."""
+    hellaswag_limit: int | None = None
+    """Older spelling, still accepted: eval.limit for eval.hellaswag_every (null = all 10,042 tasks)."""
+
+    def schedule(self) -> tuple[list[str], int, int | None]:
+        """(task names, every, limit) with the older keys resolved; a UserError for settings that cannot run."""
+        from gpt2lab.evaluate.registry import get_task
+
+        tasks, every, limit = list(self.tasks), self.every, self.limit
+        if self.hellaswag_every:
+            if tasks or every:
+                raise UserError("eval.hellaswag_every and eval.tasks/eval.every are both set; keep one "
+                                "(eval.tasks [hellaswag] with eval.every N is the newer spelling)")
+            tasks, every, limit = ["hellaswag"], self.hellaswag_every, self.hellaswag_limit
+        if every < 0:
+            raise UserError(f"eval.every must be >= 0, got {every}")
+        if limit is not None and limit <= 0:
+            raise UserError(f"eval.limit must be positive or null (= all), got {limit}")
+        if tasks and not every:
+            raise UserError(f"eval.tasks is set ({', '.join(tasks)}) but eval.every is 0; set --eval.every N")
+        if every and not tasks:
+            raise UserError("eval.every is set but eval.tasks is empty; name them, e.g. --eval.tasks hellaswag,wikitext")
+        for name in tasks:
+            if not get_task(name, where="eval.tasks").has_default_data():
+                raise UserError(f"eval.tasks: '{name}' needs --data PATH, which training cannot pass; "
+                                "run it with `gpt2lab eval` instead")
+        return tasks, every, limit
+
+
+class TaskEvaluator:
+    """Runs eval tasks on the model being trained, for the trainer's "eval" hook.
+
+    Data is what `gpt2lab eval TASK` would use without --data, except that nothing is downloaded;
+    it is read once, on first use. A task without data, or one the model cannot run (a character
+    tokenizer on a word task), warns once and is skipped from then on: evaluation never stops
+    training. Every rank must call it (the work is split over ranks); the model's train/eval mode is
+    restored afterwards.
+    """
+
+    def __init__(self, tasks: Sequence[EvalTask], limit: int | None, model: Any, tokenizer: Any,
+                 env: Any = None) -> None:
+        self.tasks = list(tasks)
+        self.limit = limit
+        self.model, self.tokenizer, self.env = model, tokenizer, env
+        self._examples: dict[str, Sequence] = {}
+        self._skipped: set[str] = set()
+
+    def __call__(self) -> dict[str, float]:
+        """{"<task>/<metric>": value} for the training_metrics of every task that ran."""
+        from gpt2lab.parallel import unwrap
+
+        inner = unwrap(self.model)
+        was_training = inner.training
+        inner.eval()
+        results: dict[str, float] = {}
+        try:
+            for task in self.tasks:
+                if task.name not in self._skipped:
+                    results.update(self._run(task))
+        finally:
+            inner.train(was_training)
+        return results
+
+    def _run(self, task: EvalTask) -> dict[str, float]:
+        options = task.default_options()
+        try:
+            if task.name not in self._examples:
+                path = task.find_data(download=False)
+                if path is None:
+                    raise UserError(f"no data (set GPT2LAB_SHARED_DATA, or run `gpt2lab eval {task.name}` once "
+                                    "online to cache it)")
+                self._examples[task.name] = task.load(path, options)
+            examples = self._examples[task.name][: self.limit]
+            result = task.run(self.model, self.tokenizer, examples, options, env=self.env)
+        except UserError as e:
+            self._skipped.add(task.name)
+            warnings.warn(f"{task.name} skipped during training: {e}", stacklevel=3)
+            return {}
+        return {f"{task.name}/{metric}": result[metric] for metric in task.training_metrics}

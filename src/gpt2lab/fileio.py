@@ -1,0 +1,389 @@
+"""Files on disk, below every format that uses them: one place for each way gpt2lab reads or writes.
+
+    iter_jsonl / iter_lines   records of a JSONL or text file, one message format for bad lines
+    read_text / str_field     a whole UTF-8 file; a checked string field of a record
+    atomic_dir                a directory written under a temporary name and renamed into place
+    read_versioned_json       a JSON config that names its format and version
+    clean_state_dict          a state dict with wrapper prefixes stripped, ready to save
+
+Imports torch only where a function needs it; the modules above (checkpoint, hf, lora, data,
+evaluate) build their formats from these pieces.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpt2lab.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+# --------------------------------------------------------------------------------------------------
+# Directories written atomically
+
+
+def atomic_dir(final: Path):
+    """Context manager yielding a temp directory next to `final`; on success it is renamed to `final`
+    (replacing an older one of the same name); on error it is removed and `final` is untouched."""
+    return _AtomicDir(Path(final))
+
+
+class _AtomicDir:
+    def __init__(self, final: Path) -> None:
+        self.final = final
+
+    def __enter__(self) -> Path:
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.final.name}-", dir=self.final.parent))
+        except OSError as e:
+            raise write_error(self.final, e) from None
+        self.tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a shared run dir must stay readable
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            written = _tree_bytes(self.tmp)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, Exception) and not isinstance(exc, UserError) and _is_write_failure(exc):
+                raise write_error(self.final, exc, written) from None
+            return
+        _fsync_dir_contents(self.tmp)
+        if self.final.exists():
+            old = self.final.with_name(f".old-{self.final.name}-{os.getpid()}")
+            os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+# torch.save and safetensors report a failed write in their own words, not as OSError(ENOSPC).
+_WRITE_FAILURES = ("no space left", "storagefull", "file write failed", "errno 28", "os error 28",
+                   "permission denied", "read-only file system")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+        return True
+    return any(marker in str(exc).lower() for marker in _WRITE_FAILURES)
+
+
+def write_error(path: Path, exc: BaseException, written: int = 0) -> UserError:
+    """The one-line error for a write to `path` that failed: no space (with what is free and what the
+    write had reached), no permission, or the OS's own words."""
+    text = str(exc).lower()
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or code == errno.EDQUOT or any(m in text for m in _WRITE_FAILURES[:5]):
+        where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(where).free
+        need = f"; the write had reached {format_bytes(written)}" if written else ""
+        return UserError(f"no space left on device writing {path} ({format_bytes(free)} free{need}); "
+                         "free some space or choose another output directory")
+    if code in (errno.EACCES, errno.EPERM) or "permission denied" in text:
+        return UserError(f"permission denied writing {path}; choose a directory you can write to")
+    if code == errno.EROFS or "read-only file system" in text:
+        return UserError(f"cannot write {path}: the file system is read-only; choose another output directory")
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160]
+    return UserError(f"cannot write {path} ({reason})")
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KB', 3.2e9 -> '3.2 GB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _fsync_dir_contents(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per run directory
+
+LOCK_FILE = ".gpt2lab.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for the whole run (`with RunLock(run_dir): ...`).
+
+    `fcntl.flock` on <run_dir>/.gpt2lab.lock, which names the holder (pid, host, start time). The OS
+    drops the lock when its holder exits, however it dies, so a lock left by a killed run never
+    blocks `--resume`; a second live run into the same directory is refused with a one-line error.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, flag: str = "--out") -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.flag = flag
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until __exit__)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = " ".join(fh.read().split()) or "another process"
+            fh.close()
+            raise UserError(f"{self.path.parent} is in use by another gpt2lab run ({holder}); wait for it to "
+                            f"finish, or give this run another directory with {self.flag} DIR") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the flock
+            self._fh = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Output targets: never replace what gpt2lab did not write
+
+RUN_DIR_MARKERS = ("checkpoints", "metrics.jsonl", "config.yaml", LOCK_FILE)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A gpt2lab run directory (checkpoints, metrics, resolved config) or a checkpoint inside one."""
+    return any((path / m).exists() for m in RUN_DIR_MARKERS) or path.parent.name == "checkpoints"
+
+
+def check_output_dir(path: str | os.PathLike, *, kind: str, is_same_kind: Callable[[Path], bool],
+                     force: bool, flag: str = "--out") -> Path:
+    """Check, before any work, that directory `path` may receive an export of `kind` ("HF export").
+
+    A missing or empty directory is fine (its parent is created); an earlier export of the same kind
+    (`is_same_kind`) is replaced only with --force; a file, a run directory, a checkpoint or any other
+    non-empty directory is refused: gpt2lab never replaces what it did not write."""
+    path = Path(path)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise UserError(f"{flag} {path} is a file; give a directory for the {kind}")
+    if path.is_dir() and any(path.iterdir()):
+        if is_run_dir(path):
+            raise UserError(f"{flag} {path} is a gpt2lab run directory or checkpoint; write the {kind} to a "
+                            "new directory")
+        if not is_same_kind(path):
+            raise UserError(f"{flag} {path} is not empty and is not an earlier {kind}; choose a new or empty "
+                            "directory")
+        if not force:
+            raise UserError(f"{flag} {path} holds an earlier {kind}; add --force to replace it")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(parent, e) from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"permission denied writing {path}; choose a directory you can write to")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any work, that file `path` can be written: not a directory, its folder creatable
+    and writable (an existing file is replaced: it is the output the user named)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path.parent, e) from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"permission denied writing {path}; choose a path you can write to")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Versioned JSON
+
+
+def read_versioned_json(file: Path, fmt: str, version: int, what: str) -> dict:
+    """A JSON config that names its `format` and `version` (checkpoint and adapter configs), validated;
+    `what` says what the directory should be ("gpt2lab checkpoint", "LoRA adapter")."""
+    if not file.is_file():
+        raise UserError(f"{file.parent} is not a {what}: {file.name} is missing")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    found = config.get("format") if isinstance(config, dict) else None
+    if found != fmt:
+        raise UserError(f"{file} is not a {what} config (format={found!r})")
+    if config.get("version", 0) > version:
+        raise UserError(f"{file} has {what} version {config['version']}; this gpt2lab reads up to {version}")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# State dicts
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (torch.compile, DDP, FSDP, activation checkpointing) from every key,
+    drop the tied `lm_head.weight` duplicate, and make tensors contiguous CPU copies for saving."""
+    out = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        if key == "lm_head.weight":
+            continue
+        out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load clean weights into `model`, with a one-line error naming the first mismatch."""
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: weights do not match the model config "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise UserError(
+                f"{source}: weight {k} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Line records: JSONL and text files, every problem reported as "FILE:LINE: what is wrong; how to fix it"
+
+JSON_WHITESPACE = " \t\r\n"  # all JSON allows between values: a line of only these is blank
+_JSON_TYPES = {str: "string", bool: "boolean", int: "number", float: "number", list: "array", dict: "object",
+               type(None): "null"}
+
+
+class LineError(UserError):
+    """A problem at one line of a file: str() is "FILE:LINE: problem"; `problem` is the part after the line."""
+
+    def __init__(self, path: str | os.PathLike, line: int, problem: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path, self.line, self.problem = path, line, problem
+
+
+def _not_utf8(path: str | os.PathLike, line: int, offset: int) -> LineError:
+    return LineError(path, line, f"not UTF-8 text (byte offset {offset}); convert the file to UTF-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole text of a UTF-8 file, unchanged; unreadable or non-UTF-8 bytes raise UserError."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, raw[:e.start].count(b"\n") + 1, e.start) from None
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of a UTF-8 text file, each line without its "\n" and a trailing "\r".
+
+    Splits on "\n" only, never `str.splitlines()`: that also cuts at U+2028, U+0085, \x0b, \x0c and
+    others, which are valid inside a line (and inside a JSON string). The file is streamed; a BOM
+    before the first line is dropped; bytes that are not UTF-8 raise LineError with their byte offset.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    offset = 0
+    with f:
+        for number, raw in enumerate(f, 1):  # a binary file iterates on b"\n" alone
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, number, offset + e.start) from None
+            offset += len(raw)
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # editors on Windows write one; json.loads refuses it
+            yield number, line.removesuffix("\n").removesuffix("\r")
+
+
+def iter_jsonl(path: str | os.PathLike,
+               invalid: Callable[[LineError], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file.
+
+    A line that is not JSON, or not a JSON object, raises LineError; with `invalid`, the error is passed
+    to it instead and the line skipped (so a caller can report every bad line at once).
+    """
+    for number, line in iter_lines(path):
+        if not line.strip(JSON_WHITESPACE):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problem = f"invalid JSON at column {e.colno}: {e.msg}"
+        else:
+            if isinstance(record, dict):
+                yield number, record
+                continue
+            problem = f"expected a JSON object, got {json_type(record)}"
+        if invalid is None:
+            raise LineError(path, number, problem)
+        invalid(LineError(path, number, problem))
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type ("string", "number", "array", ...), for messages."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def str_field_problem(record: dict, name: str, optional: bool = False) -> str | None:
+    """Why `record[name]` is not a string ("missing 'x'", "field 'x' must be a string, got number"), or None.
+
+    With `optional`, an absent or null field is fine.
+    """
+    if name not in record:
+        return None if optional else f"missing '{name}'"
+    value = record[name]
+    if isinstance(value, str) or (optional and value is None):
+        return None
+    return f"field '{name}' must be a string, got {json_type(value)}"
+
+
+def str_field(record: dict, name: str, path: str | os.PathLike, line: int, fix: str = "") -> str:
+    """`record[name]`, a string; anything else raises LineError "FILE:LINE: problem; fix"."""
+    problem = str_field_problem(record, name)
+    if problem is not None:
+        raise LineError(path, line, f"{problem}; {fix}" if fix else problem)
+    return record[name]

@@ -278,7 +278,7 @@ def test_malformed_jsonl_lines_are_named(tmp_path, line2, message):
 def test_malformed_lambada_line_is_named(tmp_path):
     f = tmp_path / "l.jsonl"
     f.write_text('{"text": "a b c"}\n{"txt": "a b"}\n')
-    with pytest.raises(UserError, match=r'l.jsonl:2: expected an object with a string field "text"'):
+    with pytest.raises(UserError, match=r"l.jsonl:2: missing 'text'; each line is \{\"text\": PASSAGE\}$"):
         lambada.read_passages(f)
 
 

@@ -22,7 +22,7 @@ import torch
 from gpt2lab import cli
 from gpt2lab.checkpoint import load_checkpoint, save_checkpoint
 from gpt2lab.config import load_config
-from gpt2lab.data.sft import build_sft_data
+from gpt2lab.data.sft import SFTConfig, build_sft_data
 from gpt2lab.loading import load_model
 from gpt2lab.lora import load_adapter, read_adapter_config
 from gpt2lab.model import GPT, GPTConfig
@@ -67,7 +67,7 @@ def _overrides(argv: list[str]) -> dict[str, str]:
 
 def val_loss(model: torch.nn.Module, data_file: Path) -> float:
     """Mean loss per response token over the held-out records (the split finetune uses)."""
-    _, val = build_sft_data({"sft": {"path": str(data_file), "val_fraction": VAL_FRACTION, "skip_invalid": True}},
+    _, val = build_sft_data(SFTConfig(path=str(data_file), val_fraction=VAL_FRACTION, skip_invalid=True),
                             get_tokenizer("gpt2"), BLOCK, 4, 0, 1, SEED, log=lambda m: None)
     total = count = 0.0
     model.eval()
@@ -180,8 +180,8 @@ def test_malformed_data_fails_before_training(work, capsys):
                      str(work / "bad_run"), *QUICK])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
-    assert err.endswith(f"{work / 'bad.jsonl'}: line 2: field 'input' must be a string, got number (pass "
-                        "--data.sft.skip_invalid true to skip invalid records)")
+    assert err.endswith(f"{work / 'bad.jsonl'}:2: field 'input' must be a string, got number; pass "
+                        "--data.sft.skip_invalid true to skip invalid records")
     assert not (work / "bad_run" / "checkpoints").exists()
 
 

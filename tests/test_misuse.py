@@ -114,6 +114,7 @@ CASES = [
     ("prepare-latin1", ["prepare", "latin1.txt", "--out", "d2"]),
     ("prepare-val-fraction", ["prepare", "default", "--out", "d2", "--val-fraction", "2"]),
     ("prepare-into-run", ["prepare", "default", "--out", "run"]),
+    ("prepare-into-foreign", ["prepare", "default", "--out", "mydir"]),
     ("prepare-broken-jsonl", ["prepare", "broken.jsonl", "--out", "d2"]),
     # sample
     ("sample-missing", ["sample", "--init", "runs/missing"]),

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab.config import DataConfig
 from gpt2lab.data.sft import (
     SFTConfig,
     SFTData,
@@ -52,8 +51,8 @@ def write(tmp_path: Path, name: str, content) -> Path:
     return p
 
 
-def sft_cfg(path, **kw) -> DataConfig:
-    return DataConfig(format="sft", sft=SFTConfig(path=str(path), **{"val_fraction": 0.0, **kw}))
+def sft_cfg(path, **kw) -> SFTConfig:
+    return SFTConfig(path=str(path), **{"val_fraction": 0.0, **kw})
 
 
 def check_row(x: torch.Tensor, y: torch.Tensor, prompt_ids: list[int], response_ids: list[int]) -> None:
@@ -346,7 +345,7 @@ def test_jsonl_record_holding_a_unicode_line_separator_is_one_record(tmp_path, s
 def test_val_fraction_has_one_default(tok, tmp_path):
     # build_sft_data used to default val_fraction to 0.0 when the config left it out, SFTConfig to 0.05
     path = alpaca_file(tmp_path, 40)
-    train, val = build_sft_data(DataConfig(format="sft", sft=SFTConfig(path=str(path))), tok, 96, 4, 0, 1, seed=0,
+    train, val = build_sft_data(SFTConfig(path=str(path)), tok, 96, 4, 0, 1, seed=0,
                                 log=lambda m: None)
     assert SFTConfig().val_fraction == 0.05
     assert (train.num_examples, val.num_examples) == (38, 2)

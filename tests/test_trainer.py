@@ -154,6 +154,11 @@ def test_batch_geometry_and_its_error():
     assert batch_geometry(65536, 16, 256, 2) == (256, 8)
     with pytest.raises(UserError, match=r"tokens_per_step=1,000 is not a multiple of .* 4 \* 64 \* 1 = 256"):
         batch_geometry(1000, 4, 64, 1)
+    # The quickstart (12 rows of 64 per step, micro-batch 12) on 2 ranks: keep the recipe's global batch.
+    with pytest.raises(UserError, match=r"keep the global batch with --train.micro_batch_size 6 \(1 accumulation"):
+        batch_geometry(768, 12, 64, 2)
+    with pytest.raises(UserError, match=r"--train.micro_batch_size 4 \(2 accumulation"):
+        batch_geometry(16 * 64, 5, 64, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +224,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
     good = load_weights(list_checkpoints(run)[-1])
     # Resume with an absurd learning rate: the weights overflow and the loss turns NaN.
     proc = cli(as_argv(tiny(data_dir, run, **{"train.max_steps": 12, "checkpoint.every": 2, "optim.lr": 1e30,
-                                              "optim.min_lr": 0, "optim.warmup_steps": 0})) + ["--resume"])
+                                              "optim.min_lr": 0, "optim.warmup_steps": 0,
+                                              "checkpoint.allow_changes": True})) + ["--resume"])
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert len(err.strip().splitlines()[-1:]) == 1 and "NaN or infinite" in err and "step_000004" in err
@@ -362,7 +368,8 @@ def test_kill_leaves_the_lock_file_and_resume_takes_it(data_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / ".gpt2lab.lock").read_text().startswith(f"pid {proc.pid} ")
-    resumed = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 30})) + ["--resume"])
+    resumed = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 30, "checkpoint.allow_changes": True}))
+                  + ["--resume"])
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert (out / ".gpt2lab.lock").read_text().startswith(f"pid {resumed.pid} ")
@@ -373,7 +380,8 @@ def test_resume_skips_a_truncated_newest_checkpoint(data_dir, tmp_path):
     train(load_config("quickstart", tiny(data_dir, out, **{"train.max_steps": 20})))
     weights = out / "checkpoints" / "step_000020" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    resumed = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 30})) + ["--resume"])
+    resumed = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 30, "checkpoint.allow_changes": True}))
+                  + ["--resume"])
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "gpt2lab: skipped step_000020: " in err and "model.safetensors is truncated" in err
@@ -386,3 +394,26 @@ def test_a_failed_fresh_start_leaves_no_run_directory(data_dir, tmp_path):
     with pytest.raises(UserError, match="model.vocab_size"):
         train(load_config("quickstart", tiny(data_dir, out, **{"model.vocab_size": 3})))
     assert not out.exists()
+
+
+def test_resume_says_what_changed_and_needs_a_flag_for_what_changes_the_run(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(load_config("quickstart", tiny(data_dir, out, **{"train.max_steps": 10})))
+    longer = tiny(data_dir, out, **{"train.max_steps": 20, "train.micro_batch_size": 2, "checkpoint.resume": True})
+    with pytest.raises(UserError, match=r"train.max_steps 10 -> 20 would change the run.*--checkpoint.allow_changes true"):
+        train(load_config("quickstart", longer))
+    capsys.readouterr()
+    result = train(load_config("quickstart", {**longer, "checkpoint.allow_changes": True}))
+    err = capsys.readouterr().err
+    assert result.step == 20
+    assert "resume: train.micro_batch_size 4 -> 2 (keeps the continuation exact)" in err
+    assert "resume: train.max_steps 10 -> 20 (changes the continuation)" in err
+    (event,) = [e for e in read_metrics(out) if e["event"] == "resume"]
+    assert event["step"] == 10 and event["changed"]["train.max_steps"] == [10, 20]
+    assert "max_steps: 20" in (out / "config.yaml").read_text()
+    # the token count stays true across a change of tokens_per_step
+    more = {**tiny(data_dir, out, **{"train.max_steps": 25, "train.tokens_per_step": 512}),
+            "checkpoint.resume": True, "checkpoint.allow_changes": True}
+    train(load_config("quickstart", more))
+    tokens = {e["step"]: e["tokens"] for e in read_metrics(out) if e["event"] == "train"}
+    assert tokens[20] == 20 * 256 and tokens[25] == 20 * 256 + 5 * 512

@@ -1,5 +1,10 @@
 """gpt2lab: GPT-2 language models in plain PyTorch.
 
+    import gpt2lab
+    lm = gpt2lab.load("gpt2")                      # any --init: hub id, HF dir, run, checkpoint, adapter
+    lm.generate("Hello, I'm a language model,", max_new_tokens=30)
+    gpt2lab.train("quickstart", **{"train.max_steps": 200})
+
     from gpt2lab import GPT, GPTConfig
     model = GPT(GPTConfig.from_preset("gpt2"))
     logits, loss = model(idx, targets)
@@ -11,14 +16,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gpt2lab.api import LoadedModel, Score, load, train
     from gpt2lab.model import GPT, GPTConfig, KVCache
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+# Public name -> the module that defines it (imported on first use).
+_EXPORTS = {"GPT": "gpt2lab.model", "GPTConfig": "gpt2lab.model", "KVCache": "gpt2lab.model",
+            "load": "gpt2lab.api", "train": "gpt2lab.api", "LoadedModel": "gpt2lab.api", "Score": "gpt2lab.api"}
+__all__ = ["GPT", "GPTConfig", "KVCache", "LoadedModel", "Score", "load", "train"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """The model classes, imported on first use so `import gpt2lab.cli` (and `--help`) needs no torch."""
-    if name in __all__:
-        return getattr(importlib.import_module("gpt2lab.model"), name)
+    """The public names, imported on first use so `import gpt2lab.cli` (and `--help`) needs no torch."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'gpt2lab' has no attribute {name!r}")

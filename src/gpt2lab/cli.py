@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import types
 from typing import NoReturn
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = module.run(args)
     except UserError as e:
-        print(f"gpt2lab {name}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"gpt2lab {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2lab {name}: interrupted", file=sys.stderr)

@@ -137,10 +137,11 @@ class CheckpointConfig:
     """false = fresh run (refused if out_dir already has checkpoints); true or "auto" = continue from
     the newest checkpoint of out_dir ("auto" starts fresh when there is none); a path = continue
     from that checkpoint."""
-
-
-
-
+    allow_changes: bool = False
+    """With resume: accept settings that change the continuation (train.tokens_per_step, train.seed,
+    train.max_steps, train.dtype, data.order, data.dir, optim.*, lora.*); each is logged and recorded in
+    metrics.jsonl and config.yaml. Settings that keep it exact (micro-batch size, eval, log and
+    checkpoint frequency, device, number of ranks) are always accepted and logged."""
 
 
 @dataclass

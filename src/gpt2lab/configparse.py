@@ -277,6 +277,11 @@ def _flatten(data: dict, lines: dict[str, int], prefix: str = "") -> list[tuple[
     return out
 
 
+def flatten_dict(data: dict) -> dict[str, Any]:
+    """A nested config mapping as {dotted key: value} (tuples and lists compare equal as lists)."""
+    return {key: list(v) if isinstance(v, tuple) else v for key, v, _ in _flatten(data, {})}
+
+
 def load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     """A YAML mapping and the 1-based line of each dotted key; UserError naming file:line on errors."""
     import yaml

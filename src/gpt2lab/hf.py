@@ -398,3 +398,20 @@ def write_char_tokenizer_files(out_dir: str | Path, chars: str, model_max_length
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_hf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of an HF directory: a character tokenizer when its tokenizer.json is the
+    one-token-per-character WordLevel model `write_char_tokenizer_files` writes, else GPT-2 BPE."""
+    from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
+
+    f = Path(path) / "tokenizer.json"
+    if f.is_file():
+        try:
+            model = json.loads(f.read_text(encoding="utf-8")).get("model", {})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{f}: not valid JSON ({e})") from None
+        vocab = model.get("vocab") if model.get("type") == "WordLevel" else None
+        if isinstance(vocab, dict) and vocab and all(len(k) == 1 for k in vocab):
+            return CharTokenizer("".join(sorted(vocab, key=vocab.get)))
+    return get_tokenizer("gpt2")

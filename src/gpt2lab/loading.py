@@ -55,7 +55,7 @@ def load_model(init: str, device: str | torch.device = "cpu",
             model, config = _load_checkpoint(path, device)
             tokenizer = _checkpoint_tokenizer(config)
         elif hf.is_hf_dir(path):
-            model, tokenizer = hf.load_hf_model(path, device), get_tokenizer("gpt2")
+            model, tokenizer = hf.load_hf_model(path, device), hf.read_hf_tokenizer(path)
         else:
             raise UserError(
                 f"{flag} {init}: neither a gpt2lab checkpoint/run directory (config.json or checkpoints/step_*/), "

@@ -129,9 +129,11 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
 
     start_step = 0
     resume_state = None
+    resume_changes: dict = {}
     if resume_from is not None:
         resume_state = load_sharded(resume_from, wrapped, optimizer)
         start_step = int(resume_state["step"])
+        resume_changes = check_resume_changes(resume_state.get("config"), cfg, env, str(resume_from))
         _say(env, f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
@@ -149,7 +151,7 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
         )
         if start_step >= cfg.train.max_steps:
             logger.print(f"already at step {start_step} of train.max_steps={cfg.train.max_steps}: nothing to train; "
-                         "raise --train.max_steps to continue")
+                         "raise --train.max_steps (with --checkpoint.allow_changes true) to continue")
         flops_per_token = model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train
         peak = _peak_flops(env.device, dtype)
         trainer = Trainer(
@@ -161,6 +163,8 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
+            if resume_changes:
+                logger.log("resume", start_step, {"changed": resume_changes})
         result = trainer.fit()
         if cfg.lora.r > 0 and result.stopped_by is None:
             _save_lora_outputs(cfg, wrapped, tokenizer, run_dir, env)
@@ -194,6 +198,34 @@ def _finish(run_dir: Path, result: TrainResult) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Pieces
+
+
+# What a resume may change without flag: these keep the continuation bitwise what it would have been
+# (micro-batches and ranks split the same global batch; frequencies only decide what is logged when).
+RESULT_CHANGING = ("train.tokens_per_step", "train.seed", "train.max_steps", "train.dtype", "train.fused_loss",
+                   "data.order", "data.dir", "data.format", "data.sft.", "optim.", "lora.", "model.")
+
+
+def check_resume_changes(saved: dict | None, cfg: RunConfig, env: Any, source: str) -> dict:
+    """The settings that differ from the run being resumed, as {key: [old, new]}: every one is said;
+    one that changes the continuation needs checkpoint.allow_changes (UserError otherwise)."""
+    from gpt2lab.configparse import flatten_dict
+
+    if not saved:
+        return {}
+    old, new = flatten_dict(saved), flatten_dict(to_dict(cfg))
+    ignore = ("checkpoint.resume", "checkpoint.allow_changes", "checkpoint.out_dir", "name")
+    changes = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v and k not in ignore and k in old}
+    changing = [k for k in changes if k.startswith(RESULT_CHANGING)]
+    shown = "; ".join(f"{k} {changes[k][0]!s} -> {changes[k][1]!s}" for k in changing)
+    if changing and not cfg.checkpoint.allow_changes:
+        raise UserError(f"resuming {source} with {shown} would change the run (the schedule, the data or the "
+                        "numbers); pass --checkpoint.allow_changes true to continue that way, or resume with the "
+                        "run's own settings (its config.yaml)")
+    for k, (a, b) in changes.items():
+        kind = "changes the continuation" if k in changing else "keeps the continuation exact"
+        _say(env, f"gpt2lab: resume: {k} {a!s} -> {b!s} ({kind})")
+    return changes
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +349,7 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, block_size: int, global_row
     if cfg.data.format == "sft":
         from gpt2lab.data.sft import build_sft_data
 
-        train_data, val = build_sft_data(cfg.data, tokenizer, block_size, global_rows, env.rank,
+        train_data, val = build_sft_data(cfg.data.sft, tokenizer, block_size, global_rows, env.rank,
                                          env.world_size, cfg.train.seed)
         if val is None or n_eval == 0:
             return train_data, None

@@ -109,16 +109,22 @@ class BatchGeometry(NamedTuple):
 def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int, world_size: int) -> BatchGeometry:
     """The BatchGeometry of a global batch given in tokens.
 
-    accum = tokens_per_step / (micro_batch_size * block_size * world_size) must be a whole number.
+    accum = tokens_per_step / (micro_batch_size * block_size * world_size) must be a whole number; when it
+    is not, the error suggests first a micro-batch size that keeps the global batch (the recipe), and
+    only then another tokens_per_step.
     """
     per_pass = micro_batch_size * block_size * world_size
     if tokens_per_step % per_pass:
+        where = (f"train.tokens_per_step={tokens_per_step:,} is not a multiple of micro_batch_size * block_size * "
+                 f"world_size = {micro_batch_size} * {block_size} * {world_size} = {per_pass:,}")
+        rows, rem = divmod(tokens_per_step, block_size * world_size)  # rows per rank and step
+        fits = [m for m in range(min(micro_batch_size, rows), 0, -1) if rows % m == 0] if not rem else []
+        if fits:
+            raise UserError(f"{where}; keep the global batch with --train.micro_batch_size {fits[0]} "
+                            f"({rows // fits[0]} accumulation steps), or change tokens_per_step")
         lower = max(per_pass, tokens_per_step // per_pass * per_pass)
-        raise UserError(
-            f"train.tokens_per_step={tokens_per_step:,} is not a multiple of micro_batch_size * block_size * "
-            f"world_size = {micro_batch_size} * {block_size} * {world_size} = {per_pass:,}; use e.g. "
-            f"--train.tokens_per_step {lower} or {lower + per_pass}"
-        )
+        raise UserError(f"{where}, and no micro-batch size fits it on {world_size} rank(s); use e.g. "
+                        f"--train.tokens_per_step {lower} or {lower + per_pass}")
     return BatchGeometry(tokens_per_step // block_size, tokens_per_step // per_pass)
 
 
@@ -248,6 +254,7 @@ class Trainer:
         sdpa_context(self.cfg.sdpa_backend, self.device)  # an unusable backend fails here, not at step 1
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any non-finite loss since last check
         self._stop_signal: str | None = None
+        self.tokens_seen = start_step * train.tokens_per_step
         self.last_checkpoint: Path | None = None
         self.history: list[dict] = []
 
@@ -261,10 +268,12 @@ class Trainer:
             "rng": rng_state(),
             "data": self.train_data.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "tokens": self.tokens_seen,  # true even when a resume changed train.tokens_per_step
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens", self.step * self.cfg.tokens_per_step))
         self.train_data.load_state_dict(state["data"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -407,6 +416,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 loss, grad_norm, lr = self.train_step(self.step)
                 self.step += 1
+                self.tokens_seen += tokens_per_step
                 step = self.step
                 last = step == cfg.max_steps
                 if self._every(cfg.log_every, step) or last:
@@ -421,7 +431,7 @@ class Trainer:
                         "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
                         "mfu": mfu, "step_time_s": dt,
-                        "eta_s": dt * (cfg.max_steps - step), "tokens": step * tokens_per_step,
+                        "eta_s": dt * (cfg.max_steps - step), "tokens": self.tokens_seen,
                     })
                 if self._every(cfg.eval_every, step) or last:
                     val_loss = self.evaluate()

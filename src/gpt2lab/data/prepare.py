@@ -77,20 +77,33 @@ def _tokenizer_label(d: dict) -> str:
     return d.get("kind", "?") if d.get("kind") != "char" else f"char ({len(d.get('chars', ''))} characters)"
 
 
+def _is_output(p: Path) -> bool:
+    """True for a file name `prepare` writes (meta, progress, shards, temp files of an atomic write)."""
+    return p.is_file() and (p.name in (META_FILE, PROGRESS_FILE) or (
+        p.suffix == ".bin" and (p.name.startswith(("train_", "val_")) or ".partial" in p.name)
+    ) or (p.name.startswith(".") and ".tmp" in p.name))
+
+
 def _remove_outputs(out_dir: Path) -> None:
     """Delete what a previous prepare wrote into `out_dir` (only our own file names)."""
     for p in out_dir.iterdir():
-        ours = p.name in (META_FILE, PROGRESS_FILE) or (
-            p.suffix == ".bin" and (p.name.startswith(("train_", "val_")) or ".partial" in p.name)
-        ) or (p.name.startswith(".") and ".tmp" in p.name)  # left by a crash inside an atomic write
-        if ours and p.is_file():
+        if _is_output(p):
             p.unlink()
 
 
 def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> str:
     """Check `out_dir` against `config`; returns "done" (same dataset already there), "resume" or "fresh"."""
+    from gpt2lab.fileio import is_run_dir
+
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; choose a folder")
+    if out_dir.is_dir():
+        if is_run_dir(out_dir):
+            raise UserError(f"--out {out_dir} is a training run directory; write the dataset to its own folder")
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _is_output(p))
+        if foreign:
+            raise UserError(f"--out {out_dir} holds files that are not a gpt2lab dataset ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
     parent = out_dir
     while not parent.exists():
         parent = parent.parent

@@ -48,8 +48,6 @@ from gpt2lab.fileio import LineError, iter_jsonl, json_type, read_text, str_fiel
 if TYPE_CHECKING:  # torch is imported where batches are built, so config.py can import SFTConfig cheaply
     import torch
 
-    from gpt2lab.config import DataConfig
-
 IGNORE_INDEX = -100
 
 ALPACA_PROMPT = (
@@ -585,11 +583,10 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def build_sft_data(data_cfg: DataConfig, tokenizer, block_size: int, global_batch_size: int, rank: int,
+def build_sft_data(sft: SFTConfig, tokenizer, block_size: int, global_batch_size: int, rank: int,
                    world_size: int, seed: int, log: Any = None) -> tuple[SFTData, SFTData | None]:
-    """Train and validation SFTData from `data_cfg.sft` (an `SFTConfig`). Validation is None when
-    its val_fraction is 0."""
-    sft = data_cfg.sft
+    """Train and validation SFTData of the records `sft` names. Validation is None when its
+    val_fraction is 0."""
     if log is None:
         def log(msg: str) -> None:
             if rank == 0:

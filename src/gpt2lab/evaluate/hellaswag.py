@@ -31,7 +31,6 @@ schema with a label 0-3.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import RemoteFile, cached_path, fetch, read_utf8, shared_data_dir
+from gpt2lab.evaluate import RemoteFile, cached_path, fetch, shared_data_dir
 from gpt2lab.evaluate.task import EvalTask, MetricRow
+from gpt2lab.fileio import LineError, iter_jsonl, iter_lines
 
 if TYPE_CHECKING:
     import torch
@@ -117,38 +117,21 @@ def task_from_record(record: object, style: str = "llamacpp", where: str = "") -
 
 def read_jsonl(path: Path, style: str = "llamacpp") -> list[Task]:
     """Tasks of an official-format jsonl file (one record per line; blank lines are skipped)."""
-    tasks = []
-    # split on "\n" only: JSON strings may hold U+2028 and the like, which splitlines() would cut at
-    for i, line in enumerate(read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-        tasks.append(task_from_record(record, style, f"{path}:{i}"))
-    return tasks
+    return [task_from_record(record, style, f"{path}:{line}") for line, record in iter_jsonl(path)]
 
 
 def read_text(path: Path) -> list[Task]:
     """Tasks of a llama.cpp-format text file: 6 lines per task (context, label 0-3, four endings)."""
-    lines = read_utf8(path).split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    lines = [line.removesuffix("\r") for line in lines]
+    lines = [line for _, line in iter_lines(path)]
     tasks = []
     for start in range(0, len(lines), 6):
         block = lines[start : start + 6]
         if len(block) < 6:
-            raise UserError(
-                f"{path}:{start + 1}: truncated task: {len(block)} of its 6 lines (context, label 0-3, "
-                f"four endings) are present"
-            )
+            raise LineError(path, start + 1, f"truncated task: {len(block)} of its 6 lines (context, label 0-3, "
+                            "four endings) are present")
         if block[1].strip() not in ("0", "1", "2", "3"):
-            raise UserError(
-                f"{path}:{start + 2}: the label line must be 0, 1, 2 or 3, got {block[1]!r} "
-                f"(each task is 6 lines: context, label, four endings)"
-            )
+            raise LineError(path, start + 2, f"the label line must be 0, 1, 2 or 3, got {block[1]!r} "
+                            "(each task is 6 lines: context, label, four endings)")
         tasks.append(Task(block[0], tuple(block[2:6]), int(block[1])))
     return tasks
 

@@ -19,7 +19,6 @@ agree on 5,146 of the 5,153 passages (the other 7 have a newline just before the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -27,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import RemoteFile, cached_path, fetch, read_utf8, shared_data_dir
+from gpt2lab.evaluate import RemoteFile, cached_path, fetch, shared_data_dir
 from gpt2lab.evaluate.task import EvalTask, MetricRow
+from gpt2lab.fileio import LineError, iter_jsonl, str_field
 
 if TYPE_CHECKING:
     import torch
@@ -44,20 +44,10 @@ _LAST_WORD = re.compile(r"\S+$")
 def read_passages(path: str | Path) -> list[str]:
     """The passages of a {"text": ...} jsonl file (trailing whitespace removed; blank lines skipped)."""
     passages = []
-    # split on "\n" only: JSON strings may hold U+2028 and the like, which splitlines() would cut at
-    for i, line in enumerate(read_utf8(Path(path)).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise UserError(f'{path}:{i}: expected an object with a string field "text"')
-        text = text.rstrip()
+    for line, record in iter_jsonl(path):
+        text = str_field(record, "text", path, line, fix='each line is {"text": PASSAGE}').rstrip()
         if len(text.split()) < 2:
-            raise UserError(f"{path}:{i}: a passage needs a context and a last word, got {text!r}")
+            raise LineError(path, line, f"a passage needs a context and a last word, got {text!r}")
         passages.append(text)
     if not passages:
         raise UserError(f"{path} holds no passages")

@@ -28,3 +28,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory) -> Path:
+    """The quickstart's corpus (Python's language reference, char tokenizer), prepared once per session."""
+    from gpt2lab.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "default"
+    prepare("default", out, progress=False)
+    return out

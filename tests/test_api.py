@@ -26,12 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from gpt2lab.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data") / "default"
-    prepare("default", out, progress=False)
-    return out
+def data_dir(default_data) -> Path:
+    return default_data
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,7 @@ MODEL_COMMANDS = {
     "bench": ([], "auto", "auto"),
     "convert": (["--init", "gpt2", "--out", "x"], "cpu", "fp32"),
     "merge-lora": (["--adapter", "a", "--out", "x"], "cpu", "fp32"),
+    "eval": (["hellaswag"], "auto", "fp32"),
 }
 
 
@@ -123,14 +124,16 @@ def test_model_flags_are_shared_with_aliases_and_defaults(name, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args([*extra, flag, bad])
         assert f"unknown {flag[2:]} '{bad}'" in capsys.readouterr().err
-    text = " ".join(parser.format_help().split())
+    with pytest.raises(SystemExit):
+        parser.parse_args([*extra, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {device})" in text and f"(default: {dtype})" in text
 
 
 def test_help_shows_defaults():
     text = " ".join(build_parser("sample")[1].format_help().split())
-    assert "tokens to generate per sample (default: 200)" in text
-    assert "--top-p TOP_P nucleus sampling: smallest set with mass >= p --num-samples" in text  # None: nothing to show
+    assert "tokens to generate per answer (default: 200)" in text
+    assert "with probability >= p (default: off) --num-samples" in text
     text = " ".join(build_parser("model-info")[1].format_help().split())
     assert "Number of transformer blocks. (default: the preset's or --init's; GPTConfig: 12)" in text
 

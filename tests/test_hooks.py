@@ -94,16 +94,13 @@ def test_eval_tasks_are_logged_with_the_numbers_of_gpt2lab_eval(tmp_path, monkey
     assert "eval: wikitext/word_perplexity" in capsys.readouterr().out
 
 
-def test_run_builds_the_eval_hook_and_a_task_that_cannot_run_only_warns(tmp_path, monkeypatch):
+def test_run_builds_the_eval_hook_and_a_task_that_cannot_run_only_warns(tmp_path, monkeypatch, default_data):
     """The quickstart's character model has no end-of-text token: wikitext is skipped with a warning,
     training finishes (and the run wires eval.tasks / eval.every to a hook)."""
-    from gpt2lab.data.prepare import prepare
-
     (tmp_path / "shared" / "wikitext-2" / "raw").mkdir(parents=True)
     (tmp_path / "shared" / wikitext.SHARED_FILE).write_bytes(TOY_WIKI.encode())
     monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(tmp_path / "shared"))
-    prepare("default", tmp_path / "data", progress=False)
-    over = {"data.dir": str(tmp_path / "data"), "data.prepare": None, "checkpoint.out_dir": str(tmp_path / "run"),
+    over = {"data.dir": str(default_data), "data.prepare": None, "checkpoint.out_dir": str(tmp_path / "run"),
             "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
             "train.tokens_per_step": 64, "train.micro_batch_size": 4, "train.max_steps": 2, "train.eval_batches": 1,
             "train.sample_tokens": 0, "log.progress": False, "eval.tasks": "wikitext", "eval.every": 1}

@@ -30,12 +30,12 @@ TRAIN = ["train", "--data.dir", "data", "--data.prepare", "null", "--out", "fres
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory) -> Path:
+def sandbox(tmp_path_factory, default_data) -> Path:
     """A working directory as a user would have it after a first run (all paths below are relative)."""
-    from gpt2lab.data.prepare import prepare
+    import shutil
 
     root = tmp_path_factory.mktemp("sandbox")
-    prepare("default", root / "data", progress=False)
+    shutil.copytree(default_data, root / "data")
     train(load_config("quickstart", {**TINY, "data.dir": str(root / "data"), "data.prepare": None,
                                      "checkpoint.out_dir": str(root / "run")}))
     ckpt = step_dir(root / "run", 2)

@@ -115,14 +115,6 @@ class DataConfig:
     """Instruction-tuning data."""
 
 
-
-
-
-
-
-
-
-
 @dataclass
 class CheckpointConfig:
     """Run directory and checkpoints."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2lab.commands.common import INIT_HELP, add_model_arguments
+from gpt2lab.commands.common import INIT_HELP, add_model_arguments, add_sampling_arguments
 from gpt2lab.errors import UserError
 
 # Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there.
@@ -28,13 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="alpaca",
                         help="prompt template the model was finetuned with: alpaca, chat, or a custom "
                              "'...{instruction}...{output}' string (default: alpaca)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    add_sampling_arguments(parser, max_new_tokens=256, temperature=0.7, top_k=50)
     parser.add_argument("--history", type=int, default=3, metavar="N",
                         help="previous exchanges kept in the prompt (default: 3; 0 = none)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible answers")
 
 
 def _read_lines(interactive: bool):

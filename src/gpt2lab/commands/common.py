@@ -89,3 +89,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
     parser.error = error  # one line with a suggestion instead of argparse's usage dump
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
+                           top_k: int | None) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p and --seed, with each command's defaults."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate per answer")
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=top_k, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: the smallest set of tokens with probability >= p (default: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")

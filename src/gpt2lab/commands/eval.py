@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpt2lab.devices import DTYPES
+from gpt2lab.commands.common import add_model_arguments
 from gpt2lab.evaluate.registry import all_tasks, get_task
 from gpt2lab.evaluate.task import MetricRow
 
@@ -26,12 +26,8 @@ from gpt2lab.evaluate.task import MetricRow
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One subcommand per registered task, each with the common options and the task's own."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--init", default="gpt2",
-                        help="model: preset name, HF directory, checkpoint/run directory or random:<preset> "
-                             "(default: gpt2)")
-    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    common.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                        help="weight dtype for evaluation (default: fp32, as published numbers are)")
+    add_model_arguments(common, init_default="gpt2", dtype_default="fp32",
+                        dtype_help="weight dtype for evaluation (fp32 as published numbers are; auto = as stored)")
     common.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-' = stdout)")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     for task in all_tasks():

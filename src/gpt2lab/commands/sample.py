@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2lab.commands.common import add_model_arguments
+from gpt2lab.commands.common import add_model_arguments, add_sampling_arguments
 from gpt2lab.errors import UserError
 
 
@@ -28,12 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="alpaca",
                         help="prompt template for --instruct: alpaca, chat, or a custom string with "
                              "{instruction}, {input} and {output}")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=200, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    add_sampling_arguments(parser, max_new_tokens=200, temperature=0.8, top_k=200)
     parser.add_argument("--num-samples", type=int, default=1, help="how many samples to draw, one after another")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (same seed, same samples)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop a sample when this text appears (repeatable); the text is not printed")
     parser.add_argument("--ignore-eot", action="store_true",

@@ -13,7 +13,7 @@
     hellaswag.py  lambada.py  perplexity.py  wikitext.py   the tasks
 
 Here, without torch (parsers import this package): the shared data folder, the download cache,
-`fetch` (a public data file, sha256-checked) and `read_utf8`.
+and `fetch` (a public data file, sha256-checked).
 """
 
 from __future__ import annotations
@@ -80,16 +80,3 @@ def fetch(remote: RemoteFile, validate: Callable[[Path], None] | None = None, ti
     download(remote.resolved_url(), dest, sha256=remote.sha256, validate=validate, timeout=timeout,
              fix=f"connect to the internet, set {MIRROR_ENV} to a mirror, or pass --data PATH to a local copy")
     return dest
-
-
-def read_utf8(path: Path) -> str:
-    """The text of `path`; a missing file or bytes that are not UTF-8 raise UserError."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}); convert the file to UTF-8") from None

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import read_utf8
 from gpt2lab.evaluate.task import EvalTask, MetricRow, positive_int
+from gpt2lab.fileio import read_text as read_utf8_file
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 def read_text(path: str | Path, hf_rows: bool = False) -> str:
     """The text of `path` (UTF-8, CRLF -> LF); with `hf_rows`, non-empty lines joined as HF dataset rows."""
-    text = read_utf8(Path(path)).replace("\r\n", "\n")
+    text = read_utf8_file(path).replace("\r\n", "\n")
     if hf_rows:
         text = "\n\n".join(line + "\n" for line in text.split("\n") if line)
     return text

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import read_utf8, shared_data_dir
+from gpt2lab.evaluate import shared_data_dir
 from gpt2lab.evaluate.task import EvalTask, MetricRow, positive_int
+from gpt2lab.fileio import read_text
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +79,7 @@ def read_pages(path: str | Path) -> list[str]:
     `wikitext_document_level` builds them: the file's lines from one top-level heading to the next,
     joined with "\\n" (text before the first heading is a page of its own; blank pages are dropped)."""
     groups: list[list[str]] = [[]]
-    for line in read_utf8(Path(path)).replace("\r\n", "\n").split("\n"):
+    for line in read_text(path).replace("\r\n", "\n").split("\n"):
         if is_article_heading(line) and groups[-1]:
             groups.append([])
         groups[-1].append(line)

@@ -133,7 +133,7 @@ def test_model_flags_are_shared_with_aliases_and_defaults(name, capsys):
 def test_help_shows_defaults():
     text = " ".join(build_parser("sample")[1].format_help().split())
     assert "tokens to generate per answer (default: 200)" in text
-    assert "with probability >= p (default: off) --num-samples" in text
+    assert "with probability >= p (default: off) --seed SEED" in text
     text = " ".join(build_parser("model-info")[1].format_help().split())
     assert "Number of transformer blocks. (default: the preset's or --init's; GPTConfig: 12)" in text
 

@@ -176,3 +176,10 @@ def test_resolve_device(monkeypatch):
     with pytest.raises(UserError, match="'cuda:2' requested but this machine has 2 GPU"):
         devices.resolve_device("cuda:2")
 
+
+
+def test_version(capsys):
+    from gpt2lab import __version__
+    from gpt2lab.cli import main
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"gpt2lab {__version__}\n"

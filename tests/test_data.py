@@ -502,3 +502,29 @@ def test_cli_prepare_reports_user_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("gpt2lab prepare: error: unknown source") and err.count("\n") == 1
+
+
+def test_validation_set_is_the_same_for_any_micro_batch_and_ranks(default_data):
+    """train.eval_tokens fixes the rows; micro-batch size and world size only change how they are read.
+    The same weights give the same val loss at micro-batch 6 and 12, in 1 or 2 ranks."""
+    from gpt2lab.model import GPT, GPTConfig
+
+    block, rows = 64, 40  # 40 rows: neither 6 * 2 nor 12 divides it, so the last batches are partial
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block, vocab_size=128, n_layer=1, n_head=2, n_embd=32)).eval()
+    seen, losses = {}, {}
+    for mbs in (6, 12):
+        for world in (1, 2):
+            got, total, count = [], 0.0, 0
+            for rank in range(world):
+                for x, y in iter_eval_batches(default_data, "val", block, mbs * world, rank=rank, world_size=world,
+                                              max_rows=rows):
+                    got += [tuple(r) for r in x.tolist()]
+                    if len(x):
+                        with torch.no_grad():
+                            total += model(x, y, loss_reduction="sum")[1].double().item()
+                    count += y.numel()
+            seen[mbs, world], losses[mbs, world] = sorted(got), total / count
+    assert len(seen[6, 1]) == rows and all(v == seen[6, 1] for v in seen.values())
+    reference = losses[12, 1]
+    assert all(abs(v - reference) <= 1e-6 * reference for v in losses.values()), losses

@@ -52,6 +52,7 @@ def sandbox(tmp_path_factory, default_data) -> Path:
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (root / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
     (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (root / "lambada.jsonl").write_text('{"text": "the cat sat on the mat"}\n')
     (root / "bad.yaml").write_text("train:\n  max_steps: [1,\n")
     (root / "junk_ckpt").mkdir()
     (root / "junk_ckpt" / "config.json").write_text((ckpt / "config.json").read_text())
@@ -136,6 +137,8 @@ CASES = [
     ("eval-perplexity-no-data", ["eval", "perplexity", "--init", "run"]),
     ("eval-missing-data", ["eval", "hellaswag", "--init", "run", "--data", "missing.jsonl"]),
     ("eval-json-is-dir", ["eval", "lambada", "--init", "run", "--data", "broken.jsonl", "--json", "mydir"]),
+    ("eval-json-into-dir", ["eval", "lambada", "--init", "run", "--data", "lambada.jsonl", "--json", "mydir"]),
+    ("eval-json-under-file", ["eval", "lambada", "--init", "run", "--data", "lambada.jsonl", "--json", "notes.txt/x"]),
     ("eval-broken-lambada", ["eval", "lambada", "--init", "run", "--data", "broken.jsonl"]),
     ("eval-limit", ["eval", "hellaswag", "--init", "run", "--limit", "0"]),
     ("eval-latin1", ["eval", "perplexity", "--init", "run", "--data", "latin1.txt"]),

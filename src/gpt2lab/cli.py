@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("gpt2lab.commands.prepare", "tokenize a corpus into token shards for training"),
     "sample": ("gpt2lab.commands.sample", "generate text from a checkpoint, HF directory or OpenAI preset"),
     "chat": ("gpt2lab.commands.chat", "talk to an instruction-finetuned model"),
-    "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, perplexity, lambada"),
+    "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, lambada, wikitext, perplexity"),
     "bench": ("gpt2lab.commands.bench", "measure training/decoding speed, MFU and memory"),
     "convert": ("gpt2lab.commands.convert", "export a checkpoint to a Hugging Face GPT-2 directory"),
     "merge-lora": ("gpt2lab.commands.merge_lora", "merge a LoRA adapter into its base and save a plain checkpoint"),
@@ -41,7 +41,7 @@ def _top_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="gpt2lab",
         description="GPT-2 language models: pretrain, finetune, evaluate and sample.",
-        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `gpt2lab COMMAND --help` for a command's options.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `gpt2lab COMMAND --help` for a command's options; `gpt2lab --version` prints the version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -67,6 +67,11 @@ def build_parser(name: str) -> tuple[types.ModuleType, argparse.ArgumentParser]:
 def main(argv: list[str] | None = None) -> int:
     """Run `gpt2lab ARGV...`; returns the exit code (2 for usage and user errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        from gpt2lab import __version__
+
+        print(f"gpt2lab {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         if not argv:
             # `gpt2lab` alone runs the quickstart: train the default config.

@@ -182,7 +182,7 @@ class RunConfig:
             if get_dotted(self, key) <= 0:
                 raise UserError(f"{key} must be positive, got {get_dotted(self, key)}")
         non_negative = ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
-                        "train.eval_every", "train.eval_batches", "train.sample_every", "train.sample_tokens",
+                        "train.eval_every", "train.eval_tokens", "train.sample_every", "train.sample_tokens",
                         "checkpoint.every", "checkpoint.keep_last", "eval.hellaswag_every", "lora.r")
         for key in non_negative:
             if get_dotted(self, key) < 0:
@@ -191,6 +191,9 @@ class RunConfig:
             raise UserError(f"optim.betas={','.join(map(str, self.optim.betas))}: both must be in [0, 1), e.g. 0.9,0.95")
         if self.optim.eps <= 0:
             raise UserError(f"optim.eps must be positive (e.g. 1e-8), got {self.optim.eps}")
+        if self.train.eval_batches is not None and self.train.eval_batches < 0:
+            raise UserError(f"train.eval_batches must be >= 0 (or null: size the set with train.eval_tokens), "
+                            f"got {self.train.eval_batches}")
         if self.train.sample_temperature < 0:
             raise UserError(f"train.sample_temperature must be >= 0 (0 = greedy), got {self.train.sample_temperature}")
         if self.train.sample_top_k is not None and self.train.sample_top_k < 1:

@@ -102,10 +102,22 @@ def download_hf_model(name: str, config_only: bool = False, flag: str = "--init"
     try:
         path = snapshot_download(repo, local_files_only=offline, allow_patterns=patterns)
     except Exception as e:  # no network, proxy, auth, disk: the user's fix is the same in every case
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else _first_line(e)
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else _hub_failure(e)
         raise UserError(f"{flag} {name}: no such local directory, and could not download {repo} from the "
                         f"Hugging Face hub ({reason}); {how}") from None
     return Path(path)
+
+
+def _hub_failure(e: Exception) -> str:
+    """What went wrong with a hub download, in a few words (the client's own text is a paragraph)."""
+    kind, text = type(e).__name__, str(e)
+    if any(m in text for m in ("ConnectError", "Name or service not known", "Connection", "Max retries")):
+        return "the hub could not be reached"
+    if "RepositoryNotFound" in kind or "404" in text:
+        return "no such model on the hub"
+    if "GatedRepo" in kind or "401" in text or "403" in text:
+        return "the model needs a Hugging Face login (hf auth login)"
+    return _first_line(e)
 
 
 def _first_line(e: Exception) -> str:

@@ -340,20 +340,29 @@ def set_dropout(model: GPT, p: float) -> None:
             m.dropout = p
 
 
+def validation_rows(train: Any, block_size: int) -> int:
+    """Blocks (or SFT records) in the validation set: eval_tokens // block_size, or with the older
+    eval_batches, eval_batches x micro_batch_size."""
+    if train.eval_batches is not None:
+        return train.eval_batches * train.micro_batch_size
+    return train.eval_tokens // block_size
+
+
 def build_data(cfg: RunConfig, tokenizer: Tokenizer, block_size: int, global_rows: int, env: Any):
-    """(train data with get_batch(step), a function returning the fixed validation batches or None)."""
-    mbs, n_eval = cfg.train.micro_batch_size, cfg.train.eval_batches
-    # The validation set is eval_batches micro-batches in all, whatever the world size: ranks split
-    # each global batch of mbs * world rows, so there are eval_batches / world of them (rounded up).
-    n_eval = -(-n_eval // env.world_size)
+    """(train data with get_batch(step), a function returning the fixed validation batches or None).
+
+    The validation set is the first `validation_rows` rows of the val split, whatever the micro-batch
+    size and world size; it is read in batches of micro_batch_size rows per rank."""
+    rows = validation_rows(cfg.train, block_size)
+    batch = cfg.train.micro_batch_size * env.world_size
     if cfg.data.format == "sft":
         from gpt2lab.data.sft import build_sft_data
 
         train_data, val = build_sft_data(cfg.data.sft, tokenizer, block_size, global_rows, env.rank,
                                          env.world_size, cfg.train.seed)
-        if val is None or n_eval == 0:
+        if val is None or rows == 0:
             return train_data, None
-        return train_data, lambda: val.iter_eval_batches(mbs * env.world_size, n_eval, env.rank, env.world_size)
+        return train_data, lambda: val.iter_eval_batches(batch, None, env.rank, env.world_size, max_rows=rows)
 
     from gpt2lab.data.loader import TokenLoader, iter_eval_batches
 
@@ -361,12 +370,13 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, block_size: int, global_row
     train_data = TokenLoader(cfg.data.dir, "train", block_size=block_size, global_batch_size=global_rows,
                              rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, order=cfg.data.order,
                              device=device, pin_memory=env.device.type == "cuda")
-    if n_eval == 0:
+    if rows == 0:
         return train_data, None
     # Fail now, not at the first evaluation, if the val split is shorter than one block.
-    next(iter_eval_batches(cfg.data.dir, "val", block_size, mbs * env.world_size, 1, env.rank, env.world_size))
-    return train_data, lambda: iter_eval_batches(cfg.data.dir, "val", block_size, mbs * env.world_size, n_eval,
-                                                 env.rank, env.world_size, device)
+    next(iter_eval_batches(cfg.data.dir, "val", block_size, batch, rank=env.rank, world_size=env.world_size,
+                           max_rows=1))
+    return train_data, lambda: iter_eval_batches(cfg.data.dir, "val", block_size, batch, rank=env.rank,
+                                                 world_size=env.world_size, device=device, max_rows=rows)
 
 
 def _checkpoint_saver(cfg: RunConfig, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -177,7 +177,8 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         if not isinstance(chars, str):
             raise UserError("tokenizer dict of kind 'char' has no 'chars' string; the dataset meta is damaged")
         return CharTokenizer(chars)
-    raise UserError(f"unknown tokenizer {d!r}: expected kind 'gpt2' or 'char'")
+    raise UserError(f"unknown tokenizer kind {kind!r}: expected 'gpt2' or 'char'; the dataset or checkpoint that "
+                    "names it comes from another program or a newer gpt2lab")
 
 
 def get_tokenizer(name_or_dict: str | dict | Tokenizer) -> Tokenizer:

@@ -77,9 +77,13 @@ class TrainConfig:
     """Allow TF32 matmuls on Ampere or newer GPUs."""
     eval_every: int = 250
     """Evaluate the validation loss every this many steps and at the end (0 = only at the end)."""
-    eval_batches: int = 20
-    """Validation micro-batches (of micro_batch_size rows) per evaluation, in total over all ranks, so the
-    validation set is the same whatever the world size (rounded up to a multiple of the world size)."""
+    eval_tokens: int = 327_680
+    """Validation tokens per evaluation: the first eval_tokens // block_size blocks of the val split (all
+    of it if shorter; for SFT data that many records), the same set whatever micro_batch_size and the
+    number of ranks, so the same weights always get the same val loss (0 = no validation)."""
+    eval_batches: int | None = None
+    """Older way to size the validation set, in micro-batches: when set, it is eval_batches x
+    micro_batch_size blocks (so it changes with micro_batch_size) and eval_tokens is not used."""
     sample_every: int = 0
     """Print a sample every this many steps (0 = only the final sample)."""
     sample_prompt: str = "\n"

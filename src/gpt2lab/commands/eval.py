@@ -38,9 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the model, score it on the task and print the table (and the JSON with --json)."""
     from gpt2lab import parallel
+    from gpt2lab.fileio import check_output_file
     from gpt2lab.loading import load_model
 
     task = get_task(args.task)
+    if args.json and args.json != "-":
+        check_output_file(args.json, "--json")  # before the evaluation, not after it
     env = parallel.init_distributed(args.device)
     try:
         data = task.resolve_data(args.data)

@@ -169,19 +169,30 @@ def iter_eval_batches(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
+    max_rows: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of evaluation batches: the same every call, whatever the world size.
 
-    `batch_size` is the GLOBAL batch (rows over all ranks, divisible by `world_size`), as for
-    TokenLoader. Batch j holds the consecutive windows [j*batch_size, (j+1)*batch_size) from the
-    start of the split; rank r yields its contiguous rows of each, so ranks are disjoint and every
-    rank yields the same number of batches: min(max_batches, full batches in the split), at least 1
-    (a split with fewer windows than one batch is wrapped around).
+    The set is the first `max_rows` consecutive windows of the split (all of them if fewer or None;
+    at least one, wrapping a split shorter than a batch), read `batch_size` windows (the GLOBAL batch,
+    all ranks) at a time; rank r yields its contiguous share of each, so every rank yields the same
+    number of batches and the set does not depend on `batch_size` or `world_size`. The last batch
+    may be smaller (a rank's share may be empty). `max_batches` caps the number of batches.
     """
     loader = TokenLoader(data_dir, split, block_size=block_size, global_batch_size=batch_size, rank=rank,
                          world_size=world_size, order="sequential", device=device)
-    n_batches = max(1, loader.windows // batch_size)
+    total = max(1, min(loader.windows, max_rows) if max_rows is not None else loader.windows)
+    if max_rows is None:  # whole batches only, as before max_rows existed
+        total = max(1, loader.windows // batch_size) * batch_size
+    n_batches = -(-total // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     for j in range(n_batches):
-        yield loader.get_batch(j)
+        first, n = j * batch_size, min(batch_size, total - j * batch_size)
+        lo, hi = first + n * rank // world_size, first + n * (rank + 1) // world_size
+        starts = (np.arange(lo, hi) % loader.windows) * block_size
+        rows = np.stack([loader._read(int(s), block_size + 1) for s in starts]) if len(starts) else np.zeros(
+            (0, block_size + 1), dtype=np.int64)
+        rows = rows.astype(np.int64)
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        yield x.to(device), y.to(device)

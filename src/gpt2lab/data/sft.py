@@ -537,8 +537,9 @@ class SFTData:
         return collate(self.examples, [self._row(g) for g in range(start, start + per_rank)], self.pad_id)
 
     def iter_eval_batches(self, batch_size: int, max_batches: int | None = None, rank: int | None = None,
-                          world_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every example once, in file order, one per row. `batch_size` is the GLOBAL batch (divisible by
+                          world_size: int | None = None,
+                          max_rows: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every example once (the first `max_rows` when given), in file order, one per row. `batch_size` is the GLOBAL batch (divisible by
         `world_size`), as for the token loader: batch j holds examples [j*batch_size, (j+1)*batch_size)
         and rank r yields its contiguous rows of it. Rows past the last example are padding with no
         counted target, so every rank yields the same number of batches of the same height."""
@@ -547,7 +548,7 @@ class SFTData:
         if batch_size < 1 or batch_size % world_size:
             raise UserError(f"eval batch of {batch_size} rows does not divide among {world_size} ranks")
         per_rank = batch_size // world_size
-        n = len(self.examples)
+        n = len(self.examples) if max_rows is None else min(len(self.examples), max_rows)
         num_batches = math.ceil(n / batch_size)
         if max_batches is not None:
             num_batches = min(num_batches, max_batches)

@@ -139,3 +139,37 @@ def test_no_hooks_and_no_checkpoints():
     result = make_trainer(model, [], max_steps=3).fit()
     assert result.step == 3 and result.final == {} and result.checkpoint is None
     assert [e["step"] for e in result.history if e["event"] == "train"] == [1, 2, 3]
+
+
+def test_live_display_moves_every_step_and_shows_phases(tmp_path, default_data):
+    """In a terminal (here rich's recording console) the bar moves every step, with loss and grad norm,
+    and names what runs between steps; the log file still gets only the log_every lines."""
+    import io
+
+    from rich.console import Console
+
+    from gpt2lab.logging import LogConfig, RunLogger
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=200, record=True)
+    updates, phases = [], []
+    logger = RunLogger(tmp_path, LogConfig(), total_steps=6, console=console)
+    real_update, real_phase = logger.update, logger.phase
+    logger.update = lambda step, m: (updates.append((step, m["loss"], m["grad_norm"])), real_update(step, m))
+    logger.phase = lambda name: (phases.append(name), real_phase(name))[1]
+    over = {"data.dir": str(default_data), "data.prepare": None, "checkpoint.out_dir": str(tmp_path),
+            "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
+            "train.tokens_per_step": 64, "train.micro_batch_size": 4, "train.max_steps": 6, "train.log_every": 3,
+            "train.eval_every": 3, "train.eval_tokens": 64, "train.sample_tokens": 0, "checkpoint.every": 6}
+    cfg = load_config("quickstart", over)
+    from gpt2lab import run as run_module
+
+    real_logger = run_module.RunLogger
+    run_module.RunLogger = lambda *a, **k: logger
+    try:
+        run_module.train(cfg)
+    finally:
+        run_module.RunLogger = real_logger
+    assert [u[0] for u in updates] == [1, 2, 3, 4, 5, 6] and all(u[1] > 0 and u[2] > 0 for u in updates)
+    assert phases == ["validation loss", "validation loss", "checkpoint"]
+    shown = console.export_text()
+    assert "grad norm" in shown and "step" in shown

@@ -13,10 +13,12 @@ rank 0 logs (`enabled=False` elsewhere). TensorBoard, W&B and matplotlib are imp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,8 @@ def format_train_line(step: int, total: int, m: dict[str, Any]) -> str:
 
 def format_progress_info(m: dict[str, Any]) -> str:
     """The compact metrics shown next to the live progress bar."""
-    parts = [f"loss {m['loss']:.4f}", f"lr {m['lr']:.1e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    parts = [f"loss {m['loss']:.4f}", f"lr {m['lr']:.1e}", f"grad norm {m['grad_norm']:.2f}",
+             f"{m['tokens_per_s']:,.0f} tok/s"]
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.0f}%")
     parts.append(f"ETA {format_duration(m.get('eta_s', float('nan')))}")
@@ -106,11 +109,14 @@ class RunLogger:
     """Fans events out to the console, metrics.jsonl, TensorBoard and W&B. A no-op when not `enabled`."""
 
     def __init__(self, run_dir: str | Path, cfg: LogConfig, *, total_steps: int, enabled: bool = True,
-                 config: dict | None = None, start_step: int = 0) -> None:
+                 config: dict | None = None, start_step: int = 0, console: Any = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self._tb = self._wandb = self._progress = self._task = None
+        self._info = ""
+        self.live = False
+        """True when a live progress bar is shown (a terminal): the trainer then updates it every step."""
         if not enabled:
             return
         self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -129,13 +135,15 @@ class RunLogger:
                                 "(or set --log.wandb false)") from None
             self._wandb = wandb.init(project=cfg.wandb_project, name=self.run_dir.name, config=config,
                                      dir=str(self.run_dir), resume="allow")
-        if cfg.progress and sys.stdout.isatty():
+        terminal = console.is_terminal if console is not None else sys.stdout.isatty()
+        if cfg.progress and terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self._progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=12),
-                                      TextColumn("{task.fields[info]}"), refresh_per_second=4)
+                                      TextColumn("{task.fields[info]}"), refresh_per_second=4, console=console)
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
             self._progress.start()
+            self.live = True
 
     def print(self, message: str) -> None:
         """A line for the person watching (above the progress bar when there is one)."""
@@ -160,14 +168,32 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({f"{event}/{k}": v for k, v in numbers.items()}, step=step)
         if event == "train":
-            line = format_train_line(step, self.total_steps, metrics)
             if self._progress is not None:
-                self._progress.update(self._task, completed=step, info=format_progress_info(metrics))
+                self.update(step, metrics)
             else:
-                self.print(line)
+                self.print(format_train_line(step, self.total_steps, metrics))
         else:
             shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             self.print(f"step {step}/{self.total_steps} | {event}: {shown}")
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        """Move the live bar to `step` with these train metrics (nothing is written anywhere else)."""
+        if self._progress is not None:
+            self._info = format_progress_info(metrics)
+            self._progress.update(self._task, completed=step, info=self._info)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Show "<name>..." on the live bar while the body runs (validation, a hook, a checkpoint)."""
+        if self._progress is None:
+            yield
+            return
+        self._progress.update(self._task, info=f"{name}...  (last: {self._info})" if self._info else f"{name}...")
+        self._progress.refresh()
+        try:
+            yield
+        finally:
+            self._progress.update(self._task, info=self._info)
 
     def close(self) -> None:
         if not self.enabled:

@@ -393,6 +393,9 @@ class Trainer:
             self._stop_signal = "SIGTERM"
         return bool(flag.item())
 
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        return tokens_per_s / (self.peak_tokens_per_s * self.env.world_size) if self.peak_tokens_per_s else None
+
     def _every(self, n: int, step: int) -> bool:
         return n > 0 and step % n == 0
 
@@ -416,6 +419,7 @@ class Trainer:
         try:
             self.module.train()
             t_last, step_last = time.perf_counter(), self.step
+            t_step = t_last
             tokens_per_step = cfg.tokens_per_step
             while self.step < cfg.max_steps:
                 loss, grad_norm, lr = self.train_step(self.step)
@@ -423,14 +427,23 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 step = self.step
                 last = step == cfg.max_steps
-                if self._every(cfg.log_every, step) or last:
+                logged = self._every(cfg.log_every, step) or last
+                if self.logger.live and not logged:  # a terminal watches: move every step (reads the loss)
+                    now = time.perf_counter()
+                    dt = now - t_step
+                    self.logger.update(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                                              "tokens_per_s": tokens_per_step / dt,
+                                              "mfu": self._mfu(tokens_per_step / dt),
+                                              "eta_s": dt * (cfg.max_steps - step)})
+                t_step = time.perf_counter()
+                if logged:
                     self._check_finite(step)
                     train_loss = loss.item()
                     now = time.perf_counter()
                     dt = (now - t_last) / max(1, step - step_last)
                     t_last, step_last = now, step
                     tok_s = tokens_per_step / dt
-                    mfu = tok_s / (self.peak_tokens_per_s * self.env.world_size) if self.peak_tokens_per_s else None
+                    mfu = self._mfu(tok_s)
                     self._log("train", step, {
                         "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
@@ -438,18 +451,22 @@ class Trainer:
                         "eta_s": dt * (cfg.max_steps - step), "tokens": self.tokens_seen,
                     })
                 if self._every(cfg.eval_every, step) or last:
-                    val_loss = self.evaluate()
+                    with self.logger.phase("validation loss"):
+                        val_loss = self.evaluate()
                     if val_loss is not None:
                         self._log("eval", step, {"val_loss": val_loss})
                     t_last, step_last = time.perf_counter(), step  # keep eval time out of tokens/s
                 for hook in self.hooks:
                     if self._every(hook.every, step) and not (last and hook.at_end):
-                        self._run_hook(hook, step)
+                        with self.logger.phase(hook.name):
+                            self._run_hook(hook, step)
                         t_last, step_last = time.perf_counter(), step
                 stop = self._agreed_stop()
                 if self._every(self.checkpoint_every, step) or last or stop:
-                    self._save(step)
+                    with self.logger.phase("checkpoint"):
+                        self._save(step)
                     t_last, step_last = time.perf_counter(), step
+                t_step = max(t_step, t_last)  # time spent in hooks and saves is not a step's
                 if stop:
                     self.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
                                       f"{self.last_checkpoint}; continue with --resume")

@@ -307,6 +307,18 @@ def _progress(enabled: bool, total: int | None):
     return Progress(*columns, disable=not enabled, transient=False)
 
 
+def _status(enabled: bool, message: str):
+    """A live status line with elapsed time on a terminal's stderr; nothing elsewhere."""
+    import contextlib
+    import sys
+
+    if not (enabled and sys.stderr.isatty()):
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
 def prepare_documents(
     documents: Iterable[str],
     out_dir: str | os.PathLike,
@@ -451,17 +463,20 @@ def prepare_text(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     overwrite: bool = False,
     block_size: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """One text -> dataset: the first 1-val_fraction of its characters train, the rest val (nanoGPT's split).
 
-    `tokenizer` "char" builds the character vocabulary from the whole text.
+    `tokenizer` "char" builds the character vocabulary from the whole text. With `progress` and a
+    terminal, a status line shows the size being tokenized while it runs.
     """
     if not text.strip():
         raise UserError(f"the corpus for {out_dir} is empty ({source}); give it some text")
     tok = CharTokenizer.from_text(text) if tokenizer == "char" else get_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     train, val = _split_text(text, val_fraction)
-    splits = {"train": np.array(tok.encode(train), dtype=dtype), "val": np.array(tok.encode(val), dtype=dtype)}
+    with _status(progress, f"tokenizing {len(text.encode('utf-8')) / 1e6:,.1f} MB of text ({len(text):,} characters)"):
+        splits = {"train": np.array(tok.encode(train), dtype=dtype), "val": np.array(tok.encode(val), dtype=dtype)}
     return prepare_tokens(splits, out_dir, tok, source={**source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},
                           settings={"val": {"characters": val_fraction}}, shard_tokens=shard_tokens,
                           overwrite=overwrite, block_size=block_size)
@@ -510,7 +525,7 @@ def prepare(
 
     if corpus.count == 1:
         return prepare_text(next(corpus.documents()), out_dir, tokenizer, source=corpus.info,
-                            val_fraction=fraction, **common)
+                            val_fraction=fraction, progress=progress, **common)
     if corpus.count is None:  # a stream: one pass, so no char vocabulary can be built first
         if tokenizer == "char":
             raise UserError(f"{source} is streamed: the char tokenizer needs a local corpus; use --tokenizer gpt2")

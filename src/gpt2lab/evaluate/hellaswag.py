@@ -253,8 +253,9 @@ def evaluate(
 class HellaSwag(EvalTask):
     name = "hellaswag"
     description = "zero-shot HellaSwag validation accuracy (acc, acc_norm, acc_token_mean)"
-    data_help = ("hellaswag_val.jsonl or a llama.cpp-format text file (default: the shared file if present, "
-                 "else the official jsonl, downloaded and cached)")
+    data_help = ("hellaswag_val.jsonl or a llama.cpp-format text file (default: "
+                 "$GPT2LAB_SHARED_DATA/hellaswag/hellaswag_val_full.txt if present, else the official jsonl, "
+                 "downloaded and cached)")
     unit = batch_unit = "tasks"
     default_batch_size = 8
     training_metrics = ("acc", "acc_norm")

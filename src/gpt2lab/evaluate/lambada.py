@@ -116,8 +116,8 @@ def evaluate(
 class Lambada(EvalTask):
     name = "lambada"
     description = "LAMBADA (OpenAI's GPT-2 version) last-word accuracy and perplexity"
-    data_help = ("lambada_test.jsonl (default: the shared file if present, else OpenAI's, downloaded, "
-                 "sha256-checked and cached)")
+    data_help = ("lambada_test.jsonl (default: $GPT2LAB_SHARED_DATA/lambada/lambada_test.jsonl "
+                 "if present, else OpenAI's, downloaded, sha256-checked and cached)")
     unit = batch_unit = "passages"
     default_batch_size = 16
     training_metrics = ("acc", "ppl")

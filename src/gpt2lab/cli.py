@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run `gpt2lab ARGV...`; returns the exit code (2 for usage and user errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
-        from gpt2lab import __version__
+        from importlib.metadata import version
 
-        print(f"gpt2lab {__version__}")
+        print(f"gpt2lab {version('gpt2lab')}")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         if not argv:

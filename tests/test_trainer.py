@@ -349,7 +349,8 @@ def test_a_second_run_into_a_locked_directory_is_refused(data_dir, tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert f"is in use by another gpt2lab run (pid {first.pid} on" in lines[0] and "--out DIR" in lines[0]
-    first.send_signal(signal.SIGTERM)  # it saves and exits cleanly; the refused run touched nothing
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and '"train"' in (out / "metrics.jsonl").read_text(), first)
+    first.send_signal(signal.SIGTERM)  # training: it saves and exits cleanly; the refused run touched nothing
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     steps = [e["step"] for e in read_metrics(out) if e["event"] == "train"]

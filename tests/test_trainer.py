@@ -341,9 +341,9 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_a_second_run_into_a_locked_directory_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
-    first = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 400})))
+    first = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 1_000_000})))
     wait_for(lambda: (out / ".gpt2lab.lock").is_file() and (out / ".gpt2lab.lock").read_text(), first)
-    second = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 400})))
+    second = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 1_000_000})))
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2
     lines = err.strip().splitlines()
@@ -359,7 +359,7 @@ def test_a_second_run_into_a_locked_directory_is_refused(data_dir, tmp_path):
 
 def test_kill_leaves_the_lock_file_and_resume_takes_it(data_dir, tmp_path):
     out = tmp_path / "run"
-    proc = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 400})))
+    proc = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 1_000_000})))
     wait_for(lambda: bool(list_checkpoints(out)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -92,7 +92,7 @@ def _say(env: Any, message: str) -> None:
 
 def _train(cfg: RunConfig, env: Any) -> TrainResult:
     run_dir = cfg.out_dir
-    resume_from = resolve_resume(_resume_setting(cfg, env), run_dir)
+    resume_from = resolve_resume(_resume_setting(cfg, env), run_dir, quiet=not env.is_main)
     eval_schedule = cfg.eval.schedule()  # a bad eval section fails before any work
     dtype = resolve_dtype(cfg.train.dtype, env.device)
     if dtype != torch.float32 and env.device.type == "cpu":

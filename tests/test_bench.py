@@ -122,3 +122,15 @@ def test_adapter_keeps_a_compiled_training_module():
     compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
     assert bench.GPTAdapter(model, compiled).train_model is compiled
     assert bench.GPTAdapter(model).train_model is model
+
+
+def test_the_peak_measurement_leaves_the_global_rng_alone():
+    """It runs inside training (for MFU): drawing from the global RNG there made the first run of a
+    process differ from every later one (other dropout masks)."""
+    from gpt2lab.bench import matmul_peak
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    matmul_peak("cpu", torch.float32, n=64, seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)

@@ -71,8 +71,10 @@ def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     """Measured FLOP/s of square n x n matmuls: the best of repeated timings over about `seconds`."""
     device = torch.device(device)
     n = n or (1024 if device.type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: the measurement runs inside training, whose dropout and data draws must not move
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     torch.mm(a, b)  # warm-up: first-call setup is not the steady state
     synchronize(device)
     best, spent, reps = 0.0, 0.0, 1

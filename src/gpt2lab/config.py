@@ -168,6 +168,7 @@ class RunConfig:
             "data.order": ("random", "sequential"),
             "data.sft.truncation": ("truncate", "drop"),
             "optim.schedule": ("cosine", "constant", "wsd"),
+            "optim.name": ("adamw", "muon"),
             "train.dtype": DTYPE_CHOICES,
             "train.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
             "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
@@ -189,6 +190,9 @@ class RunConfig:
                 raise UserError(f"{key} must be >= 0, got {get_dotted(self, key)}")
         if not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise UserError(f"optim.betas={','.join(map(str, self.optim.betas))}: both must be in [0, 1), e.g. 0.9,0.95")
+        if self.optim.name == "muon" and self.parallel.strategy == "fsdp":
+            raise UserError("optim.name=muon cannot run under parallel.strategy=fsdp (Muon orthogonalises whole "
+                            "matrices, FSDP shards them); use parallel.strategy ddp, or optim.name adamw")
         if self.optim.eps <= 0:
             raise UserError(f"optim.eps must be positive (e.g. 1e-8), got {self.optim.eps}")
         if self.train.eval_batches is not None and self.train.eval_batches < 0:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2lab.errors import UserError
+
 
 @dataclass
 class OptimConfig:
@@ -45,6 +47,13 @@ class OptimConfig:
     """Steps of linear warmup from lr/warmup_steps to lr."""
     decay_fraction: float = 0.2
     """wsd only: fraction of max_steps spent decaying to min_lr."""
+    name: str = "adamw"
+    """"adamw", or "muon": torch.optim.Muon (torch >= 2.9) for the 2-D weights inside the blocks and
+    AdamW for embeddings, the tied LM head, biases and LayerNorm gains (not with FSDP)."""
+    muon_lr: float = 0.02
+    """Peak learning rate of the Muon matrices (the schedule scales it as it scales optim.lr)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov)."""
 
 
 def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -66,19 +75,84 @@ FUSED_DEVICES = ("cuda", "cpu")
 project's 2-core CPU it steps GPT-2 124M in 0.07 s against 0.41 s for the foreach kernel."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `model`; with cfg.fused "auto" the fused kernel on CUDA and
-    CPU, the foreach kernel elsewhere."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    device_type: str) -> torch.optim.AdamW | MuonWithAdamW:
+    """AdamW over the trainable parameters of `model` (cfg.name "muon": `MuonWithAdamW`); with
+    cfg.fused "auto" the fused AdamW kernel on CUDA and CPU, the foreach kernel elsewhere."""
     fused = device_type in FUSED_DEVICES if cfg.fused == "auto" else bool(cfg.fused)
-    groups = [g for g in param_groups(model.named_parameters(), cfg.weight_decay) if g["params"]]
-    return torch.optim.AdamW(
+    named = list(model.named_parameters())
+    muon_params: list[torch.nn.Parameter] = []
+    if cfg.name == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise UserError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9); this torch is "
+                            f"{torch.__version__}: upgrade torch or use optim.name adamw")
+        muon_params, named = muon_split(model)
+    groups = [g for g in param_groups(named, cfg.weight_decay) if g["params"]]
+    adamw = torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=None if fused else True,
     )
+    if not muon_params:
+        return adamw
+    muon = torch.optim.Muon([{"params": muon_params, "lr_scale": cfg.muon_lr / cfg.lr if cfg.lr else 0.0}],
+                            lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    return MuonWithAdamW(muon, adamw)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[tuple[str, torch.nn.Parameter]]]:
+    """(Muon's parameters, the rest as (name, param)): Muon takes the trainable 2-D weights inside the
+    transformer blocks (attention and MLP matrices); embeddings, the tied LM head, biases and gains
+    stay with AdamW, as Muon is meant only for hidden matrices."""
+    muon, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hidden = ".h." in f".{name}" and p.dim() == 2
+        (muon.append(p) if hidden else rest.append((name, p)))
+    return muon, rest
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, stepped as one optimizer.
+
+    `param_groups` lists both optimizers' groups (so `set_lr` and gradient unscaling see every
+    parameter), and iterating yields the two torch optimizers, which is how
+    torch.distributed.checkpoint saves and loads them. A Muon group's lr is optim.lr's schedule times
+    `lr_scale` = muon_lr / lr."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [*self.muon.param_groups, *self.adamw.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    def __iter__(self):
+        return iter((self.muon, self.adamw))
+
+    def step(self, closure=None) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:
+    """Set the learning rate of every group (a group's `lr_scale`, e.g. Muon's, multiplies it)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 # --------------------------------------------------------------------------------------------------

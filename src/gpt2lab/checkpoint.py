@@ -112,26 +112,26 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return _step_dirs(Path(run_dir))
 
 
-def checkpoint_problem(path: Path, need_train_state: bool = True) -> str | None:
+def checkpoint_problem(path: Path) -> str | None:
     """Why checkpoint `path` cannot be loaded (a truncated or corrupt file, named), or None when intact.
-    Reads every header and the train state, not the weights themselves."""
+    Reads every header; the train state is memory-mapped, so its tensors are not read."""
     try:
         read_config(path)
         _check_safetensors(path / WEIGHTS_FILE)
-        if need_train_state and (path / TRAIN_STATE_FILE).exists():
-            load_train_state(path)
+        if (path / TRAIN_STATE_FILE).exists():
+            load_train_state(path, mmap=True)
     except UserError as e:
         return str(e)
     return None
 
 
-def intact_checkpoints(run_dir: str | Path, need_train_state: bool = True) -> tuple[list[Path], list[str]]:
+def intact_checkpoints(run_dir: str | Path) -> tuple[list[Path], list[str]]:
     """(the intact checkpoints of a run, oldest first; one line per damaged one, naming it and why).
     Only the newest are checked until one is intact: older ones are taken as they are."""
     ckpts = list_checkpoints(run_dir)
     skipped = []
     while ckpts:
-        problem = checkpoint_problem(ckpts[-1], need_train_state)
+        problem = checkpoint_problem(ckpts[-1])
         if problem is None:
             break
         skipped.append(f"skipped {ckpts.pop().name}: {problem}")
@@ -228,15 +228,16 @@ def has_lora(config: dict) -> bool:
     return bool((config.get("lora") or {}).get("r"))
 
 
-def load_train_state(path: str | Path) -> dict:
-    """The train state of a checkpoint, loaded with weights_only=True (no code execution)."""
+def load_train_state(path: str | Path, mmap: bool = False) -> dict:
+    """The train state of a checkpoint, loaded with weights_only=True (no code execution); `mmap` maps
+    the tensors instead of reading them (enough to check the file)."""
     import pickle
 
     f = Path(path) / TRAIN_STATE_FILE
     if not f.is_file():
         raise UserError(f"{path} has no {TRAIN_STATE_FILE}: it holds weights only and cannot be resumed")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:  # weights_only refused an object: loading it would run code
         raise UserError(f"{f} holds Python objects whose loading would run code, which gpt2lab refuses; "
                         "gpt2lab writes tensors and numbers only, so this file did not come from it") from None

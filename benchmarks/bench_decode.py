@@ -8,6 +8,10 @@ runs as `gpt2lab sample` does, after `optimize_for_decoding` (the weight layout 
 fastest); "gpt2lab fp32 row-major" is the model as built, for comparison. Each repetition times one
 greedy `generate` call of every variant, in alternating order (ABBA) so drifting machine load hits all
 alike; medians are reported. tokens/s = new tokens / wall time of the whole call (prefill included).
+Each rate is also given as a fraction of the weight-read floor measured in the same run
+(`gpt2lab.bench.decode_floor`: one vector-matrix product per weight matrix, in the layout and dtype
+decoded, nothing else), and "gpt2lab auto" names the weights `gpt2lab sample --dtype auto` picks
+here (`gpt2lab.precision.decode_precision`).
 The greedy tokens are compared with transformers', and with --bf16 (default on) bf16 weights are timed
 too and compared with fp32: greedy token agreement and, teacher-forced on the fp32 continuation, top-1
 agreement and the largest logit difference.
@@ -17,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
+import os
 import statistics
 import time
 
 import torch
 
+from gpt2lab.bench import cpu_description, weight_read_pass
+from gpt2lab.devices import dtype_name
 from gpt2lab.generate import optimize_for_decoding
-from gpt2lab.sampling import generate
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.precision import decode_precision
+from gpt2lab.sampling import generate
 
 
 def hf_twin(model: GPT, dtype: torch.dtype = torch.float32):
@@ -73,22 +80,32 @@ def main() -> None:
     def ours(m: GPT):
         return lambda: generate(m, prompt.tolist(), max_new_tokens=n, temperature=0, stop_ids=())[0]
 
+    def floor(m: GPT):  # n weight-read passes: the time n decode steps cannot beat
+        one_pass = weight_read_pass(m)
+        return lambda: [one_pass() for _ in range(n)]
+
     def theirs(m):
         # min_new_tokens: random weights may emit token 50256, which HF would treat as the end.
         return lambda: m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, use_cache=True,
                                   pad_token_id=0)[0, args.prompt_len:].tolist()
 
-    runs = {"gpt2lab fp32": ours(optimize_for_decoding(copy(torch.float32))), "transformers fp32": theirs(hf),
+    model_fp32 = optimize_for_decoding(copy(torch.float32))
+    runs = {"gpt2lab fp32": ours(model_fp32), "transformers fp32": theirs(hf),
             "gpt2lab fp32 row-major": ours(model)}
+    runs["floor fp32"] = floor(model_fp32)
     if args.bf16:
         model_bf16 = optimize_for_decoding(copy(torch.bfloat16))
         runs["gpt2lab bf16"] = ours(model_bf16)
         runs["transformers bf16"] = theirs(hf_twin(model, torch.bfloat16))
+        runs["floor bf16"] = floor(model_bf16)
+    choice = decode_precision(copy(torch.float32), layout=optimize_for_decoding)  # as `gpt2lab sample` does
 
     print(f"{args.preset}, batch 1, prompt {args.prompt_len} tokens, {n} new tokens, greedy, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
-    print(f"{platform.processor() or platform.machine()}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"{cpu_description()}, {datetime.datetime.now():%Y-%m-%d %H:%M}, load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"sample --dtype auto here: {choice.describe()}")
     names = list(runs)
     outputs = {name: runs[name]() for name in names}  # warm-up, and the tokens to compare
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -99,12 +116,20 @@ def main() -> None:
             times[name].append(dt)
         print(f"  rep {rep + 1}: " + "  ".join(f"{name} {n / times[name][-1]:.1f}" for name in names), flush=True)
 
-    print(f"\n{'':<24} {'median tok/s':>12} {'min..max':>14}")
+    print(f"\n{'':<24} {'median tok/s':>12} {'min..max':>14} {'of floor':>9}")
     rate = {}
     for name in names:
         rates = [n / t for t in times[name]]
         rate[name] = statistics.median(rates)
-        print(f"{name:<24} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f}")
+    for name in names:
+        rates = [n / t for t in times[name]]
+        of_floor = rate[name] / rate["floor bf16" if "bf16" in name else "floor fp32"]
+        print(f"{name:<24} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f} {of_floor:>8.1%}")
+    print("(floor: one vector-matrix product per weight matrix and token, nothing else; timed in turn with the rest)")
+    auto = f"gpt2lab {dtype_name(choice.dtype)}"
+    if auto in rate:
+        print(f"\ngpt2lab auto ({dtype_name(choice.dtype)}) / gpt2lab fp32: {rate[auto] / rate['gpt2lab fp32']:.2f}x, "
+              f"/ transformers fp32: {rate[auto] / rate['transformers fp32']:.2f}x")
     print(f"\ngpt2lab / transformers, fp32: {rate['gpt2lab fp32'] / rate['transformers fp32']:.2f}x")
     agree = sum(a == b for a, b in zip(outputs["gpt2lab fp32"], outputs["transformers fp32"]))
     print(f"greedy tokens equal to transformers fp32: {agree}/{n}")

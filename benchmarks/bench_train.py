@@ -1,13 +1,19 @@
 """Training throughput of gpt2lab's GPT against transformers' GPT2LMHeadModel, same weights, same process.
 
-    python benchmarks/bench_train.py                       # gpt2 (124M), B=4, T=256, fp32 CPU
-    python benchmarks/bench_train.py --preset gpt2-mini --batch 8 --seq 256 --repeats 7
+    python benchmarks/bench_train.py                       # gpt2 (124M), B=4, T=256, CPU
+    python benchmarks/bench_train.py --preset gpt2-mini --batch 8 --seq 256 --repeats 7 --bf16 yes
 
 One step = forward, backward and an AdamW step on fixed random tokens, with the optimizer gpt2lab
 trains with (gpt2lab.optim.build_optimizer: the fused kernel on CPU, lr 0 so the weights stay put),
-the same for both models. The two models take turns (ours, theirs, ours, ...) after one warm-up step
-each, so a machine whose load drifts slows both alike; the reported figure is the median tokens/s
+the same for both models. The variants take turns (ours, theirs, ours, ...) after one warm-up step
+each, so a machine whose load drifts slows all alike; the reported figure is the median tokens/s
 and the ratio of medians. Needs `transformers` (pip install 'gpt2lab[hf]').
+
+Variants: fp32 against fp32; bf16 autocast against bf16 autocast (with --bf16 auto, only where this
+CPU's bf16 matmuls are faster than fp32, as `gpt2lab.precision` measures them: elsewhere a bf16 step
+takes minutes); and "as `gpt2lab train` runs it" (train.dtype auto) against transformers' default
+(fp32). Each is also given as model FLOP/s (6N + attention per token, `model_stats`) over the
+matmul peak of its precision measured in the same process (`gpt2lab.bench.peak_flops`).
 """
 
 from __future__ import annotations
@@ -15,24 +21,38 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import os
 import time
 
 import torch
 
-from gpt2lab.bench import GPTAdapter, HFAdapter, ModelAdapter, hf_twin, measure_interleaved
+from gpt2lab.bench import (
+    GPTAdapter,
+    HFAdapter,
+    ModelAdapter,
+    cpu_description,
+    hf_twin,
+    measure_interleaved,
+    peak_flops,
+)
 from gpt2lab.config import OptimConfig
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.devices import dtype_name
+from gpt2lab.model import GPT, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
+from gpt2lab.precision import train_precision
 
 
-def train_step(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor, fused: bool | str):
-    """A callable running one forward + backward + AdamW step and returning tokens/s."""
+def train_step(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor, fused: bool | str,
+               dtype: torch.dtype = torch.float32):
+    """A callable running one forward + backward + AdamW step (under `dtype` autocast) returning tokens/s."""
     optimizer = build_optimizer(adapter.model, OptimConfig(lr=0.0, min_lr=0.0, fused=fused), "cpu")
+    autocast = dtype != torch.float32
 
     def run_once() -> float:
         t0 = time.perf_counter()
-        adapter.loss(x, y).backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = adapter.loss(x, y)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return x.numel() / (time.perf_counter() - t0)
@@ -49,6 +69,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--fused", default="auto", choices=["auto", "true", "false"],
                         help="AdamW kernel for both models (auto = fused on CPU, as gpt2lab trains)")
+    parser.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
+                        help="time bf16 autocast too (auto: where this CPU's bf16 matmuls are faster than fp32)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = parser.parse_args()
     if args.threads:
@@ -60,28 +82,52 @@ def main() -> None:
     tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     fused = {"auto": "auto", "true": True, "false": False}[args.fused]
+    choice = train_precision(ours.config.n_embd, args.batch * args.seq)  # what train.dtype auto picks here
+    faster = choice.dtype == torch.bfloat16 or (choice.speedup or 0.0) >= 1.0
+    with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and faster)
     runs = {
-        "gpt2lab": train_step(GPTAdapter(ours), x, y, fused),
-        "transformers": train_step(HFAdapter(theirs), x, y, fused),
+        "gpt2lab fp32": train_step(GPTAdapter(ours), x, y, fused),
+        "transformers fp32": train_step(HFAdapter(theirs), x, y, fused),
     }
+    if with_bf16:
+        runs["gpt2lab bf16 autocast"] = train_step(GPTAdapter(ours), x, y, fused, torch.bfloat16)
+        runs["transformers bf16 autocast"] = train_step(HFAdapter(theirs), x, y, fused, torch.bfloat16)
     result = measure_interleaved(runs, repeats=args.repeats, warmup=1)
-    ours_tps, theirs_tps = result["gpt2lab"].median, result["transformers"].median
+    dtypes = {name: torch.bfloat16 if "bf16" in name else torch.float32 for name in runs}
+    peaks = {dt: peak_flops("cpu", dt)[0] for dt in set(dtypes.values())}
+    flops_per_token = model_stats(ours.config, seq_len=args.seq).flops_per_token_train
+    median = {name: m.median for name, m in result.items()}
+    as_train = f"gpt2lab {dtype_name(choice.dtype)}" + (" autocast" if choice.dtype != torch.float32 else "")
+    ratios = {"fp32": median["gpt2lab fp32"] / median["transformers fp32"]}
+    if with_bf16:
+        ratios["bf16"] = median["gpt2lab bf16 autocast"] / median["transformers bf16 autocast"]
+    if as_train in median:
+        ratios["as gpt2lab train runs it / transformers default"] = median[as_train] / median["transformers fp32"]
     record = {
-        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        "date": datetime.date.today().isoformat(), "machine": cpu_description(), "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": args.preset,
         "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "fused_adamw": args.fused,
-        "gpt2lab_tok_s": ours_tps, "transformers_tok_s": theirs_tps, "ratio": ours_tps / theirs_tps,
-        "gpt2lab_all": result["gpt2lab"].values, "transformers_all": result["transformers"].values,
+        "auto_dtype": choice.describe(), "peak_flops": {dtype_name(k): v for k, v in peaks.items()},
+        "tok_s": median, "all": {name: m.values for name, m in result.items()}, "ratios": ratios,
+        "fraction_of_peak": {name: median[name] * flops_per_token / peaks[dtypes[name]] for name in runs},
     }
     if args.json:
         print(json.dumps(record))
         return
-    print(f"training step (fwd+bwd+AdamW fused={args.fused}), {args.preset}, B={args.batch}, T={args.seq}, fp32, "
+    print(f"training step (fwd+bwd+AdamW fused={args.fused}), {args.preset}, B={args.batch}, T={args.seq}, "
           f"{record['threads']} threads, torch {torch.__version__}")
+    print(f"{record['machine']}, {record['date']}, load average {' '.join(f'{x:.2f}' for x in record['load_average'])}")
+    print("measured matmul peak: " + ", ".join(f"{dtype_name(k)} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    print(f"train.dtype auto here: {choice.describe()}")
     for name in runs:
         m = result[name]
-        print(f"  {name:<13} median {m.median:8.1f} tok/s   (min {m.min:.1f}, max {m.max:.1f}, n={len(m.values)})")
-    print(f"  ratio gpt2lab / transformers: {record['ratio']:.3f}x")
+        print(f"  {name:<27} median {m.median:8.1f} tok/s  (min {m.min:.1f}, max {m.max:.1f}, n={len(m.values)})"
+              f"  {record['fraction_of_peak'][name]:6.1%} of the {dtype_name(dtypes[name])} peak")
+    if not with_bf16:
+        print(f"  (bf16 autocast not timed: {choice.describe()}; --bf16 yes times it anyway)")
+    for what, ratio in ratios.items():
+        print(f"  ratio gpt2lab / transformers, {what}: {ratio:.3f}x")
+
 
 
 if __name__ == "__main__":

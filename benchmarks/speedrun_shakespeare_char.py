@@ -68,8 +68,9 @@ def full_val_loss(run_dir: Path, data_dir: Path) -> float:
     return total / count
 
 
-def run_recipe(name: str, data_dir: Path, out: Path, threads: int | None) -> dict:
+def run_recipe(name: str, data_dir: Path, out: Path, threads: int | None, extra: dict | None = None) -> dict:
     config, overrides = RECIPES[name]
+    overrides = {**overrides, **(extra or {})}
     run_dir = out / name
     args = [sys.executable, "-m", "gpt2lab", "train", "--config", config, "--out", str(run_dir),
             "--data.dir", str(data_dir), "--data.prepare", "null", "--log.progress", "false"]
@@ -82,7 +83,8 @@ def run_recipe(name: str, data_dir: Path, out: Path, threads: int | None) -> dic
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
-    return {"recipe": name, "config": config, "wall_s": round(wall, 1),
+    steps = max(e["step"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+    return {"recipe": name, "config": config, "overrides": extra or {}, "wall_s": round(wall, 1), "steps": steps,
             "full_val_loss": round(full_val_loss(run_dir, data_dir), 4)}
 
 
@@ -93,6 +95,8 @@ def main() -> None:
     parser.add_argument("--data", default="data/shakespeare_char", help="prepared dataset dir (made if missing)")
     parser.add_argument("--input", help="Tiny Shakespeare input.txt (default: shared copy or download)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: torch's choice)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the `ours` recipe, e.g. --set train.max_time=100s (repeatable)")
     args = parser.parse_args()
     import shutil
 
@@ -100,9 +104,12 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     prepare_data(data_dir, args.input)
     load_before = [round(x, 2) for x in os.getloadavg()]  # other processes slow the runs down
-    results = [run_recipe(name, data_dir, out, args.threads) for name in args.recipes.split(",")]
+    extra = dict(item.split("=", 1) for item in args.set)
+    results = [run_recipe(name, data_dir, out, args.threads, extra if name == "ours" else None)
+               for name in args.recipes.split(",")]
     for r in results:
-        print(f"{r['recipe']:<8} {r['config']:<22} full-val loss {r['full_val_loss']:.4f}   wall {r['wall_s']:.1f} s")
+        print(f"{r['recipe']:<8} {r['config']:<22} full-val loss {r['full_val_loss']:.4f}   wall {r['wall_s']:.1f} s"
+              f"   {r['steps']} steps")
     print(json.dumps({"torch": torch.__version__, "cpus": os.cpu_count(), "load_before": load_before,
                       "results": results}))
 

@@ -11,6 +11,24 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_independent_defaults(tmp_path_factory):
+    """Environment defaults for the whole session (a value already set is kept; subprocesses inherit them).
+
+    GPT2LAB_CPU_DTYPE=fp32: `dtype: auto` on a CPU is measured (gpt2lab.precision) and picks bf16 where
+    bf16 matmuls are faster, as on CPUs with AMX; tests compare against fp32 references, so auto must mean
+    fp32 on every machine. tests/test_precision.py removes it where it tests the measurement itself.
+    GPT2LAB_CACHE: a fresh folder, so the suite never writes into (or reads from) the user's ~/.cache/gpt2lab.
+    """
+    defaults = {"GPT2LAB_CPU_DTYPE": "fp32", "GPT2LAB_CACHE": str(tmp_path_factory.mktemp("gpt2lab_cache"))}
+    added = [name for name in defaults if name not in os.environ]
+    for name in added:
+        os.environ[name] = defaults[name]
+    yield
+    for name in added:
+        os.environ.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The public data files of /work/shared/data ($GPT2LAB_SHARED_DATA, default <repo>/../shared/data); skip if absent."""

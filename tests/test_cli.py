@@ -101,7 +101,7 @@ def test_schema_falls_back_to_the_live_classes_when_a_source_changed(tmp_path, m
 
 # name -> (extra argv, default --device, default --dtype)
 MODEL_COMMANDS = {
-    "sample": (["--init", "gpt2"], "auto", "fp32"),
+    "sample": (["--init", "gpt2"], "auto", "auto"),
     "chat": (["--init", "gpt2"], "auto", "auto"),
     "bench": ([], "auto", "auto"),
     "convert": (["--init", "gpt2", "--out", "x"], "cpu", "fp32"),

@@ -16,7 +16,7 @@ PACKAGE = Path(gpt2lab.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("losses", "download", "devices"),
-    ("configparse", "tokenizer", "fileio"),
+    ("configparse", "tokenizer", "fileio", "precision"),
     ("sampling",),
     ("model",),
     ("data", "optim", "parallel", "logging"),

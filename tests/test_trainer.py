@@ -44,6 +44,7 @@ def tiny(data_dir: Path, out: Path, **overrides) -> dict:
         "train.tokens_per_step": 256, "train.micro_batch_size": 4, "train.max_steps": 20,
         "train.eval_every": 10, "train.eval_batches": 2, "train.sample_tokens": 0, "train.log_every": 1,
         "checkpoint.every": 10, "checkpoint.keep_last": 0, "optim.warmup_steps": 2, "log.progress": False,
+        "train.max_time": None,
     }
     base.update(overrides)
     return base
@@ -343,6 +344,8 @@ def test_a_second_run_into_a_locked_directory_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     first = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 1_000_000})))
     wait_for(lambda: (out / ".gpt2lab.lock").is_file() and (out / ".gpt2lab.lock").read_text(), first)
+    wait_for(lambda: list((out / "checkpoints").glob("step_*")), first)
+    # the live run already holds checkpoints: the lock, not "continue with --resume", is what to say
     second = cli(as_argv(tiny(data_dir, out, **{"train.max_steps": 1_000_000})))
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2

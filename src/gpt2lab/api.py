@@ -101,7 +101,7 @@ def load(init: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """The model `init` names, as `--init` does on the command line: a preset or hub id (`gpt2`,
     `distilgpt2`, `random:gpt2-tiny`), a Hugging Face directory, a gpt2lab run or checkpoint directory,
     or a LoRA adapter directory (merged into its base). device: auto|cpu|cuda|cuda:N|mps.
-    dtype: auto (as `gpt2lab sample` decodes) or fp32|bf16|fp16."""
+    dtype: auto (as stored; `gpt2lab sample --dtype auto` measures instead) or fp32|bf16|fp16."""
     from gpt2lab.devices import canonical_dtype, check_device_name, resolve_device
     from gpt2lab.loading import load_model
 

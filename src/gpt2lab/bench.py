@@ -1,10 +1,11 @@
 """How fast a model runs on this machine: training tokens/s and MFU, prefill and decode tokens/s, memory.
 
-    from gpt2lab.bench import measure_train_step, measure_decode, peak_flops
+    from gpt2lab.bench import measure_train_step, measure_decode, peak_flops, decode_floor
     m = measure_train_step(model, batch_size=8, seq_len=1024, steps=10, repeats=5)
     m.median, m.min, m.max                   # tokens/s over the repeats, after warm-up
     flops, source = peak_flops(device, torch.bfloat16)
     mfu = model_stats(model.config, 1024).flops_per_token_train * m.median / flops
+    floor_tok_s = 1 / decode_floor(model)   # batch-1 decode can go no faster than reading every weight
 
 Every measurement is a callable that runs one timed repeat and returns tokens/s (`train_step_bench`,
 `prefill_bench`, `decode_bench`); `measure` warms it up and repeats it, `measure_interleaved` takes
@@ -119,13 +120,32 @@ def peak_flops(device: str | torch.device, dtype: torch.dtype = torch.float32) -
     return matmul_peak(device, dtype), f"measured {name} matmul peak of {device.type}"
 
 
+def cpu_description() -> str:
+    """The CPU's model name (as lscpu gives it) and which of its bf16 instructions it has, e.g.
+    "AMD EPYC 7B13 (no AVX-512, AVX512-BF16 or AMX)" or "Intel Xeon ... (avx512f, avx512_bf16, amx_bf16)"."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(have) if have else 'no AVX-512, AVX512-BF16 or AMX'})"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        import platform
-
-        return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        return f"CPU {cpu_description()} ({torch.get_num_threads()} threads)"
     return device.type
 
 
@@ -376,6 +396,37 @@ def decode_bench(adapter: ModelAdapter, vocab_size: int, batch_size: int, prompt
         return batch_size * new_tokens / (time.perf_counter() - t0)
 
     return run_once
+
+
+def weight_read_pass(model: nn.Module) -> Callable[[], None]:
+    """A callable doing what a batch-1 decode step cannot do without: one vector-matrix product per
+    weight matrix (every Linear, the LM head included), in model order, layout and dtype, nothing
+    else. Each call streams all the weights, as a decode step does; its time is the step's floor."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs = [torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+
+    @torch.no_grad()
+    def one_pass() -> None:
+        for m, x in zip(linears, inputs):
+            torch.nn.functional.linear(x, m.weight, m.bias)
+
+    return one_pass
+
+
+def decode_floor(model: nn.Module, passes: int = 7) -> float:
+    """Seconds of the weight-read floor of one batch-1 decode step (`weight_read_pass`): the median
+    of `passes` timed passes, after one warm-up."""
+    one_pass = weight_read_pass(model)
+    device = next(model.parameters()).device
+    one_pass()
+    times = []
+    for _ in range(passes):
+        synchronize(device)
+        t0 = time.perf_counter()
+        one_pass()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure_train_step(model: nn.Module, batch_size: int, seq_len: int, steps: int = 10, repeats: int = 5,

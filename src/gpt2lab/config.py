@@ -47,7 +47,7 @@ from gpt2lab.lora import LoraConfig
 from gpt2lab.model import PRESETS, GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.parallel import ParallelConfig
-from gpt2lab.trainer import TrainConfig
+from gpt2lab.trainer import TrainConfig, parse_duration
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvalConfig", "LogConfig", "LoraConfig", "ModelConfig", "OptimConfig",
@@ -202,6 +202,8 @@ class RunConfig:
             raise UserError(f"train.sample_temperature must be >= 0 (0 = greedy), got {self.train.sample_temperature}")
         if self.train.sample_top_k is not None and self.train.sample_top_k < 1:
             raise UserError(f"train.sample_top_k must be at least 1 (or null = all), got {self.train.sample_top_k}")
+        if self.train.max_time is not None:
+            parse_duration(self.train.max_time)
         if not 0.0 <= self.optim.decay_fraction <= 1.0:
             raise UserError(f"optim.decay_fraction must be in [0, 1], got {self.optim.decay_fraction}")
         if self.optim.fused not in (True, False, "auto"):

@@ -3,7 +3,8 @@
     DTYPES                              "fp32" | "bf16" | "fp16" -> torch dtype name (no torch import)
     canonical_dtype("bfloat16")         -> "bf16"   (long names are aliases; "auto" stays "auto")
     torch_dtype("bf16")                 -> torch.bfloat16   ("auto" -> None: keep the loaded dtype)
-    resolve_dtype("auto", device)       -> the compute dtype "auto" means on that device
+    resolve_dtype("auto", device)       -> the compute dtype "auto" means on that device (CPU: fp32
+                                           unmeasured; gpt2lab.precision measures it)
     resolve_device("auto")              -> cuda if torch sees a GPU, else cpu (mps only when asked)
 
 Only the functions that return torch objects import torch, so command-line parsers can use the
@@ -61,8 +62,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def resolve_dtype(name: str, device: torch.device, *, fp16_without_bf16: bool = True) -> torch.dtype:
     """The compute (autocast) dtype for `name` on `device`: auto = bf16 on CUDA with bf16 support,
-    fp16 on older CUDA GPUs (fp32 there if not `fp16_without_bf16`), fp32 elsewhere (bf16 autocast on
-    CPU is far slower)."""
+    fp16 on older CUDA GPUs (fp32 there if not `fp16_without_bf16`), fp32 elsewhere.
+
+    fp32 is auto's answer on a CPU only without measuring: bf16 there is ~100x slower on CPUs without
+    bf16 units and ~3x faster on those with AMX. `gpt2lab.precision.compute_dtype` (same arguments,
+    plus the model's shapes) times it instead and is what train, eval and bench use."""
     import torch
 
     if canonical_dtype(name) != "auto":

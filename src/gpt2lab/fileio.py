@@ -143,13 +143,16 @@ class RunLock:
         self.flag = flag
         self._fh = None
 
-    def __enter__(self) -> RunLock:
-        import fcntl
-        import socket
-        import time
+    def check_free(self) -> None:
+        """Refuse now, creating nothing, if a live run holds the lock: its directory's other contents
+        (checkpoints it is writing) are then not this run's concern."""
+        if self.path.is_file():
+            with open(self.path, "a+", encoding="utf-8") as fh:
+                self._take(fh)  # released again when `fh` closes
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until __exit__)
+    def _take(self, fh: Any) -> None:
+        import fcntl
+
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,6 +161,14 @@ class RunLock:
             fh.close()
             raise UserError(f"{self.path.parent} is in use by another gpt2lab run ({holder}); wait for it to "
                             f"finish, or give this run another directory with {self.flag} DIR") from None
+
+    def __enter__(self) -> RunLock:
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until __exit__)
+        self._take(fh)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -154,8 +154,15 @@ class RunLogger:
         else:
             print(message, flush=True)
 
-    def log(self, event: str, step: int, metrics: dict[str, Any]) -> None:
-        """Record one event ("train", "eval", "hellaswag", ...) of optimizer step `step` in every sink."""
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's step count changed (train.max_time fixed it): the bar and the log lines follow."""
+        self.total_steps = total_steps
+        if self._progress is not None:
+            self._progress.update(self._task, total=total_steps)
+
+    def log(self, event: str, step: int, metrics: dict[str, Any], show: bool = True) -> None:
+        """Record one event ("train", "eval", "hellaswag", ...) of optimizer step `step` in every sink
+        (`show` False: not on the console, which the caller informs in its own words)."""
         if not self.enabled:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **metrics}
@@ -167,6 +174,8 @@ class RunLogger:
                 self._tb.add_scalar(f"{event}/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"{event}/{k}": v for k, v in numbers.items()}, step=step)
+        if not show:
+            return
         if event == "train":
             if self._progress is not None:
                 self.update(step, metrics)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,31 +40,35 @@ from gpt2lab.checkpoint import (
     step_dir,
 )
 from gpt2lab.config import ModelConfig, RunConfig, save_yaml, to_dict
-from gpt2lab.devices import resolve_dtype
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
+from gpt2lab.precision import compute_dtype, cpu_dtype_override
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
-from gpt2lab.trainer import Hook, Trainer, TrainResult, batch_geometry
+from gpt2lab.trainer import Hook, TimeBudget, Trainer, TrainResult, batch_geometry, parse_duration
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, started_at: float | None = None) -> TrainResult:
     """Build everything `cfg` describes and train; returns the trainer's result.
 
     Rank 0 holds an exclusive lock on the run directory for the whole run (a second run into it is
-    refused); a fresh run that fails before writing anything leaves no empty run directory behind."""
+    refused); a fresh run that fails before writing anything leaves no empty run directory behind.
+    `started_at` (a time.monotonic() value; default: now) is where train.max_time counts from: the
+    command line passes its process's start, so the budget covers the whole command."""
+    started_at = time.monotonic() if started_at is None else started_at
     cfg.validate()
     env = parallel.init_distributed(cfg.train.device)
     run_dir = cfg.out_dir
     created = env.is_main and not run_dir.exists()
     try:
         if env.is_main:
+            RunLock(run_dir).check_free()  # a live run's directory: say so, whatever else it holds
             resolve_resume(_resume_setting(cfg, env), run_dir, quiet=True)  # refuse before touching run_dir
             check_writable(run_dir)
         with RunLock(run_dir) if env.is_main else contextlib.nullcontext():
-            return _train(cfg, env)
+            return _train(cfg, env, started_at)
     except BaseException:
         if created:
             _remove_if_unused(run_dir)
@@ -85,18 +91,28 @@ def _remove_if_unused(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+def process_started_at() -> float:
+    """When this process started, as a time.monotonic() value (Linux; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, since boot
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.monotonic() - max(0.0, since_boot - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic()
+
+
 def _say(env: Any, message: str) -> None:
     if env.is_main:
         print(message, file=sys.stderr, flush=True)
 
 
-def _train(cfg: RunConfig, env: Any) -> TrainResult:
+def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     run_dir = cfg.out_dir
     resume_from = resolve_resume(_resume_setting(cfg, env), run_dir, quiet=not env.is_main)
     eval_schedule = cfg.eval.schedule()  # a bad eval section fails before any work
-    dtype = resolve_dtype(cfg.train.dtype, env.device)
-    if dtype != torch.float32 and env.device.type == "cpu":
-        print(f"gpt2lab: warning: train.dtype={cfg.train.dtype} on CPU is usually much slower than fp32", file=sys.stderr)
+    if env.device.type == "cpu" and cfg.train.dtype == "auto":
+        cpu_dtype_override()  # so does a bad GPT2LAB_CPU_DTYPE
     if env.device.type == "cuda" and cfg.train.tf32:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; a no-op on older GPUs
         torch.backends.cudnn.allow_tf32 = True
@@ -106,6 +122,14 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
     meta = ensure_dataset(cfg, env) if cfg.data.format == "tokens" else None
     model, tokenizer = build_model(cfg.model, meta, env.device)
     block_size = model.config.block_size
+    # auto on CPU is measured at the model's shapes (rank 0 decides for every rank); an explicit bf16 or
+    # fp16 on CPU is measured too, for a warning when it is the slower one here.
+    dtype, choice = compute_dtype(cfg.train.dtype, env.device, n_embd=model.config.n_embd,
+                                  rows=cfg.train.micro_batch_size * block_size, check_explicit=True)
+    if choice is not None and (note := choice.note("train.dtype", cfg.train.dtype)):
+        _say(env, f"gpt2lab: {note}")
+    if cfg.optim.name == "muon" and env.device.type == "cpu":
+        _warn_muon_on_cpu(model.config.n_embd, cfg.train.micro_batch_size * block_size, env)
     if resume_from is not None:
         saved = read_config(resume_from)
         check_same_architecture(saved["model"], model.config, str(resume_from))
@@ -128,12 +152,16 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
     module = torch.compile(wrapped) if cfg.train.compile and not cfg.parallel.compile_blocks else wrapped
 
     start_step = 0
+    plan_state, spent_s = None, 0.0
     resume_state = None
     resume_changes: dict = {}
     if resume_from is not None:
         resume_state = load_sharded(resume_from, wrapped, optimizer)
         start_step = int(resume_state["step"])
+        plan_state, spent_s = _adopt_time_plan(cfg, resume_state.get("time_plan"), env)
         resume_changes = check_resume_changes(resume_state.get("config"), cfg, env, str(resume_from))
+        if plan_state == "open":  # its cap bounds the next choice
+            open_steps, cfg.train.max_steps = cfg.train.max_steps, resume_state["time_plan"]["cap"]
         _say(env, f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
@@ -154,15 +182,21 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
                          "raise --train.max_steps (with --checkpoint.allow_changes true) to continue")
         flops_per_token = model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train
         peak = _peak_flops(env.device, dtype)
+        budget = None
+        if cfg.train.max_time is not None and plan_state != "final":
+            budget = TimeBudget(parse_duration(cfg.train.max_time) - spent_s, started_at)
         trainer = Trainer(
             module, optimizer, train_data, geometry, train=cfg.train, optim=cfg.optim, env=env, logger=logger,
             dtype=dtype, val_batches=val_batches, hooks=_hooks(cfg, wrapped, tokenizer, env, eval_schedule),
             save=_checkpoint_saver(cfg, wrapped, optimizer, tokenizer, run_dir, env),
             checkpoint_every=cfg.checkpoint.every,
             peak_tokens_per_s=peak / flops_per_token if peak else None, start_step=start_step,
+            time_budget=budget, on_plan=lambda plan: _record_plan(cfg, plan, run_dir, logger, env),
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
+            if plan_state == "open":
+                trainer.continue_plan(open_steps)
             if resume_changes:
                 logger.log("resume", start_step, {"changed": resume_changes})
         result = trainer.fit()
@@ -173,6 +207,57 @@ def _train(cfg: RunConfig, env: Any) -> TrainResult:
     if env.is_main:
         _finish(run_dir, result)
     return result
+
+
+def _warn_muon_on_cpu(n_embd: int, rows: int, env: Any) -> None:
+    """torch.optim.Muon orthogonalises every update in bf16: say so where bf16 matmuls are slow."""
+    from gpt2lab.precision import OVERRIDE_ENV, train_precision
+
+    if os.environ.get(OVERRIDE_ENV):
+        return
+    choice = train_precision(n_embd, rows)
+    if choice.speedup is not None and choice.speedup < 1:
+        _say(env, f"gpt2lab: warning: optim.name=muon: torch.optim.Muon orthogonalises each update in bf16, and "
+                  f"bf16 matmuls run {choice.speedup:.2g}x fp32 on this CPU, so its steps are slow here; "
+                  "optim.name adamw avoids it")
+
+
+def _adopt_time_plan(cfg: RunConfig, plan: dict | None, env: Any) -> tuple[str | None, float]:
+    """On resume, what train.max_time chose when the run started: ("final" | "open" | None, seconds
+    the run had spent when the checkpoint was written).
+
+    A final count stands (the schedule was laid over it), as long as max_time and max_steps are the
+    run's own. A count that was still open is chosen again from the resumed step, within the budget
+    the run had left. None: no plan, or settings that change it (an ordinary change, checked as such)."""
+    if not plan or cfg.train.max_time != plan.get("max_time"):
+        return None, 0.0
+    if cfg.train.max_steps not in (plan["cap"], plan["max_steps"]):
+        return None, 0.0
+    cfg.train.max_steps = plan["max_steps"]  # the run's own, as its checkpoint's config says
+    if not plan.get("final", True):
+        return "open", float(plan.get("elapsed_s", 0.0))  # the trainer chooses again (continue_plan)
+    _say(env, f"gpt2lab: resume: train.max_steps {plan['max_steps']} (chosen for train.max_time={plan['max_time']} "
+              "when the run started)")
+    return "final", 0.0
+
+
+def _record_plan(cfg: RunConfig, plan: dict, run_dir: Path, logger: RunLogger, env: Any) -> None:
+    """train.max_time fixed the step count: say so, and record it in config.yaml and later checkpoints."""
+    cfg.train.max_steps = plan["max_steps"]
+    if env.is_main:
+        save_yaml(cfg, run_dir / "config.yaml")
+    previous = plan["previous_max_steps"]
+    if previous is not None:  # a later choice: said when it moves the count by more than 2%
+        if abs(plan["max_steps"] - previous) > 0.02 * previous:
+            logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: steps now take {plan['step_s'] * 1e3:.1f} ms; "
+                         f"{plan['max_steps']} steps fit (was {previous})")
+        return
+    extras = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in plan.items()
+                       if k.endswith("_s") and k not in ("step_s", "remaining_s", "budget_s"))
+    logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: {plan['max_steps']} steps fit "
+                 f"({plan['step_s'] * 1e3:.1f} ms/step measured; each {extras or 'nothing else'}; "
+                 f"{plan['remaining_s']:.1f} s left of {plan['budget_s']:.0f} s); recorded as train.max_steps "
+                 f"in {run_dir / 'config.yaml'}")
 
 
 def _peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -202,7 +287,8 @@ def _finish(run_dir: Path, result: TrainResult) -> None:
 
 # What a resume may change without flag: these keep the continuation bitwise what it would have been
 # (micro-batches and ranks split the same global batch; frequencies only decide what is logged when).
-RESULT_CHANGING = ("train.tokens_per_step", "train.seed", "train.max_steps", "train.dtype", "train.fused_loss",
+RESULT_CHANGING = ("train.tokens_per_step", "train.seed", "train.max_steps", "train.max_time", "train.dtype",
+                   "train.fused_loss",
                    "data.order", "data.dir", "data.format", "data.sft.", "optim.", "lora.", "model.")
 
 
@@ -383,14 +469,13 @@ def _checkpoint_saver(cfg: RunConfig, wrapped: torch.nn.Module, optimizer: torch
                       tokenizer: Tokenizer, run_dir: Path, env: Any):
     """The trainer's save(step, train_state) -> checkpoint directory: every rank writes its share, then
     rank 0 keeps the newest checkpoint.keep_last."""
-    config_dict = to_dict(cfg)
     extra = {"run": cfg.name, "init": cfg.model.init}
     if cfg.lora.r > 0:
         extra["lora"] = to_dict(cfg.lora)  # weights hold lora_A/lora_B: apply_lora before loading them
 
     def save(step: int, train_state: dict) -> Path:
         path = step_dir(run_dir, step)
-        save_sharded(path, wrapped, optimizer, {**train_state, "config": config_dict},
+        save_sharded(path, wrapped, optimizer, {**train_state, "config": to_dict(cfg)},  # max_time fixes max_steps late
                      model_config=parallel.unwrap(wrapped).config, tokenizer=tokenizer.to_dict(), step=step,
                      extra=extra)
         if env.is_main:
@@ -414,10 +499,19 @@ def _hooks(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer, env: 
             return sample_text(parallel.unwrap(wrapped), tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
                                cfg.train.sample_temperature, cfg.train.sample_top_k, cfg.train.seed)
 
-        hooks.append(Hook("sample", cfg.train.sample_every, sample, at_end=True))
+        def sample_cost(timed: int = 8) -> float:  # greedy: draws nothing from the RNG
+            model = parallel.unwrap(wrapped)
+            was_training = model.training
+            t0 = time.perf_counter()
+            sample_text(model, tokenizer, cfg.train.sample_prompt, timed, 0.0, None, cfg.train.seed)
+            model.train(was_training)
+            return (time.perf_counter() - t0) / timed * cfg.train.sample_tokens
+
+        hooks.append(Hook("sample", cfg.train.sample_every, sample, at_end=True, cost=sample_cost))
     tasks, every, limit = eval_schedule
     if tasks:
-        hooks.append(Hook("eval", every, TaskEvaluator([get_task(t) for t in tasks], limit, wrapped, tokenizer, env)))
+        evaluator = TaskEvaluator([get_task(t) for t in tasks], limit, wrapped, tokenizer, env)
+        hooks.append(Hook("eval", every, evaluator, cost=evaluator.estimate_seconds))
     return hooks
 
 

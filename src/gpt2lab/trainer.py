@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import signal
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +54,13 @@ class TrainConfig:
     """The training loop."""
 
     max_steps: int = 1000
-    """Number of optimizer steps."""
+    """Number of optimizer steps (with max_time: the most it may choose)."""
+    max_time: str | None = None
+    """Wall-clock budget of the whole run, e.g. "3m", "140s", "1h30m" (null = none). The first steps are
+    timed, then the number of steps is chosen (at most max_steps) so that the run, its validations,
+    hooks, checkpoints and final plot end within it, and chosen again as the run goes while the
+    schedule of the steps taken allows; it is printed and recorded as train.max_steps in the run's
+    config.yaml and checkpoints (so --resume continues exactly)."""
     tokens_per_step: int = 65536
     """Global batch in tokens per optimizer step (all ranks, all micro-batches); must be a multiple of
     micro_batch_size * block_size * world_size (the quotient is the gradient accumulation)."""
@@ -63,8 +71,10 @@ class TrainConfig:
     device: str = "auto"
     """"auto" (the rank's CUDA device if any, else cpu), "cpu", "cuda", "cuda:N" or "mps"."""
     dtype: str = "auto"
-    """Compute precision: "auto" (bf16 on CUDA with bf16 support, fp16 + loss scaling on older CUDA,
-    fp32 on CPU), "fp32", "bf16" or "fp16". Weights and optimizer state stay fp32."""
+    """Compute precision: "auto" (bf16 on CUDA with bf16 support, fp16 + loss scaling on older CUDA; on
+    CPU bf16 only where bf16 matmuls at the model's shapes measure >= 1.3x faster than fp32, cached in
+    precision.json; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), "fp32", "bf16" or "fp16". Weights
+    and optimizer state stay fp32."""
     compile: bool = False
     """torch.compile the model (CUDA; slow to start, faster steps)."""
     fused_loss: bool = False
@@ -130,6 +140,78 @@ def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int,
         raise UserError(f"{where}, and no micro-batch size fits it on {world_size} rank(s); use e.g. "
                         f"--train.tokens_per_step {lower} or {lower + per_pass}")
     return BatchGeometry(tokens_per_step // block_size, tokens_per_step // per_pass)
+
+
+# --------------------------------------------------------------------------------------------------
+# Time budgets (train.max_time)
+
+CALIBRATION_STEPS = 10
+"""The fewest steps timed before a time-budgeted run fixes its step count (the first, a warm-up, is
+not used). Timing goes on through the warmup (where the schedule does not depend on the step count,
+so the run is the one an explicit train.max_steps would give) while it takes under
+CALIBRATION_SHARE of the budget."""
+CALIBRATION_SHARE = 0.05
+REPLAN_SHARE = 0.05
+"""After the first plan the step count is chosen again every this share of it (from the steps since
+the last choice: CPUs slow down once their boost budget is spent), for as long as no step taken so
+far would have had another learning rate (warmup-stable-decay: until the decay; constant: always;
+cosine: not after the warmup). From then on the count is final."""
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
+
+
+def parse_duration(text: str | float | int, where: str = "train.max_time") -> float:
+    """Seconds of a duration: 140, "140s", "3m", "2.5m", "1h30m", "1h 5m 10s"; a UserError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.fullmatch(str(text).replace(" ", "").lower())
+        if not match or not any(match.groups()):
+            raise UserError(f"{where}: cannot read {text!r} as a duration; use e.g. 140s, 3m, 1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * h + 60 * m + sec
+    if not seconds > 0 or math.isinf(seconds):
+        raise UserError(f"{where} must be a positive duration, got {text!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """The wall-clock budget of a run: `seconds` counted from `started_at` (a time.monotonic() value),
+    of which `reserve_s` is kept for what follows the last step (the plot and the summary)."""
+
+    seconds: float
+    started_at: float
+    reserve_s: float = 2.5  # the plot imports matplotlib: ~2 s in a fresh process on a slow CPU
+
+    def remaining(self) -> float:
+        return self.seconds - (time.monotonic() - self.started_at) - self.reserve_s
+
+
+def plan_steps(remaining_s: float, step_s: float, done: int, costs: Sequence[tuple[int, float, bool]],
+               cap: int, margin: float = 0.05) -> int:
+    """The most steps (done <= n <= cap) whose rest fits in `remaining_s` less a `margin` fraction.
+
+    The steps still to run take `step_s` each; each (every, seconds, at_end) in `costs` is work done
+    after every `every`-th step (0 = never) and, when `at_end`, once more after the last step when
+    that is not one of them (validation, a sample, checkpoints)."""
+    budget = remaining_s * (1 - margin)
+
+    def total(n: int) -> float:
+        seconds = (n - done) * step_s
+        for every, cost, at_end in costs:
+            runs = n // every - done // every if every > 0 else 0
+            if at_end and (every <= 0 or n % every):
+                runs += 1
+            seconds += runs * cost
+        return seconds
+
+    if total(cap) <= budget:
+        return cap
+    lo, hi = done, cap  # total() never decreases with n: the largest n that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid - 1)
+    return lo
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +282,9 @@ class Hook:
     at_end: bool = False
     """Run once after the last step (after its checkpoint, not when a signal stopped the run) instead
     of at that step; what it returns is kept in TrainResult.final."""
+    cost: Callable[[], float] | None = None
+    """Seconds one run of `fn` takes, estimated without side effects (train.max_time plans with it;
+    None = too small to count)."""
 
 
 @dataclass
@@ -236,7 +321,8 @@ class Trainer:
                  logger: RunLogger | None = None, dtype: torch.dtype = torch.float32,
                  val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
                  hooks: Sequence[Hook] = (), save: Callable[[int, dict], Path] | None = None,
-                 checkpoint_every: int = 0, peak_tokens_per_s: float | None = None, start_step: int = 0) -> None:
+                 checkpoint_every: int = 0, peak_tokens_per_s: float | None = None, start_step: int = 0,
+                 time_budget: TimeBudget | None = None, on_plan: Callable[[dict], None] | None = None) -> None:
         self.module = module
         self.optimizer = optimizer
         self.train_data = train_data
@@ -261,6 +347,14 @@ class Trainer:
         self.tokens_seen = start_step * train.tokens_per_step
         self.last_checkpoint: Path | None = None
         self.history: list[dict] = []
+        self.max_steps = train.max_steps
+        self.time_budget = time_budget
+        self.on_plan = on_plan
+        self.plan: dict | None = None  # what train.max_time chose (kept in checkpoints)
+        self._cap = train.max_steps
+        self._resumed_max_steps: int | None = None  # the count a resumed, still open plan had
+        self._costs: dict[str, tuple[int, float, bool]] = {}
+        self._took: dict[str, float] = {}  # seconds the last validation, hook run and save took
 
     # ---------------------------------------------------------------------------------------------
     # State
@@ -273,11 +367,13 @@ class Trainer:
             "data": self.train_data.state_dict(),
             "scaler": self.scaler.state_dict(),
             "tokens": self.tokens_seen,  # true even when a resume changed train.tokens_per_step
+            "time_plan": self.plan,  # None, or the step count train.max_time chose
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens", self.step * self.cfg.tokens_per_step))
+        self.plan = state.get("time_plan") if self.time_budget is None else None
         self.train_data.load_state_dict(state["data"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -297,7 +393,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step on the batch of `step`; returns (loss, grad norm) as device tensors, without
         waiting for the device (loss: mean over the step's counted tokens of all ranks), and the lr."""
-        lr = lr_at(step, self.optim, self.cfg.max_steps)
+        lr = lr_at(step, self.optim, self.max_steps)
         set_lr(self.optimizer, lr)
         x, y = self.train_data.get_batch(step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -378,6 +474,95 @@ class Trainer:
         self.history.append({"event": event, "step": step, **metrics})
         self.logger.log(event, step, metrics)
 
+    # ---------------------------------------------------------------------------------------------
+    # train.max_time
+
+    def continue_plan(self, max_steps: int) -> None:
+        """Resuming a run whose step count was still open: go on with `max_steps` until it is chosen
+        again, and choose only counts that keep the learning rate of every step already taken."""
+        self.max_steps = self._resumed_max_steps = max_steps
+
+    def _calibrated(self, step_times: list[float]) -> bool:
+        """Enough steps timed: CALIBRATION_STEPS, then on to the end of the warmup unless that takes
+        more than CALIBRATION_SHARE of the budget (ranks agree: the first done decides for all)."""
+        n = len(step_times)
+        if n < CALIBRATION_STEPS:
+            return False
+        flag = torch.tensor(float(self.step >= self.optim.warmup_steps
+                                  or sum(step_times) >= CALIBRATION_SHARE * self.time_budget.seconds),
+                            device=self.device)
+        parallel.all_reduce(flag, "max")  # one rank done is all done
+        return bool(flag.item())
+
+    def _plan_steps(self, step_s: float) -> None:
+        """Choose self.max_steps from the time budget, the time a step takes and what every later
+        event costs (estimated once, at the first choice); a later choice stands only if it leaves the
+        learning rate of every step taken as it was, else the count is final."""
+        budget = self.time_budget
+        first = self.plan is None
+        if first:
+            if self.val_batches is not None:
+                self._costs["validation"] = (self.cfg.eval_every, self._validation_seconds(), True)
+            for hook in self.hooks:
+                if hook.cost is not None:
+                    self._costs[hook.name] = (hook.every, hook.cost(), hook.at_end)
+            if self.save is not None:
+                self._costs["checkpoint"] = (self.checkpoint_every, self._checkpoint_seconds(), True)
+        for name, took in self._took.items():  # what ran already is measured, not estimated
+            if name in self._costs:
+                self._costs[name] = (self._costs[name][0], took, self._costs[name][2])
+        remaining = budget.remaining()
+        n = plan_steps(remaining, step_s, self.step, list(self._costs.values()), cap=self._cap)
+        chosen = torch.tensor(float(n), device=self.device)
+        parallel.all_reduce(chosen, "max")  # ranks must agree; their estimates differ by noise
+        n = max(self.step, int(chosen.item()))
+        same_past = all(lr_at(s, self.optim, n) == lr_at(s, self.optim, self.max_steps) for s in range(self.step))
+        if (not first or self._resumed_max_steps is not None) and not same_past:
+            base = self.plan or {"max_time": self.cfg.max_time, "cap": self._cap, "max_steps": self.max_steps}
+            self.plan = {**base, "final": True}
+            return
+        previous, self.max_steps = self.max_steps, n
+        self.plan = {"max_time": self.cfg.max_time, "cap": self._cap, "max_steps": n, "final": False,
+                     "elapsed_s": budget.seconds - budget.reserve_s - remaining}
+        self.logger.set_total_steps(n)
+        details = {"max_steps": n, "previous_max_steps": None if first else previous, "step_s": step_s,
+                   "remaining_s": remaining, "budget_s": budget.seconds, "revised": not first,
+                   **{f"{k}_s": v[1] for k, v in self._costs.items()}}
+        self.history.append({"event": "plan", "step": self.step, **details})
+        self.logger.log("plan", self.step, details, show=False)
+        if self.on_plan is not None:
+            self.on_plan(details)
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self._took[name] = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _validation_seconds(self, timed: int = 2) -> float:
+        """The time of one validation pass: the first `timed` batches' forwards, times the batch count."""
+        self.module.eval()
+        spent, n = 0.0, 0
+        try:
+            for x, y in self.val_batches():
+                if n < timed:  # every rank times the same number of forwards (collectives under FSDP)
+                    t0 = time.perf_counter()
+                    with self._autocast():
+                        _, loss = self.module(x.to(self.device), y.to(self.device), loss_reduction="sum")
+                    loss.item()
+                    spent += time.perf_counter() - t0
+                n += 1
+        finally:
+            self.module.train()
+        return spent / max(1, min(n, timed)) * n
+
+    def _checkpoint_seconds(self, bytes_per_s: float = 200e6, overhead_s: float = 0.2) -> float:
+        """A conservative time for one checkpoint: the weights and optimizer state at `bytes_per_s`."""
+        tensors = list(self.module.parameters())
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return overhead_s + sum(t.numel() * t.element_size() for t in tensors) / bytes_per_s
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
         # A second Ctrl-C stops at once.
@@ -408,7 +593,8 @@ class Trainer:
         return out
 
     def fit(self) -> TrainResult:
-        """Train from self.step to train.max_steps (or a stop signal); validate, run hooks and save on schedule."""
+        """Train from self.step to max_steps (or a stop signal); validate, run hooks and save on schedule.
+        With a time budget, max_steps is fixed after the first CALIBRATION_STEPS steps."""
         cfg = self.cfg
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -421,12 +607,29 @@ class Trainer:
             t_last, step_last = time.perf_counter(), self.step
             t_step = t_last
             tokens_per_step = cfg.tokens_per_step
-            while self.step < cfg.max_steps:
+            timing = self.time_budget is not None
+            step_times: list[float] = []
+            window = (0.0, 0, 0.0)  # (time, step, seconds spent between steps) at the last choice
+            replan_every = 0
+            between = 0.0  # seconds spent logging, validating, in hooks and saving
+            while self.step < self.max_steps:
+                t0 = time.perf_counter()
                 loss, grad_norm, lr = self.train_step(self.step)
+                if timing:
+                    loss.item()  # wait for the device: these steps are timed one by one
+                    step_times.append(time.perf_counter() - t0)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 step = self.step
-                last = step == cfg.max_steps
+                if timing and self._calibrated(step_times):
+                    self._plan_steps(statistics.median(step_times[1:]))
+                    timing = False
+                    window, replan_every = (time.perf_counter(), step, between), max(1, round(REPLAN_SHARE * self.max_steps))
+                elif replan_every and not self.plan["final"] and (step - window[1]) % replan_every == 0:
+                    now = time.perf_counter()  # the steps since the last choice, without what ran between them
+                    self._plan_steps((now - window[0] - (between - window[2])) / (step - window[1]))
+                    window = (now, step, between)
+                last = step == self.max_steps
                 logged = self._every(cfg.log_every, step) or last
                 if self.logger.live and not logged:  # a terminal watches: move every step (reads the loss)
                     now = time.perf_counter()
@@ -434,7 +637,7 @@ class Trainer:
                     self.logger.update(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                                               "tokens_per_s": tokens_per_step / dt,
                                               "mfu": self._mfu(tokens_per_step / dt),
-                                              "eta_s": dt * (cfg.max_steps - step)})
+                                              "eta_s": dt * (self.max_steps - step)})
                 t_step = time.perf_counter()
                 if logged:
                     self._check_finite(step)
@@ -448,25 +651,27 @@ class Trainer:
                         "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
                         "mfu": mfu, "step_time_s": dt,
-                        "eta_s": dt * (cfg.max_steps - step), "tokens": self.tokens_seen,
+                        "eta_s": dt * (self.max_steps - step), "tokens": self.tokens_seen,
                     })
+                t_between = time.perf_counter()
                 if self._every(cfg.eval_every, step) or last:
-                    with self.logger.phase("validation loss"):
+                    with self.logger.phase("validation loss"), self._timed("validation"):
                         val_loss = self.evaluate()
                     if val_loss is not None:
                         self._log("eval", step, {"val_loss": val_loss})
                     t_last, step_last = time.perf_counter(), step  # keep eval time out of tokens/s
                 for hook in self.hooks:
                     if self._every(hook.every, step) and not (last and hook.at_end):
-                        with self.logger.phase(hook.name):
+                        with self.logger.phase(hook.name), self._timed(hook.name):
                             self._run_hook(hook, step)
                         t_last, step_last = time.perf_counter(), step
                 stop = self._agreed_stop()
                 if self._every(self.checkpoint_every, step) or last or stop:
-                    with self.logger.phase("checkpoint"):
+                    with self.logger.phase("checkpoint"), self._timed("checkpoint"):
                         self._save(step)
                     t_last, step_last = time.perf_counter(), step
                 t_step = max(t_step, t_last)  # time spent in hooks and saves is not a step's
+                between += time.perf_counter() - t_between
                 if stop:
                     self.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
                                       f"{self.last_checkpoint}; continue with --resume")

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from gpt2lab.commands.common import INIT_HELP, add_model_arguments, add_sampling_arguments
+from gpt2lab.commands.sample import DTYPE_HELP, load_for_decoding
 from gpt2lab.errors import UserError
 
 # Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there.
@@ -23,7 +24,7 @@ TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, init_required=True, init_help=INIT_HELP + ", or a LoRA adapter directory",
-                        dtype_help="weight dtype (auto = as stored)")
+                        dtype_help=DTYPE_HELP)
     parser.add_argument("--base", metavar="INIT", help="base model of a LoRA adapter (default: the one it records)")
     parser.add_argument("--template", default="alpaca",
                         help="prompt template the model was finetuned with: alpaca, chat, or a custom "
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2lab.data.sft import check_template, encode_chat_prompt
-    from gpt2lab.generate import optimize_for_decoding, stream_text
+    from gpt2lab.generate import stream_text
     from gpt2lab.loading import load_adapted_model
     from gpt2lab.lora import is_adapter
     from gpt2lab.sampling import check_sampling
@@ -63,15 +64,16 @@ def run(args: argparse.Namespace) -> int:
     if args.history < 0:
         raise UserError(f"--history must be >= 0, got {args.history}")
     if is_adapter(args.init):
-        model, tokenizer, _ = load_adapted_model(args.init, args.base, device=args.device, dtype=args.dtype)
+        def load(device, dtype):
+            return load_adapted_model(args.init, args.base, device=device, dtype=dtype)[:2]
     else:
         from gpt2lab.loading import load_model
 
-        model, tokenizer = load_model(args.init, device=args.device, dtype=args.dtype)
+        def load(device, dtype):
+            return load_model(args.init, device=device, dtype=dtype)
+    model, tokenizer = load_for_decoding(args, load)
     if getattr(tokenizer, "eot_id", None) is None:
         raise UserError(f"{args.init} uses a tokenizer without <|endoftext|>; chat needs an instruction-tuned GPT-2")
-    model.eval()
-    optimize_for_decoding(model)
     device = model.transformer.wte.weight.device
     generator = torch.Generator(device=device)
     if args.seed is None:

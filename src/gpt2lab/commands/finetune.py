@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
         print(NO_DATA_HELP.format(url=ALPACA_URL), file=sys.stderr)
         return 2
     cfg = config_from_args(args)
-    from gpt2lab.run import train
+    from gpt2lab.run import process_started_at, train
 
-    train(cfg)
+    train(cfg, started_at=process_started_at())
     return 0
 
 

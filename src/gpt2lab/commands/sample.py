@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gpt2lab.commands.common import add_model_arguments, add_sampling_arguments
 from gpt2lab.errors import UserError
 
+DTYPE_HELP = ("weight dtype for decoding: auto = on CPU, fp32 or bf16, whichever decodes this model faster "
+              "here (timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), elsewhere as stored")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, init_required=True, dtype_default="fp32",
-                        dtype_help="weight dtype for decoding (bf16 is ~2x faster on recent CPUs; auto = as stored)")
+    add_model_arguments(parser, init_required=True, dtype_help=DTYPE_HELP)
     parser.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
     parser.add_argument("--instruct", metavar="INSTRUCTION",
@@ -54,8 +58,37 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return read_text(path)
 
 
+def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """(model, tokenizer) from `load(device, dtype)` for --device and --dtype, in eval mode and laid
+    out for decoding (also used by `gpt2lab chat`).
+
+    --dtype auto on CPU loads fp32 weights, times decoding them against bf16 (gpt2lab.precision:
+    once per machine and model, then cached) and keeps the faster, saying which on stderr;
+    elsewhere auto keeps the dtype the weights are stored in."""
+    import torch
+
+    from gpt2lab.devices import resolve_device
+    from gpt2lab.generate import optimize_for_decoding
+    from gpt2lab.precision import cpu_dtype_override, decode_precision
+
+    device = resolve_device(args.device)
+    measure = args.dtype == "auto" and device.type == "cpu"
+    if measure:
+        cpu_dtype_override()  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
+    model, tokenizer = load(device, "fp32" if measure else args.dtype)
+    model.eval()
+    if measure:
+        choice = decode_precision(model, layout=optimize_for_decoding)
+        if choice.dtype != torch.float32:
+            model.to(choice.dtype)
+        if note := choice.note("--dtype", "auto"):
+            print(f"note: {note}", file=sys.stderr, flush=True)
+    optimize_for_decoding(model)
+    return model, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.generate import optimize_for_decoding, stream_text
+    from gpt2lab.generate import stream_text
     from gpt2lab.loading import load_model
     from gpt2lab.sampling import check_sampling
 
@@ -63,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading the model
     prompt = _read_prompt(args)
-    model, tokenizer = load_model(args.init, device=args.device, dtype=args.dtype)
-    optimize_for_decoding(model)
+    model, tokenizer = load_for_decoding(args, lambda device, dtype: load_model(args.init, device=device, dtype=dtype))
     ids = tokenizer.encode(prompt, allow_special=True)
     if not ids:
         # An empty prompt starts a new document, as in pretraining.

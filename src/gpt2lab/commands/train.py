@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2lab.config import config_from_args
-    from gpt2lab.run import train
+    from gpt2lab.run import process_started_at, train
 
-    result = train(config_from_args(args))
+    result = train(config_from_args(args), started_at=process_started_at())
     return 0 if result is not None else 1

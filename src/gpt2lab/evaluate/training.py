@@ -93,19 +93,57 @@ class TaskEvaluator:
             inner.train(was_training)
         return results
 
-    def _run(self, task: EvalTask) -> dict[str, float]:
-        options = task.default_options()
+    def estimate_seconds(self, timed: int = 2) -> float:
+        """Seconds one call is expected to take: each task's first `timed` examples are run and timed,
+        and scaled to the examples a call runs (for train.max_time; the results are not logged)."""
+        import time
+
+        from gpt2lab.parallel import unwrap
+
+        inner = unwrap(self.model)
+        was_training = inner.training
+        inner.eval()
+        seconds = 0.0
+        try:
+            for task in self.tasks:
+                if task.name in self._skipped:
+                    continue
+                t0 = time.perf_counter()
+                examples = self._examples_of(task)
+                if examples:
+                    self._run(task, examples[:timed])
+                    seconds += (time.perf_counter() - t0) / min(timed, len(examples)) * len(examples)
+        finally:
+            inner.train(was_training)
+        return seconds
+
+    def _examples_of(self, task: EvalTask) -> Sequence:
+        """The task's examples of one call (read on first use); [] when the task is skipped."""
         try:
             if task.name not in self._examples:
                 path = task.find_data(download=False)
                 if path is None:
                     raise UserError(f"no data (set GPT2LAB_SHARED_DATA, or run `gpt2lab eval {task.name}` once "
                                     "online to cache it)")
-                self._examples[task.name] = task.load(path, options)
-            examples = self._examples[task.name][: self.limit]
+                self._examples[task.name] = task.load(path, task.default_options())
+        except UserError as e:
+            self._skip(task, e)
+            return []
+        return self._examples[task.name][: self.limit]
+
+    def _skip(self, task: EvalTask, error: UserError) -> None:
+        self._skipped.add(task.name)
+        warnings.warn(f"{task.name} skipped during training: {error}", stacklevel=4)
+
+    def _run(self, task: EvalTask, examples: Sequence | None = None) -> dict[str, float]:
+        options = task.default_options()
+        if examples is None:
+            examples = self._examples_of(task)
+            if task.name in self._skipped:
+                return {}
+        try:
             result = task.run(self.model, self.tokenizer, examples, options, env=self.env)
         except UserError as e:
-            self._skipped.add(task.name)
-            warnings.warn(f"{task.name} skipped during training: {e}", stacklevel=3)
+            self._skip(task, e)
             return {}
         return {f"{task.name}/{metric}": result[metric] for metric in task.training_metrics}

@@ -1,0 +1,55 @@
+"""The benchmark scripts run, on a tiny preset, and report what they promise: ratios against
+transformers, the fraction of the measured matmul peak, the weight-read floor of decoding and what
+dtype auto picks. (Their numbers are not checked: speed is shown by benchmarks, not by tests.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPT2LAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_train_reports_ratios_and_fraction_of_peak(tmp_path):
+    out = run_script("bench_train.py", "--preset", "gpt2-tiny", "--batch", "2", "--seq", "32", "--repeats", "1",
+                     "--bf16", "yes", "--json", tmp_path=tmp_path)
+    record = json.loads(out.strip().splitlines()[-1])
+    names = {"gpt2lab fp32", "transformers fp32", "gpt2lab bf16 autocast", "transformers bf16 autocast"}
+    assert set(record["tok_s"]) == names and set(record["fraction_of_peak"]) == names
+    assert all(0 < f for f in record["fraction_of_peak"].values())
+    assert {"fp32", "bf16"} <= set(record["ratios"]) and set(record["peak_flops"]) == {"fp32", "bf16"}
+    assert record["auto_dtype"] and record["machine"] and record["load_average"]
+
+
+def test_bench_train_table_says_why_bf16_is_not_timed(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2LAB_CPU_DTYPE", "fp32")  # auto = fp32 here: bf16 is not timed unless asked
+    out = run_script("bench_train.py", "--preset", "gpt2-tiny", "--batch", "2", "--seq", "32", "--repeats", "1",
+                     tmp_path=tmp_path)
+    assert "of the fp32 peak" in out and "measured matmul peak: fp32" in out
+    assert "bf16 autocast not timed" in out and "ratio gpt2lab / transformers, fp32:" in out
+    assert "as gpt2lab train runs it / transformers default" in out
+
+
+def test_bench_decode_reports_the_floor_and_the_auto_choice(tmp_path):
+    out = run_script("bench_decode.py", "--preset", "gpt2-tiny", "--new-tokens", "4", "--reps", "1",
+                     tmp_path=tmp_path)
+    table = out.split("of floor", 1)[1]
+    for name in ("gpt2lab fp32", "transformers fp32", "gpt2lab bf16", "floor fp32", "floor bf16"):
+        assert any(line.startswith(name) and line.rstrip().endswith("%") for line in table.splitlines()), name
+    assert "sample --dtype auto here:" in out
+    assert "gpt2lab auto (" in out

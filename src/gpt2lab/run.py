@@ -182,7 +182,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
                          "raise --train.max_steps (with --checkpoint.allow_changes true) to continue")
         flops_per_token = model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train
         peak = _peak_flops(env.device, dtype)
-        budget = None
+        budget, said = None, {}
         if cfg.train.max_time is not None and plan_state != "final":
             budget = TimeBudget(parse_duration(cfg.train.max_time) - spent_s, started_at)
         trainer = Trainer(
@@ -191,7 +191,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
             save=_checkpoint_saver(cfg, wrapped, optimizer, tokenizer, run_dir, env),
             checkpoint_every=cfg.checkpoint.every,
             peak_tokens_per_s=peak / flops_per_token if peak else None, start_step=start_step,
-            time_budget=budget, on_plan=lambda plan: _record_plan(cfg, plan, run_dir, logger, env),
+            time_budget=budget, on_plan=lambda plan: _record_plan(cfg, plan, run_dir, logger, env, said),
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
@@ -241,17 +241,19 @@ def _adopt_time_plan(cfg: RunConfig, plan: dict | None, env: Any) -> tuple[str |
     return "final", 0.0
 
 
-def _record_plan(cfg: RunConfig, plan: dict, run_dir: Path, logger: RunLogger, env: Any) -> None:
-    """train.max_time fixed the step count: say so, and record it in config.yaml and later checkpoints."""
+def _record_plan(cfg: RunConfig, plan: dict, run_dir: Path, logger: RunLogger, env: Any, said: dict) -> None:
+    """train.max_time chose the step count: record it in config.yaml (and so in later checkpoints) and
+    say so; `said` keeps the count last printed, so small revisions are recorded but not printed."""
     cfg.train.max_steps = plan["max_steps"]
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
-    previous = plan["previous_max_steps"]
-    if previous is not None:  # a later choice: said when it moves the count by more than 2%
-        if abs(plan["max_steps"] - previous) > 0.02 * previous:
+    if plan["previous_max_steps"] is not None:  # a later choice: said when it moves the count said last by > 5%
+        if abs(plan["max_steps"] - said["max_steps"]) > 0.05 * said["max_steps"]:
             logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: steps now take {plan['step_s'] * 1e3:.1f} ms; "
-                         f"{plan['max_steps']} steps fit (was {previous})")
+                         f"{plan['max_steps']} steps fit (was {said['max_steps']})")
+            said["max_steps"] = plan["max_steps"]
         return
+    said["max_steps"] = plan["max_steps"]
     extras = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in plan.items()
                        if k.endswith("_s") and k not in ("step_s", "remaining_s", "budget_s"))
     logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: {plan['max_steps']} steps fit "

@@ -625,9 +625,16 @@ class Trainer:
                     self._plan_steps(statistics.median(step_times[1:]))
                     timing = False
                     window, replan_every = (time.perf_counter(), step, between), max(1, round(REPLAN_SHARE * self.max_steps))
+                    since_plan = window
                 elif replan_every and not self.plan["final"] and (step - window[1]) % replan_every == 0:
                     now = time.perf_counter()  # the steps since the last choice, without what ran between them
-                    self._plan_steps((now - window[0] - (between - window[2])) / (step - window[1]))
+
+                    def step_time(since: tuple[float, int, float]) -> float:
+                        return (now - since[0] - (between - since[2])) / (step - since[1])
+
+                    # the slower of the latest steps and all since the first choice: a machine whose
+                    # speed drifts is planned for at its slower pace
+                    self._plan_steps(max(step_time(window), step_time(since_plan)))
                     window = (now, step, between)
                 last = step == self.max_steps
                 logged = self._every(cfg.log_every, step) or last

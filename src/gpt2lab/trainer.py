@@ -174,6 +174,39 @@ def parse_duration(text: str | float | int, where: str = "train.max_time") -> fl
     return seconds
 
 
+class StepClock:
+    """How long a step takes, for train.max_time: each of the first steps timed alone (calibrating),
+    then the wall time between choices of the step count less what ran between steps (validation,
+    hooks, checkpoints: `between`, added by the loop)."""
+
+    def __init__(self) -> None:
+        self.calibrating = True
+        self.step_times: list[float] = []
+        self.between = 0.0
+        self.every = 0
+        self._first = self._last = (0.0, 0, 0.0)  # (time, step, between) at the first and last choice
+
+    def start(self, step: int, every: int) -> None:
+        """The first choice was made after `step`; the next ones come every `every` steps."""
+        self.calibrating, self.every = False, every
+        self._first = self._last = (time.perf_counter(), step, self.between)
+
+    def due(self, step: int) -> bool:
+        return (step - self._last[1]) % self.every == 0
+
+    def step_time(self, step: int) -> float:
+        """Seconds per step: the slower of those since the last choice and those since the first (a
+        machine whose speed drifts is planned for at its slower pace); starts the next window."""
+        now = time.perf_counter()
+
+        def since(mark: tuple[float, int, float]) -> float:
+            return (now - mark[0] - (self.between - mark[2])) / max(1, step - mark[1])
+
+        seconds = max(since(self._last), since(self._first))
+        self._last = (now, step, self.between)
+        return seconds
+
+
 @dataclass(frozen=True)
 class TimeBudget:
     """The wall-clock budget of a run: `seconds` counted from `started_at` (a time.monotonic() value),
@@ -482,6 +515,16 @@ class Trainer:
         again, and choose only counts that keep the learning rate of every step already taken."""
         self.max_steps = self._resumed_max_steps = max_steps
 
+    def _pace(self, clock: StepClock, step: int) -> None:
+        """After `step`: choose the step count when the first steps are timed, and again every
+        REPLAN_SHARE of the run until the count is final."""
+        if clock.calibrating:
+            if self._calibrated(clock.step_times):
+                self._plan_steps(statistics.median(clock.step_times[1:]))
+                clock.start(step, max(1, round(REPLAN_SHARE * self.max_steps)))
+        elif not self.plan["final"] and clock.due(step):
+            self._plan_steps(clock.step_time(step))
+
     def _calibrated(self, step_times: list[float]) -> bool:
         """Enough steps timed: CALIBRATION_STEPS, then on to the end of the warmup unless that takes
         more than CALIBRATION_SHARE of the budget (ranks agree: the first done decides for all)."""
@@ -594,7 +637,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train from self.step to max_steps (or a stop signal); validate, run hooks and save on schedule.
-        With a time budget, max_steps is fixed after the first CALIBRATION_STEPS steps."""
+        With a time budget, max_steps is chosen after the first steps and again as the run goes (`_pace`)."""
         cfg = self.cfg
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -607,35 +650,18 @@ class Trainer:
             t_last, step_last = time.perf_counter(), self.step
             t_step = t_last
             tokens_per_step = cfg.tokens_per_step
-            timing = self.time_budget is not None
-            step_times: list[float] = []
-            window = (0.0, 0, 0.0)  # (time, step, seconds spent between steps) at the last choice
-            replan_every = 0
-            between = 0.0  # seconds spent logging, validating, in hooks and saving
+            clock = StepClock() if self.time_budget is not None else None
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, lr = self.train_step(self.step)
-                if timing:
+                if clock is not None and clock.calibrating:
                     loss.item()  # wait for the device: these steps are timed one by one
-                    step_times.append(time.perf_counter() - t0)
+                    clock.step_times.append(time.perf_counter() - t0)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 step = self.step
-                if timing and self._calibrated(step_times):
-                    self._plan_steps(statistics.median(step_times[1:]))
-                    timing = False
-                    window, replan_every = (time.perf_counter(), step, between), max(1, round(REPLAN_SHARE * self.max_steps))
-                    since_plan = window
-                elif replan_every and not self.plan["final"] and (step - window[1]) % replan_every == 0:
-                    now = time.perf_counter()  # the steps since the last choice, without what ran between them
-
-                    def step_time(since: tuple[float, int, float]) -> float:
-                        return (now - since[0] - (between - since[2])) / (step - since[1])
-
-                    # the slower of the latest steps and all since the first choice: a machine whose
-                    # speed drifts is planned for at its slower pace
-                    self._plan_steps(max(step_time(window), step_time(since_plan)))
-                    window = (now, step, between)
+                if clock is not None:
+                    self._pace(clock, step)
                 last = step == self.max_steps
                 logged = self._every(cfg.log_every, step) or last
                 if self.logger.live and not logged:  # a terminal watches: move every step (reads the loss)
@@ -660,7 +686,7 @@ class Trainer:
                         "mfu": mfu, "step_time_s": dt,
                         "eta_s": dt * (self.max_steps - step), "tokens": self.tokens_seen,
                     })
-                t_between = time.perf_counter()
+                t_between = time.perf_counter()  # what follows is not a step's time
                 if self._every(cfg.eval_every, step) or last:
                     with self.logger.phase("validation loss"), self._timed("validation"):
                         val_loss = self.evaluate()
@@ -678,7 +704,8 @@ class Trainer:
                         self._save(step)
                     t_last, step_last = time.perf_counter(), step
                 t_step = max(t_step, t_last)  # time spent in hooks and saves is not a step's
-                between += time.perf_counter() - t_between
+                if clock is not None:
+                    clock.between += time.perf_counter() - t_between
                 if stop:
                     self.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
                                       f"{self.last_checkpoint}; continue with --resume")

@@ -9,7 +9,7 @@ fastest); "gpt2lab fp32 row-major" is the model as built, for comparison. Each r
 greedy `generate` call of every variant, in alternating order (ABBA) so drifting machine load hits all
 alike; medians are reported. tokens/s = new tokens / wall time of the whole call (prefill included).
 Each rate is also given as a fraction of the weight-read floor measured in the same run
-(`gpt2lab.bench.decode_floor`: one vector-matrix product per weight matrix, in the layout and dtype
+(`gpt2lab.bench.weight_read_pass`: one vector-matrix product per weight matrix, in the layout and dtype
 decoded, nothing else), and "gpt2lab auto" names the weights `gpt2lab sample --dtype auto` picks
 here (`gpt2lab.precision.decode_precision`).
 The greedy tokens are compared with transformers', and with --bf16 (default on) bf16 weights are timed

@@ -61,3 +61,24 @@ def test_muon_is_refused_under_fsdp_and_on_an_old_torch(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(UserError, match=r"needs torch.optim.Muon \(torch >= 2.9\)"):
         build_optimizer(GPT(GPTConfig.from_preset("gpt2-tiny")), OptimConfig(name="muon"), "cpu")
+
+
+def test_muon_on_a_cpu_with_slow_bf16_says_so(default_data, tmp_path, monkeypatch, capsys):
+    """torch.optim.Muon orthogonalises in bf16: where bf16 matmuls measure slower than fp32 (faked
+    here), the run warns once at start; where GPT2LAB_CPU_DTYPE decided (no measurement), it says nothing."""
+    import torch
+
+    from gpt2lab import precision, run
+
+    slow = precision.Choice(torch.float32, {"fp32": 1e11, "bf16": 2e9}, 0.02, kind="train", detail="faked")
+    monkeypatch.setattr(run, "train_precision", lambda n_embd, rows: slow)
+    monkeypatch.setattr(run, "compute_dtype", lambda *a, **k: (torch.float32, None))
+    train(load_config("quickstart", tiny(default_data, tmp_path / "slow", **{"train.max_steps": 2})))
+    err = capsys.readouterr().err
+    assert "warning: optim.name=muon: torch.optim.Muon orthogonalises each update in bf16" in err
+    assert "0.02x fp32 on this CPU" in err
+
+    monkeypatch.setattr(run, "train_precision", lambda n_embd, rows: precision.Choice(
+        torch.float32, source=precision.OVERRIDE_ENV))
+    train(load_config("quickstart", tiny(default_data, tmp_path / "forced", **{"train.max_steps": 2})))
+    assert "optim.name=muon" not in capsys.readouterr().err

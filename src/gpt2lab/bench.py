@@ -1,11 +1,11 @@
 """How fast a model runs on this machine: training tokens/s and MFU, prefill and decode tokens/s, memory.
 
-    from gpt2lab.bench import measure_train_step, measure_decode, peak_flops, decode_floor
+    from gpt2lab.bench import measure_train_step, measure_decode, peak_flops, weight_read_pass
     m = measure_train_step(model, batch_size=8, seq_len=1024, steps=10, repeats=5)
     m.median, m.min, m.max                   # tokens/s over the repeats, after warm-up
     flops, source = peak_flops(device, torch.bfloat16)
     mfu = model_stats(model.config, 1024).flops_per_token_train * m.median / flops
-    floor_tok_s = 1 / decode_floor(model)   # batch-1 decode can go no faster than reading every weight
+    weight_read_pass(model)()               # the floor of a batch-1 decode step: every weight read once
 
 Every measurement is a callable that runs one timed repeat and returns tokens/s (`train_step_bench`,
 `prefill_bench`, `decode_bench`); `measure` warms it up and repeats it, `measure_interleaved` takes
@@ -123,22 +123,10 @@ def peak_flops(device: str | torch.device, dtype: torch.dtype = torch.float32) -
 def cpu_description() -> str:
     """The CPU's model name (as lscpu gives it) and which of its bf16 instructions it has, e.g.
     "AMD EPYC 7B13 (no AVX-512, AVX512-BF16 or AMX)" or "Intel Xeon ... (avx512f, avx512_bf16, amx_bf16)"."""
-    import platform
+    from gpt2lab.precision import cpu_flags, cpu_name
 
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(have) if have else 'no AVX-512, AVX512-BF16 or AMX'})"
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return f"{cpu_name()} ({', '.join(have) if have else 'no AVX-512, AVX512-BF16 or AMX'})"
 
 
 def device_name(device: torch.device) -> str:
@@ -411,22 +399,6 @@ def weight_read_pass(model: nn.Module) -> Callable[[], None]:
             torch.nn.functional.linear(x, m.weight, m.bias)
 
     return one_pass
-
-
-def decode_floor(model: nn.Module, passes: int = 7) -> float:
-    """Seconds of the weight-read floor of one batch-1 decode step (`weight_read_pass`): the median
-    of `passes` timed passes, after one warm-up."""
-    one_pass = weight_read_pass(model)
-    device = next(model.parameters()).device
-    one_pass()
-    times = []
-    for _ in range(passes):
-        synchronize(device)
-        t0 = time.perf_counter()
-        one_pass()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure_train_step(model: nn.Module, batch_size: int, seq_len: int, steps: int = 10, repeats: int = 5,

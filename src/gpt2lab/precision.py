@@ -420,16 +420,27 @@ def cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
-def cpu_name() -> str:
-    """This CPU's model name (/proc/cpuinfo "model name"; else platform.processor() or the machine type)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """Field `name` of the first processor in /proc/cpuinfo (None where there is none: not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
+
+
+def cpu_name() -> str:
+    """This CPU's model name (/proc/cpuinfo "model name"; else platform.processor() or the machine type)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags (/proc/cpuinfo "flags"; empty where unknown)."""
+    return set((_cpuinfo_field("flags") or "").split())
 
 
 def _cache_key(kind: str, shape: str) -> str:

@@ -45,7 +45,7 @@ from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
-from gpt2lab.precision import compute_dtype, cpu_dtype_override
+from gpt2lab.precision import Choice, compute_dtype, cpu_dtype_override, train_precision
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
 from gpt2lab.trainer import Hook, TimeBudget, Trainer, TrainResult, batch_geometry, parse_duration
 
@@ -129,7 +129,8 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     if choice is not None and (note := choice.note("train.dtype", cfg.train.dtype)):
         _say(env, f"gpt2lab: {note}")
     if cfg.optim.name == "muon" and env.device.type == "cpu":
-        _warn_muon_on_cpu(model.config.n_embd, cfg.train.micro_batch_size * block_size, env)
+        _warn_muon_on_cpu(choice or train_precision(model.config.n_embd, cfg.train.micro_batch_size * block_size),
+                          env)
     if resume_from is not None:
         saved = read_config(resume_from)
         check_same_architecture(saved["model"], model.config, str(resume_from))
@@ -209,13 +210,9 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     return result
 
 
-def _warn_muon_on_cpu(n_embd: int, rows: int, env: Any) -> None:
-    """torch.optim.Muon orthogonalises every update in bf16: say so where bf16 matmuls are slow."""
-    from gpt2lab.precision import OVERRIDE_ENV, train_precision
-
-    if os.environ.get(OVERRIDE_ENV):
-        return
-    choice = train_precision(n_embd, rows)
+def _warn_muon_on_cpu(choice: Choice, env: Any) -> None:
+    """torch.optim.Muon orthogonalises every update in bf16: say so where bf16 matmuls measure slow
+    (`choice`: the training matmuls' measurement; nothing is said when GPT2LAB_CPU_DTYPE decided)."""
     if choice.speedup is not None and choice.speedup < 1:
         _say(env, f"gpt2lab: warning: optim.name=muon: torch.optim.Muon orthogonalises each update in bf16, and "
                   f"bf16 matmuls run {choice.speedup:.2g}x fp32 on this CPU, so its steps are slow here; "

@@ -176,34 +176,33 @@ def parse_duration(text: str | float | int, where: str = "train.max_time") -> fl
 
 class StepClock:
     """How long a step takes, for train.max_time: each of the first steps timed alone (calibrating),
-    then the wall time between choices of the step count less what ran between steps (validation,
-    hooks, checkpoints: `between`, added by the loop)."""
+    then the wall time between choices of the step count less `between`, the seconds spent so far
+    on work between steps (validation, hooks, checkpoints: the trainer's running total)."""
 
     def __init__(self) -> None:
         self.calibrating = True
         self.step_times: list[float] = []
-        self.between = 0.0
         self.every = 0
         self._first = self._last = (0.0, 0, 0.0)  # (time, step, between) at the first and last choice
 
-    def start(self, step: int, every: int) -> None:
+    def start(self, step: int, every: int, between: float) -> None:
         """The first choice was made after `step`; the next ones come every `every` steps."""
         self.calibrating, self.every = False, every
-        self._first = self._last = (time.perf_counter(), step, self.between)
+        self._first = self._last = (time.perf_counter(), step, between)
 
     def due(self, step: int) -> bool:
         return (step - self._last[1]) % self.every == 0
 
-    def step_time(self, step: int) -> float:
+    def step_time(self, step: int, between: float) -> float:
         """Seconds per step: the slower of those since the last choice and those since the first (a
         machine whose speed drifts is planned for at its slower pace); starts the next window."""
         now = time.perf_counter()
 
         def since(mark: tuple[float, int, float]) -> float:
-            return (now - mark[0] - (self.between - mark[2])) / max(1, step - mark[1])
+            return (now - mark[0] - (between - mark[2])) / max(1, step - mark[1])
 
         seconds = max(since(self._last), since(self._first))
-        self._last = (now, step, self.between)
+        self._last = (now, step, between)
         return seconds
 
 
@@ -385,9 +384,10 @@ class Trainer:
         self.on_plan = on_plan
         self.plan: dict | None = None  # what train.max_time chose (kept in checkpoints)
         self._cap = train.max_steps
-        self._resumed_max_steps: int | None = None  # the count a resumed, still open plan had
+        self._resumed_open = False  # resumed while the count was still open: keep past learning rates
         self._costs: dict[str, tuple[int, float, bool]] = {}
         self._took: dict[str, float] = {}  # seconds the last validation, hook run and save took
+        self._between = 0.0  # seconds spent in all of them so far
 
     # ---------------------------------------------------------------------------------------------
     # State
@@ -513,7 +513,7 @@ class Trainer:
     def continue_plan(self, max_steps: int) -> None:
         """Resuming a run whose step count was still open: go on with `max_steps` until it is chosen
         again, and choose only counts that keep the learning rate of every step already taken."""
-        self.max_steps = self._resumed_max_steps = max_steps
+        self.max_steps, self._resumed_open = max_steps, True
 
     def _pace(self, clock: StepClock, step: int) -> None:
         """After `step`: choose the step count when the first steps are timed, and again every
@@ -521,9 +521,9 @@ class Trainer:
         if clock.calibrating:
             if self._calibrated(clock.step_times):
                 self._plan_steps(statistics.median(clock.step_times[1:]))
-                clock.start(step, max(1, round(REPLAN_SHARE * self.max_steps)))
+                clock.start(step, max(1, round(REPLAN_SHARE * self.max_steps)), self._between)
         elif not self.plan["final"] and clock.due(step):
-            self._plan_steps(clock.step_time(step))
+            self._plan_steps(clock.step_time(step, self._between))
 
     def _calibrated(self, step_times: list[float]) -> bool:
         """Enough steps timed: CALIBRATION_STEPS, then on to the end of the warmup unless that takes
@@ -560,7 +560,7 @@ class Trainer:
         parallel.all_reduce(chosen, "max")  # ranks must agree; their estimates differ by noise
         n = max(self.step, int(chosen.item()))
         same_past = all(lr_at(s, self.optim, n) == lr_at(s, self.optim, self.max_steps) for s in range(self.step))
-        if (not first or self._resumed_max_steps is not None) and not same_past:
+        if (not first or self._resumed_open) and not same_past:
             base = self.plan or {"max_time": self.cfg.max_time, "cap": self._cap, "max_steps": self.max_steps}
             self.plan = {**base, "final": True}
             return
@@ -578,9 +578,11 @@ class Trainer:
 
     @contextlib.contextmanager
     def _timed(self, name: str):
+        """Time work done between steps: the last run of each (`_took`) and all of it (`_between`)."""
         t0 = time.perf_counter()
         yield
         self._took[name] = time.perf_counter() - t0
+        self._between += self._took[name]
 
     @torch.no_grad()
     def _validation_seconds(self, timed: int = 2) -> float:
@@ -686,7 +688,6 @@ class Trainer:
                         "mfu": mfu, "step_time_s": dt,
                         "eta_s": dt * (self.max_steps - step), "tokens": self.tokens_seen,
                     })
-                t_between = time.perf_counter()  # what follows is not a step's time
                 if self._every(cfg.eval_every, step) or last:
                     with self.logger.phase("validation loss"), self._timed("validation"):
                         val_loss = self.evaluate()
@@ -704,8 +705,6 @@ class Trainer:
                         self._save(step)
                     t_last, step_last = time.perf_counter(), step
                 t_step = max(t_step, t_last)  # time spent in hooks and saves is not a step's
-                if clock is not None:
-                    clock.between += time.perf_counter() - t_between
                 if stop:
                     self.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
                                       f"{self.last_checkpoint}; continue with --resume")

@@ -8,7 +8,7 @@ runs as `gpt2lab sample` does, after `optimize_for_decoding` (the weight layout 
 fastest); "gpt2lab fp32 row-major" is the model as built, for comparison. Each repetition times one
 greedy `generate` call of every variant, in alternating order (ABBA) so drifting machine load hits all
 alike; medians are reported. tokens/s = new tokens / wall time of the whole call (prefill included).
-Each rate is also given as a fraction of the weight-read floor measured in the same run
+Each rate is also given as a fraction of the weight-read floor measured in the same repetition
 (`gpt2lab.bench.weight_read_pass`: one vector-matrix product per weight matrix, in the layout and dtype
 decoded, nothing else), and "gpt2lab auto" names the weights `gpt2lab sample --dtype auto` picks
 here (`gpt2lab.precision.decode_precision`).
@@ -123,9 +123,11 @@ def main() -> None:
         rate[name] = statistics.median(rates)
     for name in names:
         rates = [n / t for t in times[name]]
-        of_floor = rate[name] / rate["floor bf16" if "bf16" in name else "floor fp32"]
+        floor_times = times["floor bf16" if "bf16" in name else "floor fp32"]
+        of_floor = statistics.median(f / t for f, t in zip(floor_times, times[name]))
         print(f"{name:<24} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f} {of_floor:>8.1%}")
-    print("(floor: one vector-matrix product per weight matrix and token, nothing else; timed in turn with the rest)")
+    print("(floor: one vector-matrix product per weight matrix and token, nothing else; timed in turn with the\n"
+          " rest; 'of floor' is the median over repetitions of floor time / call time within one repetition)")
     auto = f"gpt2lab {dtype_name(choice.dtype)}"
     if auto in rate:
         print(f"\ngpt2lab auto ({dtype_name(choice.dtype)}) / gpt2lab fp32: {rate[auto] / rate['gpt2lab fp32']:.2f}x, "

@@ -13,15 +13,19 @@ Variants: fp32 against fp32; bf16 autocast against bf16 autocast (with --bf16 au
 CPU's bf16 matmuls are faster than fp32, as `gpt2lab.precision` measures them: elsewhere a bf16 step
 takes minutes); and "as `gpt2lab train` runs it" (train.dtype auto) against transformers' default
 (fp32). Each is also given as model FLOP/s (6N + attention per token, `model_stats`) over the
-matmul peak of its precision measured in the same process (`gpt2lab.bench.peak_flops`).
+matmul peak of its precision (`gpt2lab.bench.matmul_peak`), which takes its turn with the steps in
+every repetition: a VM's speed drifts within minutes, so each step is divided by the peak measured
+next to it and the median of those fractions is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -32,8 +36,8 @@ from gpt2lab.bench import (
     ModelAdapter,
     cpu_description,
     hf_twin,
+    matmul_peak,
     measure_interleaved,
-    peak_flops,
 )
 from gpt2lab.config import OptimConfig
 from gpt2lab.devices import dtype_name
@@ -92,11 +96,16 @@ def main() -> None:
     if with_bf16:
         runs["gpt2lab bf16 autocast"] = train_step(GPTAdapter(ours), x, y, fused, torch.bfloat16)
         runs["transformers bf16 autocast"] = train_step(HFAdapter(theirs), x, y, fused, torch.bfloat16)
-    result = measure_interleaved(runs, repeats=args.repeats, warmup=1)
     dtypes = {name: torch.bfloat16 if "bf16" in name else torch.float32 for name in runs}
-    peaks = {dt: peak_flops("cpu", dt)[0] for dt in set(dtypes.values())}
+    peak_runs = {f"peak {dtype_name(dt)}": functools.partial(matmul_peak, "cpu", dt) for dt in set(dtypes.values())}
+    result = measure_interleaved({**runs, **peak_runs}, repeats=args.repeats, warmup=1)
     flops_per_token = model_stats(ours.config, seq_len=args.seq).flops_per_token_train
-    median = {name: m.median for name, m in result.items()}
+    peak_of = {name: result[f"peak {dtype_name(dtypes[name])}"].values for name in runs}
+    peaks = {dtype_name(dt): result[f"peak {dtype_name(dt)}"].median for dt in set(dtypes.values())}
+    fractions = {name: statistics.median(tok_s * flops_per_token / peak
+                                         for tok_s, peak in zip(result[name].values, peak_of[name]))
+                 for name in runs}
+    median = {name: result[name].median for name in runs}
     as_train = f"gpt2lab {dtype_name(choice.dtype)}" + (" autocast" if choice.dtype != torch.float32 else "")
     ratios = {"fp32": median["gpt2lab fp32"] / median["transformers fp32"]}
     if with_bf16:
@@ -107,9 +116,9 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "machine": cpu_description(), "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": args.preset,
         "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "fused_adamw": args.fused,
-        "auto_dtype": choice.describe(), "peak_flops": {dtype_name(k): v for k, v in peaks.items()},
+        "auto_dtype": choice.describe(), "peak_flops": peaks,
         "tok_s": median, "all": {name: m.values for name, m in result.items()}, "ratios": ratios,
-        "fraction_of_peak": {name: median[name] * flops_per_token / peaks[dtypes[name]] for name in runs},
+        "fraction_of_peak": fractions,
     }
     if args.json:
         print(json.dumps(record))
@@ -117,7 +126,8 @@ def main() -> None:
     print(f"training step (fwd+bwd+AdamW fused={args.fused}), {args.preset}, B={args.batch}, T={args.seq}, "
           f"{record['threads']} threads, torch {torch.__version__}")
     print(f"{record['machine']}, {record['date']}, load average {' '.join(f'{x:.2f}' for x in record['load_average'])}")
-    print("measured matmul peak: " + ", ".join(f"{dtype_name(k)} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    print("measured matmul peak (median of the turns): "
+          + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
     print(f"train.dtype auto here: {choice.describe()}")
     for name in runs:
         m = result[name]

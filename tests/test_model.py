@@ -245,7 +245,8 @@ def test_cache_update_returns_what_the_queries_may_see():
 @torch.no_grad()
 def test_one_mask_per_window_per_forward(monkeypatch):
     """Layers of equal (window, keys) share one mask per forward pass (the decode step's speed);
-    full causal attention without a cache builds none (is_causal, the flash kernels)."""
+    full causal attention without a cache builds none (is_causal, the flash kernels), nor does a
+    one-token step that may see every key (no padding stored, ring full)."""
     built = []
     original = CausalSelfAttention.attention_mask
     monkeypatch.setattr(CausalSelfAttention, "attention_mask",
@@ -254,8 +255,19 @@ def test_one_mask_per_window_per_forward(monkeypatch):
     idx = torch.randint(0, 50, (2, 10))
     cache = model.new_cache(2, 12)
     model(idx, cache=cache)
+    assert built == [4, None]
     model(idx[:, :1], cache=cache)
-    assert built == [4, None, 4, None]
+    assert built == [4, None]
+    padded = torch.tensor([[-1, -1] + list(range(8)), list(range(10))])
+    model(idx, pos=padded, cache=cache.reset() or cache)
+    model(idx[:, :1], pos=torch.tensor([[8], [10]]), cache=cache)
+    assert built == [4, None] * 3
+    built.clear()
+    ring = make(n_layer=2, sliding_window=[16, None])
+    cache = ring.new_cache(2, 12)
+    ring(idx[:, :3], cache=cache)
+    ring(idx[:, :1], cache=cache)  # the ring of 16 still has empty slots: only it needs a mask
+    assert built == [16, None, 16]
     built.clear()
     make(n_layer=3, sliding_window=[None, 20, 4])(idx)  # a window of 20 >= T is full attention too
     assert built == [4]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gpt2lab.devices import dtype_name
 from gpt2lab.errors import UserError
@@ -69,20 +70,24 @@ def synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
                 seconds: float = 0.5) -> float:
-    """Measured FLOP/s of square n x n matmuls: the best of repeated timings over about `seconds`."""
+    """Measured FLOP/s of square n x n matmuls: the best of repeated timings over about `seconds`.
+
+    The product is taken as nn.Linear takes it, x @ W.T with W stored (out, in): the layout the model's
+    matmuls run in. Layouts differ by more than an order of magnitude on some CPUs (bf16 on an AVX2
+    CPU: 0.9 GFLOP/s for a @ b, 17 for a @ b.T), so another layout would not be this model's peak."""
     device = torch.device(device)
     n = n or (1024 if device.type == "cpu" else 8192)
     # A private generator: the measurement runs inside training, whose dropout and data draws must not move
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    torch.mm(a, b)  # warm-up: first-call setup is not the steady state
+    F.linear(a, b)  # warm-up: first-call setup is not the steady state
     synchronize(device)
     best, spent, reps = 0.0, 0.0, 1
     while spent < seconds:
         t0 = time.perf_counter()
         for _ in range(reps):
-            torch.mm(a, b)
+            F.linear(a, b)
         synchronize(device)
         dt = time.perf_counter() - t0
         spent += dt

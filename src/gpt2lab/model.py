@@ -200,11 +200,20 @@ class LayerKVCache(nn.Module):
         # Static mode: the next column as a device tensor, advanced by the step itself.
         self.register_buffer("col", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.static = False
+        self.padded = False  # a padding position (-1) was stored (see `KVCache.note_positions`)
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
         self.next_col = 0
         self.static = False
+        self.padded = False
+
+    def sees_every_slot(self, T: int) -> bool:
+        """Whether one new query (T == 1) may attend over every key `update` returns, so attention
+        needs no mask: no padding was stored and no empty slot is returned (a ring only once full).
+        Known on the host, without reading the cache."""
+        return (T == 1 and not self.static and not self.padded
+                and (self.window is None or self.next_col >= self.size))
 
     def update(self, k: torch.Tensor, v: torch.Tensor,
                pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,6 +298,16 @@ class KVCache(nn.Module):
         for layer in self.layers:
             layer.reset()
 
+    def note_positions(self, pos: torch.Tensor) -> None:
+        """Record whether the positions about to be stored hold padding (-1), once per forward pass.
+        Only a CPU tensor is read (at no cost); elsewhere padding is assumed, so nothing waits on the
+        device and attention always takes the mask."""
+        if self.layers[0].padded or self.layers[0].static:  # static steps always take the mask
+            return
+        if pos.device.type != "cpu" or bool((pos < 0).any()):
+            for layer in self.layers:
+                layer.padded = True
+
     def start_static_decoding(self) -> None:
         """From the next step on, take one-token steps of fixed shapes (see `LayerKVCache.update`),
         which torch.compile can capture whole (mode="reduce-overhead": CUDA graphs). Call it after the
@@ -344,17 +363,18 @@ class CausalSelfAttention(nn.Module):
         masks: this forward pass's masks by (window, Tk), shared by layers that see the same keys."""
         B, T, C = x.shape
         hs = self.head_size
-        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs): views of the projection, heads second
+        q, k, v = (self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, hs).transpose(1, 2)
+                   .split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k_pos = pos
         if cache is not None:
             k, v, k_pos = cache.update(k, v, pos)  # (B, nkv, Tk, hs), (B, Tk): every key q may see
         mask = None  # plain causal attention: is_causal, no materialised mask, the flash kernels
-        if cache is not None or (self.window is not None and self.window < T):
+        if cache is not None and cache.sees_every_slot(T):
+            pass  # a decode step that sees every key returned: no mask, not causal
+        elif cache is not None or (self.window is not None and self.window < T):
             # Caches advance in lockstep, so layers of equal (window, Tk) hold equal key positions.
             key = (self.window, k_pos.shape[1])
             mask = masks.get(key)
@@ -364,7 +384,7 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout_p = self.dropout if self.training and cache is None else 0.0  # a cache means inference
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
                                            dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -505,6 +525,8 @@ class GPT(nn.Module):
             p = pos.clamp(min=0)
             rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B or 1, 1, T, hs/2)
         x = self.transformer.drop(x)
+        if cache is not None:
+            cache.note_positions(pos)
         masks: dict = {}  # attention masks are built once per forward pass (CausalSelfAttention.forward)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache.layers[i] if cache is not None else None, pos, masks)

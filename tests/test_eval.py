@@ -326,6 +326,27 @@ def test_cli_perplexity_and_lambada_json(hf_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 3
 
 
+def test_cli_dtype_auto_decides_by_the_forward_matmuls(hf_dir, tmp_path, capsys, monkeypatch):
+    from gpt2lab import precision
+
+    monkeypatch.delenv(precision.OVERRIDE_ENV, raising=False)
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
+    timed = []
+
+    def compare(ops, low, backward=True, **kwargs):  # bf16 forward matmuls 3x faster, backward ones slow
+        timed.append(backward)
+        return (100e9, 300e9) if not backward else (100e9, 10e9)
+
+    monkeypatch.setattr(precision, "_compare_matmuls", compare)
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("A quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["eval", "perplexity", "--init", str(hf_dir), "--data", str(corpus), "--dtype", "auto",
+                 "--device", "cpu", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["dtype"] == "bf16" and timed and not any(timed)
+    assert "--dtype auto -> bf16 (bf16 forward matmuls 3.00x fp32" in captured.err
+
+
 def test_cli_bad_data_is_one_line_error(hf_dir, tmp_path, capsys):
     f = tmp_path / "bad.txt"
     f.write_text("ctx\nnine\na\nb\nc\nd\n")

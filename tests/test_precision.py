@@ -257,6 +257,43 @@ def test_a_bad_override_stops_train_before_any_work(default_data, tmp_path, monk
     assert "\n" not in err and "GPT2LAB_CPU_DTYPE='half'" in err and not (tmp_path / "run").exists()
 
 
+def _layouts_timed(monkeypatch, probe) -> set[str]:
+    """The matmul layouts `probe()` times, as "a @ b", "a @ b.T" or "a.T @ b"."""
+    seen = set()
+    mm = torch.mm
+
+    def spy(a, b):
+        seen.add(("a.T" if not a.is_contiguous() else "a") + " @ " + ("b.T" if not b.is_contiguous() else "b"))
+        return mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    probe()
+    monkeypatch.setattr(torch, "mm", mm)
+    return seen
+
+
+def test_forward_passes_time_the_forward_matmul_only(monkeypatch):
+    """Evaluation has no backward: on an AVX2 CPU bf16 x @ W.T ran 17 GFLOP/s but g @ W 0.9, so a
+    training step's probe would misjudge a forward pass wherever the layouts differ."""
+    assert _layouts_timed(monkeypatch, lambda: precision.train_precision(64, 64, use_cache=False)) == {
+        "a @ b.T", "a @ b", "a.T @ b"}
+    assert _layouts_timed(monkeypatch, lambda: precision.forward_precision(64, 64, use_cache=False)) == {"a @ b.T"}
+    choice = precision.forward_precision(64, 64)
+    assert choice.kind == "forward" and "forward matmuls" in choice.describe()
+
+
+def test_forward_and_training_choices_are_taken_and_cached_apart(monkeypatch):
+    def compare(ops, low, backward=True, **kwargs):  # bf16 fast forward, slow backward
+        return (100e9, 50e9) if backward else (100e9, 300e9)
+
+    monkeypatch.setattr(precision, "_compare_matmuls", compare)
+    assert precision.train_precision(64, 64).dtype is torch.float32
+    assert precision.forward_precision(64, 64).dtype is torch.bfloat16
+    assert precision.forward_precision(64, 64).source == "cached"
+    assert compute_dtype("auto", CPU, n_embd=64, rows=64, forward_only=True)[0] is torch.bfloat16
+    assert compute_dtype("auto", CPU, n_embd=64, rows=64)[0] is torch.float32
+
+
 def test_compute_dtype_measures_only_auto_on_cpu(fake_rates, monkeypatch):
     assert compute_dtype("fp32", CPU, n_embd=64, rows=64, check_explicit=True) == (torch.float32, None)
     assert compute_dtype("bf16", CPU, n_embd=64, rows=64) == (torch.bfloat16, None)

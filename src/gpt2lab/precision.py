@@ -2,12 +2,15 @@
 
     decide(fp32_rate, bf16_rate)               -> torch.bfloat16 only when bf16 is >= 1.3x faster
     train_precision(n_embd, rows)              -> Choice: fp32 vs bf16 training matmuls at the model's shapes
+    forward_precision(n_embd, rows)            -> Choice: the same for forward passes only (evaluation)
     decode_precision(model, layout=...)        -> Choice: fp32 vs bf16 weights for batch-1 decoding
     compute_dtype(name, device, n_embd=, rows=) -> (autocast dtype, Choice | None): resolve_dtype, but
                                                  auto on CPU measured (rank 0's choice on every rank)
 
 CPUs differ by two orders of magnitude here: without AVX512-BF16/AMX (e.g. AMD Zen 3) bf16 matmuls
-run ~100x slower than fp32, while Intel Sapphire Rapids' AMX runs them ~3x faster. Batch-1 decoding
+run 7x slower than fp32 as a Linear's forward multiplies (x @ W.T) and over 100x slower as its input
+gradient does (g @ W), while Intel Sapphire Rapids' AMX runs them ~3x faster. A forward pass alone
+(evaluation) is therefore timed apart from a training step. Batch-1 decoding
 is another matter: it reads every weight once per token, so half-size bf16 weights can win even
 where bf16 matmuls lose; it is timed on the model itself, in the layout `gpt2lab sample` uses.
 
@@ -74,7 +77,8 @@ class Choice:
     source: str = "measured"
     """"measured" (just now), "cached" (precision.json) or "GPT2LAB_CPU_DTYPE" (the override)."""
     kind: str = "train"
-    """"train" (matmuls at the model's shapes) or "decode" (one-token steps of the model)."""
+    """"train" (a training step's matmuls at the model's shapes), "forward" (the forward matmul only)
+    or "decode" (one-token steps of the model)."""
     detail: str = ""
     """The shapes timed, e.g. "256x768 @ 768x{3072,768}" or the decoded model."""
     seconds: float = 0.0
@@ -92,9 +96,10 @@ class Choice:
         """Why, in a few words: the measured speeds and where they come from."""
         if self.source == OVERRIDE_ENV:
             return f"{OVERRIDE_ENV}={dtype_name(self.dtype)}"
-        unit, scale = ("GFLOP/s", 1e9) if self.kind == "train" else ("tokens/s", 1.0)
-        what = "matmuls" if self.kind == "train" else "decoding"
-        where = f"at {self.detail}" if self.kind == "train" else f"of {self.detail}"
+        matmuls = self.kind != "decode"
+        unit, scale = ("GFLOP/s", 1e9) if matmuls else ("tokens/s", 1.0)
+        what = ("matmuls" if self.kind == "train" else "forward matmuls") if matmuls else "decoding"
+        where = f"at {self.detail}" if matmuls else f"of {self.detail}"
         fp32, low = self.rates.get("fp32", math.nan), self.rates.get(self.low, math.nan)
         took = f"{self.seconds:.2f} s" if self.seconds >= 0.1 else f"{self.seconds * 1e3:.0f} ms"
         when = f"measured in {took}" if self.source == "measured" else self.source
@@ -178,12 +183,27 @@ def train_precision(n_embd: int, rows: int, *, low: torch.dtype = torch.bfloat16
     times slower than fp32's is not repeated. Uses the cache unless `use_cache` is False;
     GPT2LAB_CPU_DTYPE skips all of it.
     """
+    return _matmul_precision("train", n_embd, rows, low, threshold, use_cache)
+
+
+def forward_precision(n_embd: int, rows: int, *, low: torch.dtype = torch.bfloat16, threshold: float = THRESHOLD,
+                      use_cache: bool = True) -> Choice:
+    """fp32 or `low` (bf16) for forward passes only (evaluation: no gradients) of a model of width
+    `n_embd` over `rows` tokens: `train_precision`'s probe timing just x @ W.T, the layout a CPU may
+    run well in bf16 while the backward's are slow."""
+    return _matmul_precision("forward", n_embd, rows, low, threshold, use_cache)
+
+
+def _matmul_precision(kind: str, n_embd: int, rows: int, low: torch.dtype, threshold: float,
+                      use_cache: bool) -> Choice:
+    """`train_precision` (kind "train") or `forward_precision` (kind "forward")."""
+    backward = kind == "train"
     forced = cpu_dtype_override()
     if forced is not None:
-        return Choice(forced, source=OVERRIDE_ENV, kind="train")
+        return Choice(forced, source=OVERRIDE_ENV, kind=kind)
     C = n_embd
     rows = max(1, min(rows, MAX_ROWS, max(2 * SMALL_ROWS, int(MAX_FLOPS / (30 * C * C)))))
-    key = _cache_key("train", f"{dtype_name(low)} {rows}x{C}")
+    key = _cache_key(kind, f"{dtype_name(low)} {rows}x{C}")
     if use_cache and (hit := _cached(key, threshold, low)) is not None:
         return hit
     start = time.perf_counter()
@@ -194,15 +214,15 @@ def train_precision(n_embd: int, rows: int, *, low: torch.dtype = torch.bfloat16
             few = [(x[:SMALL_ROWS], w, g[:SMALL_ROWS]) for x, w, g in ops[1:]]
             with _one_thread():  # tiny multi-threaded calls time thread wake-ups (and preemption, when busy)
                 (fp32_rate, low_rate), busy = _on_a_busy_machine(
-                    lambda: _compare_matmuls(few, low, max_rounds=1), 1)
+                    lambda: _compare_matmuls(few, low, max_rounds=1, backward=backward), 1)
             detail = f"{SMALL_ROWS}x{C} @ {C}x{C}, 1 thread, stopped early"
             stopped = low_rate * EARLY_STOP < fp32_rate
         if not stopped:  # bf16 is not clearly slower (or the shapes are small anyway): time the model's shapes
-            (fp32_rate, low_rate), busy = _on_a_busy_machine(lambda: _compare_matmuls(ops, low),
+            (fp32_rate, low_rate), busy = _on_a_busy_machine(lambda: _compare_matmuls(ops, low, backward=backward),
                                                              torch.get_num_threads())
             detail = f"{rows}x{C} @ {C}x{{{4 * C},{C}}}"
     choice = Choice(decide(fp32_rate, low_rate, threshold, low=low), {"fp32": fp32_rate, dtype_name(low): low_rate},
-                    low_rate / fp32_rate, "measured", "train", detail, round(time.perf_counter() - start, 3), busy)
+                    low_rate / fp32_rate, "measured", kind, detail, round(time.perf_counter() - start, 3), busy)
     if use_cache and not busy:
         _store(key, choice)
     return choice
@@ -243,9 +263,9 @@ def _one_thread() -> Iterator[None]:
 
 
 def _compare_matmuls(ops: Matmuls, low: torch.dtype, *, budget_s: float = 0.15,
-                     max_rounds: int = 4) -> tuple[float, float]:
+                     max_rounds: int = 4, backward: bool = True) -> tuple[float, float]:
     """(fp32, `low`) FLOP/s of a training step's matmuls of `ops`: forward x @ W.T, input gradient
-    g @ W, weight gradient g.T @ x; the best time of each.
+    g @ W, weight gradient g.T @ x (without `backward`, the forward only); the best time of each.
 
     One warm-up call of each, then rounds of one `low` call and as many fp32 calls as take about
     as long (at most 8), until `budget_s` is spent or after `max_rounds`; a call longer than the
@@ -253,15 +273,16 @@ def _compare_matmuls(ops: Matmuls, low: torch.dtype, *, budget_s: float = 0.15,
     busy machine slow both alike; the extra fp32 calls make a slowed fp32 call, the one error that
     would pick bf16 wrongly, unlikely to count.
     """
-    flops = sum(3 * 2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w, _ in ops)
+    flops = sum((3 if backward else 1) * 2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w, _ in ops)
     fp32_ops, low_ops = ops, [tuple(t.to(low) for t in op) for op in ops]
 
     def once(operands: Matmuls) -> float:
         t0 = time.perf_counter()
         for x, w, g in operands:
             torch.mm(x, w.t())  # forward
-            torch.mm(g, w)  # gradient of the input
-            torch.mm(g.t(), x)  # gradient of the weight
+            if backward:
+                torch.mm(g, w)  # gradient of the input
+                torch.mm(g.t(), x)  # gradient of the weight
         return time.perf_counter() - t0
 
     best_fp32, best_low = once(fp32_ops), once(low_ops)  # warm-up (first-call setup): an upper bound
@@ -372,11 +393,11 @@ def _copy_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def compute_dtype(name: str, device: torch.device, *, n_embd: int, rows: int, fp16_without_bf16: bool = True,
-                  check_explicit: bool = False) -> tuple[torch.dtype, Choice | None]:
+                  check_explicit: bool = False, forward_only: bool = False) -> tuple[torch.dtype, Choice | None]:
     """The autocast dtype for the setting `name` on `device`, and the measurement behind it.
 
-    As `devices.resolve_dtype`, except "auto" on CPU: `train_precision(n_embd, rows)` (or
-    GPT2LAB_CPU_DTYPE). Under torch.distributed rank 0 measures and every rank takes its choice, so
+    As `devices.resolve_dtype`, except "auto" on CPU: `train_precision(n_embd, rows)`, or with
+    `forward_only` (evaluation) `forward_precision(n_embd, rows)` (or GPT2LAB_CPU_DTYPE). Under torch.distributed rank 0 measures and every rank takes its choice, so
     all ranks compute alike. With `check_explicit`, an explicit bf16/fp16 on CPU is measured too (on
     rank 0; the others get None) so the caller can warn when it is slower (`Choice.note`). The
     Choice is None where nothing was measured or decided.
@@ -386,11 +407,12 @@ def compute_dtype(name: str, device: torch.device, *, n_embd: int, rows: int, fp
         return resolve_dtype(name, device, fp16_without_bf16=fp16_without_bf16), None
     if name == "auto":
         cpu_dtype_override()  # a bad value fails on every rank, before any rank waits on another
-        choice = _from_rank0(lambda: train_precision(n_embd, rows))
+        probe = forward_precision if forward_only else train_precision
+        choice = _from_rank0(lambda: probe(n_embd, rows))
         return choice.dtype, choice
     dtype = torch_dtype(name)
     if check_explicit and dtype != torch.float32 and _rank() == 0:
-        return dtype, train_precision(n_embd, rows, low=dtype)
+        return dtype, (forward_precision if forward_only else train_precision)(n_embd, rows, low=dtype)
     return dtype, None
 
 

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     add_model_arguments(common, init_default="gpt2", dtype_default="fp32",
                         dtype_help="weight dtype for evaluation (fp32 as published numbers are); auto = on CPU, "
-                                   "bf16 where bf16 matmuls at the model's shapes are >= 1.3x faster than fp32 "
+                                   "bf16 where bf16 forward matmuls at the model's shapes are >= 1.3x faster than fp32 "
                                    "(timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), else "
                                    "fp32; on a GPU as stored")
     common.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-' = stdout)")
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.init, device=env.device, dtype="fp32" if measure else args.dtype)
         model.eval()
         dtype = args.dtype
-        if measure:  # scoring is batched prefill: the training matmuls' measurement decides (rank 0's for all)
+        if measure:  # scoring is batched forward passes: their matmuls' measurement decides (rank 0's for all)
             chosen, choice = compute_dtype("auto", env.device, n_embd=model.config.n_embd,
-                                           rows=args.batch_size * model.config.block_size)
+                                           rows=args.batch_size * model.config.block_size, forward_only=True)
             model.to(chosen)
             dtype = dtype_name(chosen)
             if env.is_main and (note := choice.note("--dtype", "auto")):

@@ -11,7 +11,8 @@ alike; medians are reported. tokens/s = new tokens / wall time of the whole call
 Each rate is also given as a fraction of the weight-read floor measured in the same repetition
 (`gpt2lab.bench.weight_read_pass`: one vector-matrix product per weight matrix, in the layout and dtype
 decoded, nothing else), and "gpt2lab auto" names the weights `gpt2lab sample --dtype auto` picks
-here (`gpt2lab.precision.decode_precision`).
+here (`gpt2lab.precision.decode_precision`). "decode steps only" times gpt2lab's tokens after the first
+(the one-token steps, sampling included, without the prompt's prefill) against the same floor.
 The greedy tokens are compared with transformers', and with --bf16 (default on) bf16 weights are timed
 too and compared with fp32: greedy token agreement and, teacher-forced on the fp32 continuation, top-1
 agreement and the largest logit difference.
@@ -33,7 +34,7 @@ from gpt2lab.generate import optimize_for_decoding
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.precision import decode_precision
-from gpt2lab.sampling import generate
+from gpt2lab.sampling import stream
 
 
 def hf_twin(model: GPT, dtype: torch.dtype = torch.float32):
@@ -77,8 +78,18 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     n = args.new_tokens
 
+    steps_s: dict[int, float] = {}  # id(model) -> seconds of its last call after the first token
+
     def ours(m: GPT):
-        return lambda: generate(m, prompt.tolist(), max_new_tokens=n, temperature=0, stop_ids=())[0]
+        def call() -> list[int]:  # `generate`'s loop, timing the decode steps apart from the prefill
+            out = []
+            for step in stream(m, prompt.tolist(), max_new_tokens=n, temperature=0, stop_ids=()):
+                out.append(step[0])
+                if len(out) == 1:
+                    first = time.perf_counter()
+            steps_s[id(m)] = time.perf_counter() - first
+            return out
+        return call
 
     def floor(m: GPT):  # n weight-read passes: the time n decode steps cannot beat
         one_pass = weight_read_pass(m)
@@ -93,10 +104,12 @@ def main() -> None:
     model_fp32 = optimize_for_decoding(copy(torch.float32))
     runs = {"gpt2lab fp32": ours(model_fp32), "transformers fp32": theirs(hf),
             "gpt2lab fp32 row-major": ours(model)}
+    models = {"gpt2lab fp32": model_fp32, "gpt2lab fp32 row-major": model}
     runs["floor fp32"] = floor(model_fp32)
     if args.bf16:
         model_bf16 = optimize_for_decoding(copy(torch.bfloat16))
         runs["gpt2lab bf16"] = ours(model_bf16)
+        models["gpt2lab bf16"] = model_bf16
         runs["transformers bf16"] = theirs(hf_twin(model, torch.bfloat16))
         runs["floor bf16"] = floor(model_bf16)
     choice = decode_precision(copy(torch.float32), layout=optimize_for_decoding)  # as `gpt2lab sample` does
@@ -109,11 +122,14 @@ def main() -> None:
     names = list(runs)
     outputs = {name: runs[name]() for name in names}  # warm-up, and the tokens to compare
     times: dict[str, list[float]] = {name: [] for name in names}
+    step_times: dict[str, list[float]] = {name: [] for name in models}
     for rep in range(args.reps):
         order = names if rep % 2 == 0 else names[::-1]
         for name in order:
             dt, _ = time_call(runs[name])
             times[name].append(dt)
+            if name in models:
+                step_times[name].append(steps_s[id(models[name])])
         print(f"  rep {rep + 1}: " + "  ".join(f"{name} {n / times[name][-1]:.1f}" for name in names), flush=True)
 
     print(f"\n{'':<24} {'median tok/s':>12} {'min..max':>14} {'of floor':>9}")
@@ -128,6 +144,11 @@ def main() -> None:
         print(f"{name:<24} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f} {of_floor:>8.1%}")
     print("(floor: one vector-matrix product per weight matrix and token, nothing else; timed in turn with the\n"
           " rest; 'of floor' is the median over repetitions of floor time / call time within one repetition)")
+    print(f"\ndecode steps only (the {n - 1} tokens after the first; no prefill):")
+    for name, ts in step_times.items():
+        floor_times = times["floor bf16" if "bf16" in name else "floor fp32"]
+        of_floor = statistics.median(f * (n - 1) / n / t for f, t in zip(floor_times, ts))
+        print(f"{name:<24} {statistics.median((n - 1) / t for t in ts):>12.1f} {'':>14} {of_floor:>8.1%}")
     auto = f"gpt2lab {dtype_name(choice.dtype)}"
     if auto in rate:
         print(f"\ngpt2lab auto ({dtype_name(choice.dtype)}) / gpt2lab fp32: {rate[auto] / rate['gpt2lab fp32']:.2f}x, "

@@ -53,3 +53,6 @@ def test_bench_decode_reports_the_floor_and_the_auto_choice(tmp_path):
         assert any(line.startswith(name) and line.rstrip().endswith("%") for line in table.splitlines()), name
     assert "sample --dtype auto here:" in out
     assert "gpt2lab auto (" in out
+    steps = out.split("decode steps only", 1)[1].split("\n\n", 1)[0]
+    for name in ("gpt2lab fp32", "gpt2lab bf16"):
+        assert any(line.startswith(name) and line.rstrip().endswith("%") for line in steps.splitlines()), name

@@ -19,6 +19,7 @@ from gpt2lab.logging import read_metrics
 from gpt2lab.run import process_started_at, train
 from gpt2lab.trainer import CALIBRATION_STEPS, TimeBudget, parse_duration, plan_steps
 
+
 @pytest.fixture(scope="module", autouse=True)
 def warm_imports():
     """What the first run in a process imports (torch._dynamo for the optimizer: ~3 s; matplotlib for
@@ -86,7 +87,7 @@ def test_plan_fits_exactly_what_it_claims():
     for step_s, costs in [(0.013, [(7, 0.3, True), (0, 1.1, True)]), (0.5, [(3, 0.01, True)]), (0.002, [])]:
         n = plan_steps(30.0, step_s, done=4, costs=costs, cap=10**7, margin=0.0)
 
-        def total(m):
+        def total(m, step_s=step_s, costs=costs):
             t = (m - 4) * step_s
             for every, cost, at_end in costs:
                 runs = sum(1 for s in range(5, m + 1) if every and s % every == 0)

@@ -153,6 +153,16 @@ def decide(fp32_rate: float, bf16_rate: float, threshold: float = THRESHOLD, *,
     return low if bf16_rate >= threshold * fp32_rate else torch.float32
 
 
+def auto_on_cpu(name: str, device: torch.device) -> bool:
+    """Whether the dtype setting `name` is "auto" on a CPU `device`, which this module decides (by
+    measuring, or GPT2LAB_CPU_DTYPE). A bad GPT2LAB_CPU_DTYPE fails here: callers ask before any work
+    (loading a model, preparing data)."""
+    if canonical_dtype(name) != "auto" or device.type != "cpu":
+        return False
+    cpu_dtype_override()
+    return True
+
+
 def cpu_dtype_override() -> torch.dtype | None:
     """The dtype GPT2LAB_CPU_DTYPE names (fp32 or bf16), None when it is unset or empty; a UserError
     for any other value."""
@@ -397,22 +407,22 @@ def compute_dtype(name: str, device: torch.device, *, n_embd: int, rows: int, fp
     """The autocast dtype for the setting `name` on `device`, and the measurement behind it.
 
     As `devices.resolve_dtype`, except "auto" on CPU: `train_precision(n_embd, rows)`, or with
-    `forward_only` (evaluation) `forward_precision(n_embd, rows)` (or GPT2LAB_CPU_DTYPE). Under torch.distributed rank 0 measures and every rank takes its choice, so
-    all ranks compute alike. With `check_explicit`, an explicit bf16/fp16 on CPU is measured too (on
+    `forward_only` (evaluation) `forward_precision(n_embd, rows)` (or GPT2LAB_CPU_DTYPE). Under
+    torch.distributed rank 0 measures and every rank takes its choice, so all ranks compute alike. With `check_explicit`, an explicit bf16/fp16 on CPU is measured too (on
     rank 0; the others get None) so the caller can warn when it is slower (`Choice.note`). The
     Choice is None where nothing was measured or decided.
     """
     name = canonical_dtype(name)
     if device.type != "cpu":
         return resolve_dtype(name, device, fp16_without_bf16=fp16_without_bf16), None
+    probe = forward_precision if forward_only else train_precision
     if name == "auto":
         cpu_dtype_override()  # a bad value fails on every rank, before any rank waits on another
-        probe = forward_precision if forward_only else train_precision
         choice = _from_rank0(lambda: probe(n_embd, rows))
         return choice.dtype, choice
     dtype = torch_dtype(name)
     if check_explicit and dtype != torch.float32 and _rank() == 0:
-        return dtype, (forward_precision if forward_only else train_precision)(n_embd, rows, low=dtype)
+        return dtype, probe(n_embd, rows, low=dtype)
     return dtype, None
 
 

@@ -45,7 +45,7 @@ from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
-from gpt2lab.precision import Choice, compute_dtype, cpu_dtype_override, train_precision
+from gpt2lab.precision import Choice, auto_on_cpu, compute_dtype, train_precision
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
 from gpt2lab.trainer import Hook, TimeBudget, Trainer, TrainResult, batch_geometry, parse_duration
 
@@ -111,8 +111,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     run_dir = cfg.out_dir
     resume_from = resolve_resume(_resume_setting(cfg, env), run_dir, quiet=not env.is_main)
     eval_schedule = cfg.eval.schedule()  # a bad eval section fails before any work
-    if env.device.type == "cpu" and cfg.train.dtype == "auto":
-        cpu_dtype_override()  # so does a bad GPT2LAB_CPU_DTYPE
+    auto_on_cpu(cfg.train.dtype, env.device)  # so does a bad GPT2LAB_CPU_DTYPE
     if env.device.type == "cuda" and cfg.train.tf32:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; a no-op on older GPUs
         torch.backends.cudnn.allow_tf32 = True

@@ -559,8 +559,7 @@ class Trainer:
         chosen = torch.tensor(float(n), device=self.device)
         parallel.all_reduce(chosen, "max")  # ranks must agree; their estimates differ by noise
         n = max(self.step, int(chosen.item()))
-        same_past = all(lr_at(s, self.optim, n) == lr_at(s, self.optim, self.max_steps) for s in range(self.step))
-        if (not first or self._resumed_open) and not same_past:
+        if (not first or self._resumed_open) and not self._keeps_past_lr(n):
             base = self.plan or {"max_time": self.cfg.max_time, "cap": self._cap, "max_steps": self.max_steps}
             self.plan = {**base, "final": True}
             return
@@ -575,6 +574,10 @@ class Trainer:
         self.logger.log("plan", self.step, details, show=False)
         if self.on_plan is not None:
             self.on_plan(details)
+
+    def _keeps_past_lr(self, max_steps: int) -> bool:
+        """Whether every step taken so far had the learning rate it would have with `max_steps`."""
+        return all(lr_at(s, self.optim, max_steps) == lr_at(s, self.optim, self.max_steps) for s in range(self.step))
 
     @contextlib.contextmanager
     def _timed(self, name: str):

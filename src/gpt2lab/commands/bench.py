@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2lab.devices import dtype_name, resolve_device
     from gpt2lab.loading import load_model
     from gpt2lab.model import model_stats
-    from gpt2lab.precision import compute_dtype, cpu_dtype_override
+    from gpt2lab.precision import auto_on_cpu, compute_dtype
 
     for name in ("seq_len", "batch_size", "steps", "repeats", "prompt_len", "new_tokens"):
         value = getattr(args, name)
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--decode-batch-sizes must be positive integers like 1,8, got {args.decode_batch_sizes!r}")
 
     device = resolve_device(args.device)
-    if args.dtype == "auto" and device.type == "cpu":
-        cpu_dtype_override()  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
+    auto_on_cpu(args.dtype, device)  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
     model, _ = load_model(args.init, device=device)
     config = model.config
     seq_len = args.seq_len or min(config.block_size, 1024)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2lab.devices import dtype_name
     from gpt2lab.fileio import check_output_file
     from gpt2lab.loading import load_model
-    from gpt2lab.precision import compute_dtype, cpu_dtype_override
+    from gpt2lab.precision import auto_on_cpu, compute_dtype
 
     task = get_task(args.task)
     if args.json and args.json != "-":
@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = task.resolve_data(args.data)
         examples = task.load(data, args)[: getattr(args, "limit", None)]
-        measure = args.dtype == "auto" and env.device.type == "cpu"
-        if measure:
-            cpu_dtype_override()  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
+        measure = auto_on_cpu(args.dtype, env.device)  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
         model, tokenizer = load_model(args.init, device=env.device, dtype="fp32" if measure else args.dtype)
         model.eval()
         dtype = args.dtype

@@ -69,12 +69,10 @@ def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple
 
     from gpt2lab.devices import resolve_device
     from gpt2lab.generate import optimize_for_decoding
-    from gpt2lab.precision import cpu_dtype_override, decode_precision
+    from gpt2lab.precision import auto_on_cpu, decode_precision
 
     device = resolve_device(args.device)
-    measure = args.dtype == "auto" and device.type == "cpu"
-    if measure:
-        cpu_dtype_override()  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
+    measure = auto_on_cpu(args.dtype, device)  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
     model, tokenizer = load(device, "fp32" if measure else args.dtype)
     model.eval()
     if measure:

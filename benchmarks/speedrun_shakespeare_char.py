@@ -68,6 +68,27 @@ def full_val_loss(run_dir: Path, data_dir: Path) -> float:
     return total / count
 
 
+MARK = ".speedrun_shakespeare_char"
+"""The file that marks an --out folder as this script's own: only such a folder's runs are replaced."""
+
+
+def claim_out(out: Path) -> None:
+    """Make `out` this script's folder for new runs: a missing or empty folder is created and marked;
+    a marked one loses the recipes' runs of an earlier call (nothing else in it is touched); any
+    other folder is refused (SystemExit, one line): it is not this script's to replace."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file; name a folder for the runs")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+        raise SystemExit(f"--out {out} holds files this script did not make; name a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).touch()
+    for name in RECIPES:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def run_recipe(name: str, data_dir: Path, out: Path, threads: int | None, extra: dict | None = None) -> dict:
     config, overrides = RECIPES[name]
     overrides = {**overrides, **(extra or {})}
@@ -91,17 +112,16 @@ def run_recipe(name: str, data_dir: Path, out: Path, threads: int | None, extra:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default="nanogpt,ours", help=f"comma-separated, of {', '.join(RECIPES)}")
-    parser.add_argument("--out", default="out/speedrun", help="where the runs go (replaced)")
+    parser.add_argument("--out", default="out/speedrun",
+                        help="where the runs go: a new or empty folder, or one an earlier call made (its runs are replaced)")
     parser.add_argument("--data", default="data/shakespeare_char", help="prepared dataset dir (made if missing)")
     parser.add_argument("--input", help="Tiny Shakespeare input.txt (default: shared copy or download)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: torch's choice)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the `ours` recipe, e.g. --set train.max_time=100s (repeatable)")
     args = parser.parse_args()
-    import shutil
-
     out, data_dir = Path(args.out), Path(args.data)
-    shutil.rmtree(out, ignore_errors=True)
+    claim_out(out)
     prepare_data(data_dir, args.input)
     load_before = [round(x, 2) for x in os.getloadavg()]  # other processes slow the runs down
     extra = dict(item.split("=", 1) for item in args.set)

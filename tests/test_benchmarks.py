@@ -56,3 +56,29 @@ def test_bench_decode_reports_the_floor_and_the_auto_choice(tmp_path):
     steps = out.split("decode steps only", 1)[1].split("\n\n", 1)[0]
     for name in ("gpt2lab fp32", "gpt2lab bf16"):
         assert any(line.startswith(name) and line.rstrip().endswith("%") for line in steps.splitlines()), name
+
+
+def test_the_speedrun_replaces_only_its_own_runs(tmp_path):
+    """benchmarks/speedrun_shakespeare_char.py once deleted its whole --out folder before running:
+    now it takes a new or empty folder, or one it marked, and replaces only its recipes' runs there."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speedrun_shakespeare_char as speedrun
+    finally:
+        sys.path.pop(0)
+    mine = tmp_path / "mine"
+    speedrun.claim_out(mine)
+    (mine / "ours").mkdir()
+    (mine / "ours" / "metrics.jsonl").write_text("{}\n")
+    (mine / "notes.txt").write_text("kept")
+    speedrun.claim_out(mine)
+    assert not (mine / "ours").exists() and (mine / "notes.txt").read_text() == "kept"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("precious")
+    with pytest.raises(SystemExit, match="holds files this script did not make"):
+        speedrun.claim_out(theirs)
+    assert (theirs / "thesis.tex").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        speedrun.claim_out(tmp_path / "file")

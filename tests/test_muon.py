@@ -10,7 +10,7 @@ from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
 from gpt2lab.logging import read_metrics
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.optim import MuonWithAdamW, OptimConfig, build_optimizer, muon_split, set_lr
+from gpt2lab.optim import Muon, MuonWithAdamW, OptimConfig, build_optimizer, muon_split, orthogonalise, set_lr
 from gpt2lab.run import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -63,22 +63,118 @@ def test_muon_is_refused_under_fsdp_and_on_an_old_torch(monkeypatch):
         build_optimizer(GPT(GPTConfig.from_preset("gpt2-tiny")), OptimConfig(name="muon"), "cpu")
 
 
-def test_muon_on_a_cpu_with_slow_bf16_says_so(default_data, tmp_path, monkeypatch, capsys):
-    """torch.optim.Muon orthogonalises in bf16: where bf16 matmuls measure slower than fp32 (faked
-    here), the run warns once at start; where GPT2LAB_CPU_DTYPE decided (no measurement), it says nothing."""
-    import torch
+def _muon_pair(ns_dtype, **kwargs):
+    """Two copies of the same two matrices (one tall, one wide) with the same gradients, and a Muon
+    over each: torch.optim.Muon's own and gpt2lab's with `ns_dtype`."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(48, 16, generator=generator), torch.randn(16, 40, generator=generator)]
+    ours = [torch.nn.Parameter(w.clone()) for w in weights]
+    theirs = [torch.nn.Parameter(w.clone()) for w in weights]
+    return (ours, Muon(ours, ns_dtype=ns_dtype, lr=0.02, weight_decay=0.1, **kwargs)), \
+        (theirs, torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, **kwargs))
 
-    from gpt2lab import precision, run
 
-    slow = precision.Choice(torch.float32, {"fp32": 1e11, "bf16": 2e9}, 0.02, kind="train", detail="faked")
-    monkeypatch.setattr(run, "train_precision", lambda n_embd, rows: slow)
-    monkeypatch.setattr(run, "compute_dtype", lambda *a, **k: (torch.float32, None))
+def _step_both(pair, steps=3):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for (params, opt) in pair:
+            generator_state = generator.get_state()
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            opt.step()
+            generator.set_state(generator_state)
+        for p in pair[0][0]:
+            torch.randn(p.shape, generator=generator)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"nesterov": False}, {"adjust_lr_fn": "match_rms_adamw"}])
+def test_muons_own_step_is_torchs_step_when_it_orthogonalises_in_bf16(kwargs):
+    """gpt2lab's Muon step (the one it runs in fp32) replicates torch.optim.Muon's step exactly:
+    given bf16 it gives torch's parameters bitwise, for tall and wide matrices, with and without
+    Nesterov, under each lr adjustment; so the fp32 step differs from torch's in the dtype alone."""
+    (ours, opt), (theirs, ref) = _muon_pair(torch.bfloat16, **kwargs)
+    opt.step = lambda closure=None: opt._step_in(torch.bfloat16, closure)  # not super().step(): ours
+    _step_both(((ours, opt), (theirs, ref)))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+
+
+def test_muon_orthogonalises_in_fp32_when_asked(monkeypatch):
+    """On a CPU without bf16 units torch.optim.Muon's bf16 Newton-Schulz made a tiny model's step
+    20x slower: with ns_dtype fp32 every matmul of the step runs in fp32, and the step lands within
+    bf16's rounding of torch's; its state loads into torch's Muon and back."""
+    (ours, opt), (theirs, ref) = _muon_pair(torch.float32)
+    seen = []
+    addmm, matmul = torch.addmm, torch.Tensor.__matmul__
+
+    def spy_addmm(a, b, c, **kw):
+        seen.append(b.dtype)
+        return addmm(a, b, c, **kw)
+
+    def spy_matmul(a, b):
+        seen.append(a.dtype)
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "addmm", spy_addmm)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy_matmul)
+    _step_both(((ours, opt),), steps=1)
+    assert seen and set(seen) == {torch.float32}
+    monkeypatch.undo()
+    (ours, opt), (theirs, ref) = _muon_pair(torch.float32)
+    _step_both(((ours, opt), (theirs, ref)))
+    for a, b in zip(ours, theirs):
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=0.02 * 3 * 2**-7, rtol=0)  # 3 steps of lr 0.02, bf16's 2^-8 twice
+    ref.load_state_dict(opt.state_dict())
+    opt.load_state_dict(ref.state_dict())
+    assert opt.ns_dtype == torch.float32
+
+
+def test_orthogonalise_pushes_singular_values_near_one():
+    """A tall matrix whose singular values span 300x comes out with all of them in (0.5, 1.3): Muon's
+    quintic iteration gives U S' V^T with S' near 1, not exactly 1."""
+    g = torch.randn(64, 24, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(-1.5, 1, 24))
+    s = torch.linalg.svdvals(g)
+    assert s.max() / s.min() > 300
+    out = orthogonalise(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+    assert out.shape == g.shape and out.dtype == torch.float32
+    s = torch.linalg.svdvals(out)
+    assert s.min() > 0.5 and s.max() < 1.3
+
+
+def _fake_muon_probe(monkeypatch, bf16_rate, cache):
+    """The Muon probe measures (fp32 100 GFLOP/s, bf16 `bf16_rate`) and caches it in the folder `cache`."""
+    from gpt2lab import precision
+
+    monkeypatch.delenv(precision.OVERRIDE_ENV, raising=False)
+    monkeypatch.setenv("GPT2LAB_CACHE", str(cache))
+    monkeypatch.setattr(precision, "_compare_newton_schulz", lambda width, low, **kw: (1e11, bf16_rate))
+
+
+def test_muon_dtype_auto_measures_the_cpu(default_data, tmp_path, monkeypatch, capsys):
+    """optim.muon_dtype auto on a CPU times the orthogonalisation: where bf16 is slower (faked) the run
+    says it chose fp32 and why, and steps in fp32; an explicit bf16 there warns; GPT2LAB_CPU_DTYPE
+    decides without a word."""
+    from gpt2lab import optim
+
+    made = []
+    monkeypatch.setattr(optim, "Muon", lambda *a, **k: made.append(k["ns_dtype"]) or Muon(*a, **k))
+    _fake_muon_probe(monkeypatch, 2e9, tmp_path / "slow_cache")
     train(load_config("quickstart", tiny(default_data, tmp_path / "slow", **{"train.max_steps": 2})))
     err = capsys.readouterr().err
-    assert "warning: optim.name=muon: torch.optim.Muon orthogonalises each update in bf16" in err
-    assert "0.02x fp32 on this CPU" in err
+    assert "optim.muon_dtype auto -> fp32 (bf16 Newton-Schulz matmuls 0.02x fp32 at 32x128: 2 vs 100 GFLOP/s" in err
+    train(load_config("quickstart", tiny(default_data, tmp_path / "bf16", **{"train.max_steps": 2,
+                                                                           "optim.muon_dtype": "bf16"})))
+    assert "warning: optim.muon_dtype=bf16 on this CPU is slower than fp32" in capsys.readouterr().err
+    assert made == [torch.float32, torch.bfloat16]
 
-    monkeypatch.setattr(run, "train_precision", lambda n_embd, rows: precision.Choice(
-        torch.float32, source=precision.OVERRIDE_ENV))
+    _fake_muon_probe(monkeypatch, 3e11, tmp_path / "fast_cache")
+    train(load_config("quickstart", tiny(default_data, tmp_path / "fast", **{"train.max_steps": 2})))
+    assert "optim.muon_dtype auto -> bf16" in capsys.readouterr().err
+    monkeypatch.setenv("GPT2LAB_CPU_DTYPE", "fp32")
     train(load_config("quickstart", tiny(default_data, tmp_path / "forced", **{"train.max_steps": 2})))
-    assert "optim.name=muon" not in capsys.readouterr().err
+    assert "optim.muon_dtype" not in capsys.readouterr().err
+    assert made == [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+    with pytest.raises(UserError, match=r"optim.muon_dtype='fp16' is not one of 'auto', 'bf16', 'fp32'"):
+        load_config("quickstart", {"optim.muon_dtype": "fp16"})

@@ -8,6 +8,7 @@ measurement remove it, and every test gets its own GPT2LAB_CACHE.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -397,3 +398,38 @@ def test_the_low_precision_copy_is_row_major_whatever_the_fp32_layout():
     twin = _copy_in(model, torch.bfloat16)
     assert all(p.is_contiguous() and p.dtype == torch.bfloat16 for p in twin.parameters())
     assert twin.lm_head.weight is twin.transformer.wte.weight  # still tied
+
+
+def test_muon_probe_times_its_iteration_and_keeps_bf16_unless_fp32_is_faster(monkeypatch):
+    """Muon's orthogonalisation is bf16 by design (torch.optim.Muon): the probe keeps it on a tie and
+    picks fp32 only where fp32 measures faster; a bf16 far slower at the small one-thread call (a CPU
+    without bf16 units, where it ran 100x slower) ends the probe there; the choice is cached as its own kind."""
+    widths = []
+
+    def compare(width, low, **kwargs):
+        widths.append((width, torch.get_num_threads()))
+        return rates
+
+    monkeypatch.setattr(precision, "_compare_newton_schulz", compare)
+    rates = (100e9, 100e9)
+    tie = precision.muon_precision(768)
+    assert tie.dtype is torch.bfloat16 and tie.kind == "muon" and tie.detail == "512x2048"
+    assert widths == [(precision.MUON_SMALL_WIDTH, 1), (precision.MUON_MAX_WIDTH, torch.get_num_threads())]
+    assert precision.muon_precision(768).source == "cached" and len(widths) == 2
+    assert precision.train_precision(768, 256, use_cache=False).kind == "train"  # its own key
+    rates = (100e9, 1e9)
+    slow = precision.muon_precision(128, use_cache=False)
+    assert slow.dtype is torch.float32 and widths[-1] == (precision.MUON_SMALL_WIDTH, 1)
+    assert "bf16 Newton-Schulz matmuls 0.01x fp32 at 64x256, 1 thread, stopped early" in slow.describe()
+    rates = (100e9, 90e9)
+    assert precision.muon_precision(32, use_cache=False).dtype is torch.float32 and widths[-1] == (32, torch.get_num_threads())
+    assert precision.muon_dtype("auto", torch.device("cuda"), n_embd=64) == (torch.bfloat16, None)
+    assert precision.muon_dtype("fp32", CPU, n_embd=64) == (torch.float32, None)
+
+
+def test_muon_probe_is_quick_and_measures_both():
+    t0 = time.perf_counter()
+    choice = precision.muon_precision(768, use_cache=False)
+    assert time.perf_counter() - t0 < 2.0
+    assert choice.source == "measured" and all(math.isfinite(r) and r > 0 for r in choice.rates.values())
+    assert set(choice.rates) == {"fp32", "bf16"}

@@ -169,6 +169,7 @@ class RunConfig:
             "data.sft.truncation": ("truncate", "drop"),
             "optim.schedule": ("cosine", "constant", "wsd"),
             "optim.name": ("adamw", "muon"),
+            "optim.muon_dtype": ("auto", "bf16", "fp32"),
             "train.dtype": DTYPE_CHOICES,
             "train.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
             "parallel.strategy": ("auto", "none", "ddp", "fsdp"),

@@ -4,8 +4,10 @@
     train_precision(n_embd, rows)              -> Choice: fp32 vs bf16 training matmuls at the model's shapes
     forward_precision(n_embd, rows)            -> Choice: the same for forward passes only (evaluation)
     decode_precision(model, layout=...)        -> Choice: fp32 vs bf16 weights for batch-1 decoding
+    muon_precision(n_embd)                     -> Choice: fp32 vs bf16 for Muon's Newton-Schulz iterations
     compute_dtype(name, device, n_embd=, rows=) -> (autocast dtype, Choice | None): resolve_dtype, but
                                                  auto on CPU measured (rank 0's choice on every rank)
+    muon_dtype(name, device, n_embd=)          -> (dtype, Choice | None): the same for optim.muon_dtype
 
 CPUs differ by two orders of magnitude here: without AVX512-BF16/AMX (e.g. AMD Zen 3) bf16 matmuls
 run 7x slower than fp32 as a Linear's forward multiplies (x @ W.T) and over 100x slower as its input
@@ -77,8 +79,8 @@ class Choice:
     source: str = "measured"
     """"measured" (just now), "cached" (precision.json) or "GPT2LAB_CPU_DTYPE" (the override)."""
     kind: str = "train"
-    """"train" (a training step's matmuls at the model's shapes), "forward" (the forward matmul only)
-    or "decode" (one-token steps of the model)."""
+    """"train" (a training step's matmuls at the model's shapes), "forward" (the forward matmul only),
+    "muon" (an iteration of Muon's orthogonalisation) or "decode" (one-token steps of the model)."""
     detail: str = ""
     """The shapes timed, e.g. "256x768 @ 768x{3072,768}" or the decoded model."""
     seconds: float = 0.0
@@ -98,7 +100,7 @@ class Choice:
             return f"{OVERRIDE_ENV}={dtype_name(self.dtype)}"
         matmuls = self.kind != "decode"
         unit, scale = ("GFLOP/s", 1e9) if matmuls else ("tokens/s", 1.0)
-        what = ("matmuls" if self.kind == "train" else "forward matmuls") if matmuls else "decoding"
+        what = _WHAT[self.kind]
         where = f"at {self.detail}" if matmuls else f"of {self.detail}"
         fp32, low = self.rates.get("fp32", math.nan), self.rates.get(self.low, math.nan)
         took = f"{self.seconds:.2f} s" if self.seconds >= 0.1 else f"{self.seconds * 1e3:.0f} ms"
@@ -132,6 +134,10 @@ class Choice:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Choice:
         return cls(**{**d, "dtype": torch_dtype(d["dtype"])})
+
+
+_WHAT = {"train": "matmuls", "forward": "forward matmuls", "muon": "Newton-Schulz matmuls", "decode": "decoding"}
+"""How `Choice.evidence` names what each kind timed."""
 
 
 def _times(x: float | None) -> str:
@@ -275,37 +281,113 @@ def _one_thread() -> Iterator[None]:
 def _compare_matmuls(ops: Matmuls, low: torch.dtype, *, budget_s: float = 0.15,
                      max_rounds: int = 4, backward: bool = True) -> tuple[float, float]:
     """(fp32, `low`) FLOP/s of a training step's matmuls of `ops`: forward x @ W.T, input gradient
-    g @ W, weight gradient g.T @ x (without `backward`, the forward only); the best time of each.
+    g @ W, weight gradient g.T @ x (without `backward`, the forward only), timed by `_compare_calls`."""
+    flops = sum((3 if backward else 1) * 2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w, _ in ops)
+    low_ops = [tuple(t.to(low) for t in op) for op in ops]
 
-    One warm-up call of each, then rounds of one `low` call and as many fp32 calls as take about
+    def calls(operands: Matmuls) -> Callable[[], None]:
+        def run() -> None:
+            for x, w, g in operands:
+                torch.mm(x, w.t())  # forward
+                if backward:
+                    torch.mm(g, w)  # gradient of the input
+                    torch.mm(g.t(), x)  # gradient of the weight
+        return run
+
+    return _compare_calls(calls(ops), calls(low_ops), flops, budget_s=budget_s, max_rounds=max_rounds)
+
+
+def _compare_calls(fp32_call: Callable[[], Any], low_call: Callable[[], Any], flops: float, *,
+                   budget_s: float = 0.15, max_rounds: int = 4) -> tuple[float, float]:
+    """(fp32, low) FLOP/s of two calls doing the same `flops` in the two precisions; the best time of each.
+
+    An untimed first call of each and a timed one, then rounds of one `low` call and as many fp32 calls as take about
     as long (at most 8), until `budget_s` is spent or after `max_rounds`; a call longer than the
     budget, or a `low` one EARLY_STOP times slower than fp32, is not repeated. Taking turns makes a
     busy machine slow both alike; the extra fp32 calls make a slowed fp32 call, the one error that
     would pick bf16 wrongly, unlikely to count.
     """
-    flops = sum((3 if backward else 1) * 2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w, _ in ops)
-    fp32_ops, low_ops = ops, [tuple(t.to(low) for t in op) for op in ops]
-
-    def once(operands: Matmuls) -> float:
+    def once(call: Callable[[], Any]) -> float:
         t0 = time.perf_counter()
-        for x, w, g in operands:
-            torch.mm(x, w.t())  # forward
-            if backward:
-                torch.mm(g, w)  # gradient of the input
-                torch.mm(g.t(), x)  # gradient of the weight
+        call()
         return time.perf_counter() - t0
 
-    best_fp32, best_low = once(fp32_ops), once(low_ops)  # warm-up (first-call setup): an upper bound
+    fp32_call(), low_call()  # first calls: kernel selection, buffers, thread start-up; not timed
+    best_fp32, best_low = once(fp32_call), once(low_call)  # an upper bound of each
     spent = 0.0
     for _ in range(max_rounds):
         if spent >= budget_s or max(best_fp32, best_low) > budget_s or best_low > EARLY_STOP * best_fp32:
             break
-        dt = once(low_ops)
+        dt = once(low_call)
         best_low, spent = min(best_low, dt), spent + dt
         for _ in range(max(1, min(8, round(best_low / max(best_fp32, 1e-9))))):
-            dt = once(fp32_ops)
+            dt = once(fp32_call)
             best_fp32, spent = min(best_fp32, dt), spent + dt
     return flops / max(best_fp32, 1e-9), flops / max(best_low, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon: the matmuls of its orthogonalisation
+
+
+MUON_THRESHOLD = 1.0
+"""Muon orthogonalises in bf16 (torch.optim.Muon's design) unless fp32 is faster: a tie keeps bf16."""
+MUON_MAX_WIDTH = 512
+"""Widest matrix the Muon probe times, (512, 2048): one iteration is 2.4 GFLOP."""
+MUON_SMALL_WIDTH = 64
+"""Width of the one-thread Muon probe that ends the measurement where bf16 is far slower."""
+
+
+def muon_precision(n_embd: int, *, low: torch.dtype = torch.bfloat16, threshold: float = MUON_THRESHOLD,
+                   use_cache: bool = True) -> Choice:
+    """fp32 or `low` (bf16) for the Newton-Schulz iterations of Muon on this CPU, by timing one.
+
+    Timed: one iteration (X @ X.T, then A @ A and B @ X, as `optim.orthogonalise` runs it) on a
+    (C, 4C) matrix, the shape of the MLP's weights, C = min(n_embd, MUON_MAX_WIDTH); first at
+    C = MUON_SMALL_WIDTH on one thread, where `low` EARLY_STOP times slower ends the probe (a CPU
+    without bf16 units, in a few ms). `low` is kept unless fp32 measures faster (`threshold` 1).
+    Uses the cache unless `use_cache` is False; GPT2LAB_CPU_DTYPE skips all of it."""
+    forced = cpu_dtype_override()
+    if forced is not None:
+        return Choice(forced, source=OVERRIDE_ENV, kind="muon")
+    C = max(1, min(n_embd, MUON_MAX_WIDTH))
+    key = _cache_key("muon", f"{dtype_name(low)} {C}x{4 * C}")
+    if use_cache and (hit := _cached(key, threshold, low)) is not None:
+        return hit
+    start = time.perf_counter()
+    with torch.no_grad():
+        stopped = False
+        if C > MUON_SMALL_WIDTH:
+            with _one_thread():
+                (fp32_rate, low_rate), busy = _on_a_busy_machine(
+                    lambda: _compare_newton_schulz(MUON_SMALL_WIDTH, low, max_rounds=1), 1)
+            detail = f"{MUON_SMALL_WIDTH}x{4 * MUON_SMALL_WIDTH}, 1 thread, stopped early"
+            stopped = low_rate * EARLY_STOP < fp32_rate
+        if not stopped:
+            (fp32_rate, low_rate), busy = _on_a_busy_machine(lambda: _compare_newton_schulz(C, low),
+                                                             torch.get_num_threads())
+            detail = f"{C}x{4 * C}"
+    choice = Choice(decide(fp32_rate, low_rate, threshold, low=low), {"fp32": fp32_rate, dtype_name(low): low_rate},
+                    low_rate / fp32_rate, "measured", "muon", detail, round(time.perf_counter() - start, 3), busy)
+    if use_cache and not busy:
+        _store(key, choice)
+    return choice
+
+
+def _compare_newton_schulz(width: int, low: torch.dtype, **kwargs: Any) -> tuple[float, float]:
+    """(fp32, `low`) FLOP/s of one Newton-Schulz iteration on a (width, 4 width) matrix of spectral norm
+    <= 1 (from a private generator), by `_compare_calls`."""
+    x = torch.randn(width, 4 * width, generator=torch.Generator().manual_seed(0))
+    x /= x.norm()
+    flops = 2 * width * width * 4 * width * 2 + 2 * width**3  # X @ X.T and B @ X, then A @ A
+
+    def iteration(x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            gram = x @ x.T
+            torch.addmm(x, torch.addmm(gram, gram, gram, beta=-4.775, alpha=2.0315), x, beta=3.4445)
+        return run
+
+    return _compare_calls(iteration(x), iteration(x.to(low)), flops, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +505,28 @@ def compute_dtype(name: str, device: torch.device, *, n_embd: int, rows: int, fp
     dtype = torch_dtype(name)
     if check_explicit and dtype != torch.float32 and _rank() == 0:
         return dtype, probe(n_embd, rows, low=dtype)
+    return dtype, None
+
+
+def muon_dtype(name: str, device: torch.device, *, n_embd: int) -> tuple[torch.dtype, Choice | None]:
+    """The dtype of Muon's orthogonalisation for the setting optim.muon_dtype `name` ("auto", "bf16",
+    "fp32") on `device`, and the measurement behind it.
+
+    "auto" is bf16 (torch.optim.Muon's) except on a CPU, where `muon_precision(n_embd)` decides (rank
+    0 measures, every rank takes its choice: all ranks must step alike). An explicit bf16 on CPU is
+    measured too (on rank 0) so the caller can warn when it is the slower (`Choice.note`)."""
+    name = canonical_dtype(name)
+    if name not in ("auto", "bf16", "fp32"):
+        raise UserError(f"optim.muon_dtype={name!r} is not one of 'auto', 'bf16', 'fp32'")
+    if device.type != "cpu":
+        return (torch.bfloat16 if name == "auto" else torch_dtype(name)), None
+    if name == "auto":
+        cpu_dtype_override()
+        choice = _from_rank0(lambda: muon_precision(n_embd))
+        return choice.dtype, choice
+    dtype = torch_dtype(name)
+    if dtype != torch.float32 and _rank() == 0:
+        return dtype, muon_precision(n_embd, low=dtype)
     return dtype, None
 
 

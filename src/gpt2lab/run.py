@@ -45,7 +45,7 @@ from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
-from gpt2lab.precision import Choice, auto_on_cpu, compute_dtype, train_precision
+from gpt2lab.precision import auto_on_cpu, compute_dtype, muon_dtype
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
 from gpt2lab.trainer import Hook, TimeBudget, Trainer, TrainResult, batch_geometry, parse_duration
 
@@ -127,9 +127,11 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
                                   rows=cfg.train.micro_batch_size * block_size, check_explicit=True)
     if choice is not None and (note := choice.note("train.dtype", cfg.train.dtype)):
         _say(env, f"gpt2lab: {note}")
-    if cfg.optim.name == "muon" and env.device.type == "cpu":
-        _warn_muon_on_cpu(choice or train_precision(model.config.n_embd, cfg.train.micro_batch_size * block_size),
-                          env)
+    ns_dtype = torch.bfloat16
+    if cfg.optim.name == "muon":  # its orthogonalisation's dtype, measured on a CPU (rank 0 for every rank)
+        ns_dtype, ns_choice = muon_dtype(cfg.optim.muon_dtype, env.device, n_embd=model.config.n_embd)
+        if ns_choice is not None and (note := ns_choice.note("optim.muon_dtype", cfg.optim.muon_dtype)):
+            _say(env, f"gpt2lab: {note}")
     if resume_from is not None:
         saved = read_config(resume_from)
         check_same_architecture(saved["model"], model.config, str(resume_from))
@@ -148,7 +150,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     wrapped = parallel.parallelize(model, pcfg, env)
     if env.rank > 0:  # same init weights on every rank, but each rank its own dropout masks
         torch.manual_seed(cfg.train.seed + env.rank)
-    optimizer = build_optimizer(parallel.unwrap(wrapped), cfg.optim, env.device.type)
+    optimizer = build_optimizer(parallel.unwrap(wrapped), cfg.optim, env.device.type, muon_dtype=ns_dtype)
     module = torch.compile(wrapped) if cfg.train.compile and not cfg.parallel.compile_blocks else wrapped
 
     start_step = 0
@@ -207,15 +209,6 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     if env.is_main:
         _finish(run_dir, result)
     return result
-
-
-def _warn_muon_on_cpu(choice: Choice, env: Any) -> None:
-    """torch.optim.Muon orthogonalises every update in bf16: say so where bf16 matmuls measure slow
-    (`choice`: the training matmuls' measurement; nothing is said when GPT2LAB_CPU_DTYPE decided)."""
-    if choice.speedup is not None and choice.speedup < 1:
-        _say(env, f"gpt2lab: warning: optim.name=muon: torch.optim.Muon orthogonalises each update in bf16, and "
-                  f"bf16 matmuls run {choice.speedup:.2g}x fp32 on this CPU, so its steps are slow here; "
-                  "optim.name adamw avoids it")
 
 
 def _adopt_time_plan(cfg: RunConfig, plan: dict | None, env: Any) -> tuple[str | None, float]:

@@ -612,10 +612,32 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def earlier_results(out: Path | None, merge: bool, parser: argparse.ArgumentParser) -> dict | None:
+    """The earlier sweep in `out` to keep (with `merge`), or None; refuses (parser.error, before any
+    work) an `out` this script would replace that is not one of its own result files, and one of its
+    own without `merge`: a finished sweep's numbers are not thrown away by a rerun."""
+    if out is None or not out.exists():
+        return None
+    if not out.is_file():
+        parser.error(f"--out {out} is not a file; name a JSON file for the results")
+    try:
+        doc = json.loads(out.read_text())
+        ours = isinstance(doc, dict) and isinstance(doc.get("results"), dict) and "markdown" in doc
+    except (OSError, UnicodeDecodeError, ValueError):
+        ours = False
+    if not ours:
+        parser.error(f"--out {out} exists and is not a result file of this script; name a new file")
+    if not merge:
+        parser.error(f"--out {out} holds an earlier sweep's results; pass --merge to keep them and run only "
+                     "what is missing, or name a new file")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--out", type=Path, help="JSON file for the results (rewritten after every measurement)")
+    parser.add_argument("--out", type=Path, help="JSON file for the results (rewritten after every measurement; "
+                                                 "an existing one only with --merge)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run ({', '.join(PARTS)})")
     parser.add_argument("--merge", action="store_true",
                         help="keep the successful results already in --out and run only the missing ones")
@@ -639,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_float32_matmul_precision("high")
     if args.compile_backend:
         s.compile_backend = args.compile_backend
-    previous = json.loads(args.out.read_text()) if args.merge and args.out and args.out.is_file() else None
+    previous = earlier_results(args.out, args.merge, parser)
     sweep = Sweep(s, args.out, previous)
     run_sweep(sweep, parts)
     sweep.save()

@@ -250,3 +250,26 @@ def test_gpu_speed_dry_run(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["results"].keys() == results.keys()
     assert "| train/baseline |" in saved["markdown"]
+
+
+def test_gpu_speed_never_replaces_a_file_it_did_not_write_nor_an_earlier_sweep(tmp_path, capsys):
+    """--out was rewritten whatever it held: a mistyped path lost that file, and a rerun without
+    --merge lost a finished sweep's GPU numbers. Both are refused in one line before any work."""
+    gpu_speed = load_script("gpu_speed")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    for argv in (["--dry-run", "--out", str(notes)], ["--dry-run", "--out", str(notes), "--merge"]):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_speed.main(argv)
+        assert exit_info.value.code == 2
+        assert "exists and is not a result file of this script" in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": 1}\n'
+    earlier = tmp_path / "gpu_speed.json"
+    earlier.write_text(json.dumps({"results": {"train/baseline": {"tokens_per_s": 5e5}}, "markdown": ""}))
+    before = earlier.read_text()
+    with pytest.raises(SystemExit):
+        gpu_speed.main(["--dry-run", "--out", str(earlier)])
+    assert "pass --merge to keep them" in capsys.readouterr().err and earlier.read_text() == before
+    with pytest.raises(SystemExit):
+        gpu_speed.main(["--dry-run", "--out", str(tmp_path)])
+    assert "is not a file" in capsys.readouterr().err

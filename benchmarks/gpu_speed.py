@@ -61,6 +61,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402  (after the sys.path fallback above)
 
 from gpt2lab.bench import measure, peak_flops, synchronize  # noqa: E402
+from gpt2lab.fileio import write_atomic  # noqa: E402
 from gpt2lab.model import GPT, GPTConfig, model_stats  # noqa: E402
 from gpt2lab.optim import cosine_lr, param_groups  # noqa: E402
 from gpt2lab.trainer import sdpa_context  # noqa: E402
@@ -203,9 +204,7 @@ class Sweep:
         if self.out is None:
             return
         doc = {**self.meta, "results": self.results, "markdown": markdown(self.results, self.meta)}
-        tmp = self.out.with_name(f".{self.out.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        tmp.replace(self.out)
+        write_atomic(self.out, json.dumps(doc, indent=1, default=str) + "\n")
 
     def training(self, key: str) -> dict | None:
         r = self.results.get(key)

@@ -1,13 +1,25 @@
-"""The line reader of `gpt2lab.fileio`: lines split on "\\n" only, one "FILE:LINE: problem" message format."""
+"""`gpt2lab.fileio`: the line reader (lines split on "\\n" only, one "FILE:LINE: problem" message format)
+and the atomic file writer."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import LineError, iter_jsonl, iter_lines, read_text, str_field, str_field_problem
+from gpt2lab.fileio import (
+    LineError,
+    atomic_file,
+    iter_jsonl,
+    iter_lines,
+    read_text,
+    str_field,
+    str_field_problem,
+    write_atomic,
+)
 
 SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"  # all cut by str.splitlines(), none by a JSONL reader
 
@@ -71,3 +83,44 @@ def test_read_text_names_the_line_of_a_bad_byte(tmp_path):
         read_text(path)
     with pytest.raises(UserError, match=r"cannot read .*missing.txt"):
         read_text(tmp_path / "missing.txt")
+
+
+def test_write_atomic_replaces_the_file_with_the_modes_of_a_plain_open(tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_text("old")
+    old_mask = os.umask(0o027)
+    try:
+        write_atomic(path, "new \u00e9")
+        assert path.read_text(encoding="utf-8") == "new \u00e9" and (path.stat().st_mode & 0o777) == 0o640
+        write_atomic(path, b"\x00\x01")
+        assert path.read_bytes() == b"\x00\x01"
+    finally:
+        os.umask(old_mask)
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="stop"), atomic_file(path) as f:
+        f.write("half")
+        raise RuntimeError("stop")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_the_run_config_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """save_yaml wrote `.config.yaml.tmp` and renamed it: a full disk raised a bare OSError and left
+    the temporary file beside the run's config (two writers also shared that one name)."""
+    from gpt2lab.config import RunConfig
+    from gpt2lab.configparse import save_yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text("name: earlier\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=r"^no space left on device writing .*config.yaml \(.* free\)"):
+        save_yaml(RunConfig(), path)
+    assert path.read_text() == "name: earlier\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

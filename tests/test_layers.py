@@ -15,8 +15,8 @@ PACKAGE = Path(gpt2lab.__file__).parent
 # Bottom to top. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("losses", "download", "devices"),
-    ("configparse", "tokenizer", "fileio", "precision"),
+    ("losses", "download", "devices", "fileio"),
+    ("configparse", "tokenizer", "precision"),
     ("sampling",),
     ("model",),
     ("data", "optim", "parallel", "logging"),

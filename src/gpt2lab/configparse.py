@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import write_atomic
 
 WRITE_SCHEMA_COMMAND = "python -m gpt2lab.configparse --write-schema"
 
@@ -397,10 +398,7 @@ def to_yaml(cfg: Any) -> str:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (what the run actually used) as YAML."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, to_yaml(cfg))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     iter_jsonl / iter_lines   records of a JSONL or text file, one message format for bad lines
     read_text / str_field     a whole UTF-8 file; a checked string field of a record
     atomic_dir                a directory written under a temporary name and renamed into place
+    atomic_file / write_atomic  the same for one file
     read_versioned_json       a JSON config that names its format and version
     clean_state_dict          a state dict with wrapper prefixes stripped, ready to save
 
@@ -12,6 +13,7 @@ evaluate) build their formats from these pieces.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -19,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 # --------------------------------------------------------------------------------------------------
-# Directories written atomically
+# Files and directories written atomically
 
 
 def atomic_dir(final: Path):
@@ -66,6 +68,41 @@ class _AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.final)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file opened for writing (`mode` "w", text in UTF-8, or "wb") that replaces `path` only once
+    the block ends without error: written beside `path` under a temporary name, synced and renamed
+    into place, so a reader (or a crash) sees the old file or the new one, never a part. On error the
+    temporary file is removed and `path` is untouched; a full disk or a refused write is the one-line
+    UserError of `write_error`. The file's mode follows the umask, as a plain open() would make it."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (write_error(path, e) if _is_write_failure(e) else e) from None
+    tmp = Path(name)
+    try:
+        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes it owner-only
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and _is_write_failure(e):
+            raise write_error(path, e) from None
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace `path` with `data` (text in UTF-8, or bytes) atomically: see `atomic_file`."""
+    with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
 
 
 def _umask() -> int:

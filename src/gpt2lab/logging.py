@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -100,9 +101,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [json.dumps(e) for e in read_metrics(run_dir) if e.get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class RunLogger:

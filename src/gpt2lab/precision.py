@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ import torch
 from gpt2lab.devices import canonical_dtype, dtype_name, resolve_dtype, torch_dtype
 from gpt2lab.download import cache_dir
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import write_atomic
 
 OVERRIDE_ENV = "GPT2LAB_CPU_DTYPE"
 """Set to fp32 or bf16 to make dtype auto on CPU mean that dtype, without measuring."""
@@ -614,14 +614,8 @@ def _store(key: str, choice: Choice) -> None:
     entries = _read_cache()
     entries[key] = {k: v for k, v in choice.to_dict().items() if k not in ("source", "busy")}
     text = json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True) + "\n"
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        write_atomic(path, text)
+    except (OSError, UserError):
+        pass

@@ -37,6 +37,7 @@ import numpy as np
 from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
 from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, find_source, source_args
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import write_atomic
 from gpt2lab.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
 FORMAT_VERSION = 1
@@ -52,9 +53,7 @@ DOCS_PER_TASK = 256  # documents per worker task: large enough to amortise pickl
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def check_min_tokens(tokens: int, block_size: int, what: str) -> None:

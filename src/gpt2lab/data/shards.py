@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import atomic_file
 
 MAGIC = b"GPT2LABT"
 VERSION = 1
@@ -72,15 +73,9 @@ def write_shard(path: str | os.PathLike, tokens, tokenizer_dict: dict) -> Path:
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size_of(tokenizer_dict)):
         raise ValueError(f"token ids out of range [0, {vocab_size_of(tokenizer_dict)}) for {path}")
     arr = arr.astype(dtype, copy=False)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_encode_header(arr.size, dtype, tokenizer_dict))
-            f.write(arr.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, "wb") as f:
+        f.write(_encode_header(arr.size, dtype, tokenizer_dict))
+        f.write(arr.tobytes())
     return path
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -214,29 +215,50 @@ def _matmul_precision(kind: str, n_embd: int, rows: int, low: torch.dtype, thres
                       use_cache: bool) -> Choice:
     """`train_precision` (kind "train") or `forward_precision` (kind "forward")."""
     backward = kind == "train"
+    C = n_embd
+    rows = max(1, min(rows, MAX_ROWS, max(2 * SMALL_ROWS, int(MAX_FLOPS / (30 * C * C)))))
+
+    def comparisons() -> Comparisons:
+        ops = _training_matmuls(rows, C)
+        few = [(x[:SMALL_ROWS], w, g[:SMALL_ROWS]) for x, w, g in ops[1:]]
+        small = (lambda: _compare_matmuls(few, low, max_rounds=1, backward=backward)) if rows > SMALL_ROWS else None
+        return (small, f"{SMALL_ROWS}x{C} @ {C}x{C}", lambda: _compare_matmuls(ops, low, backward=backward),
+                f"{rows}x{C} @ {C}x{{{4 * C},{C}}}")
+
+    return _measured(kind, f"{rows}x{C}", low, threshold, use_cache, comparisons)
+
+
+Rates = tuple[float, float]
+"""(fp32, low-precision) FLOP/s of the same work."""
+Comparisons = tuple[Callable[[], Rates] | None, str, Callable[[], Rates], str]
+"""(small timing or None, what it times, full timing, what it times): see `_measured`."""
+
+
+def _measured(kind: str, shape: str, low: torch.dtype, threshold: float, use_cache: bool,
+              comparisons: Callable[[], Comparisons]) -> Choice:
+    """The probe the matmul kinds and Muon's share: GPT2LAB_CPU_DTYPE decides, else the cache (keyed
+    by `kind` and `shape`), else a measurement. `comparisons()` (called only then) gives two timings:
+    the small one (None to skip it) runs on one thread, since tiny multi-threaded calls time thread
+    wake-ups (and preemption, when busy), and ends the probe when `low` is EARLY_STOP times slower
+    there (a CPU without bf16 units); otherwise the full one runs with torch's threads."""
     forced = cpu_dtype_override()
     if forced is not None:
         return Choice(forced, source=OVERRIDE_ENV, kind=kind)
-    C = n_embd
-    rows = max(1, min(rows, MAX_ROWS, max(2 * SMALL_ROWS, int(MAX_FLOPS / (30 * C * C)))))
-    key = _cache_key(kind, f"{dtype_name(low)} {rows}x{C}")
+    key = _cache_key(kind, f"{dtype_name(low)} {shape}")
     if use_cache and (hit := _cached(key, threshold, low)) is not None:
         return hit
     start = time.perf_counter()
     with torch.no_grad():
-        ops = _training_matmuls(rows, C)
+        small, small_detail, full, detail = comparisons()
         stopped = False
-        if rows > SMALL_ROWS:
-            few = [(x[:SMALL_ROWS], w, g[:SMALL_ROWS]) for x, w, g in ops[1:]]
-            with _one_thread():  # tiny multi-threaded calls time thread wake-ups (and preemption, when busy)
-                (fp32_rate, low_rate), busy = _on_a_busy_machine(
-                    lambda: _compare_matmuls(few, low, max_rounds=1, backward=backward), 1)
-            detail = f"{SMALL_ROWS}x{C} @ {C}x{C}, 1 thread, stopped early"
+        if small is not None:
+            with _one_thread():
+                (fp32_rate, low_rate), busy = _on_a_busy_machine(small, 1)
             stopped = low_rate * EARLY_STOP < fp32_rate
-        if not stopped:  # bf16 is not clearly slower (or the shapes are small anyway): time the model's shapes
-            (fp32_rate, low_rate), busy = _on_a_busy_machine(lambda: _compare_matmuls(ops, low, backward=backward),
-                                                             torch.get_num_threads())
-            detail = f"{rows}x{C} @ {C}x{{{4 * C},{C}}}"
+            if stopped:
+                detail = f"{small_detail}, 1 thread, stopped early"
+        if not stopped:  # low is not clearly slower (or the shapes are small anyway): time the full shapes
+            (fp32_rate, low_rate), busy = _on_a_busy_machine(full, torch.get_num_threads())
     choice = Choice(decide(fp32_rate, low_rate, threshold, low=low), {"fp32": fp32_rate, dtype_name(low): low_rate},
                     low_rate / fp32_rate, "measured", kind, detail, round(time.perf_counter() - start, 3), busy)
     if use_cache and not busy:
@@ -347,31 +369,14 @@ def muon_precision(n_embd: int, *, low: torch.dtype = torch.bfloat16, threshold:
     C = MUON_SMALL_WIDTH on one thread, where `low` EARLY_STOP times slower ends the probe (a CPU
     without bf16 units, in a few ms). `low` is kept unless fp32 measures faster (`threshold` 1).
     Uses the cache unless `use_cache` is False; GPT2LAB_CPU_DTYPE skips all of it."""
-    forced = cpu_dtype_override()
-    if forced is not None:
-        return Choice(forced, source=OVERRIDE_ENV, kind="muon")
     C = max(1, min(n_embd, MUON_MAX_WIDTH))
-    key = _cache_key("muon", f"{dtype_name(low)} {C}x{4 * C}")
-    if use_cache and (hit := _cached(key, threshold, low)) is not None:
-        return hit
-    start = time.perf_counter()
-    with torch.no_grad():
-        stopped = False
-        if C > MUON_SMALL_WIDTH:
-            with _one_thread():
-                (fp32_rate, low_rate), busy = _on_a_busy_machine(
-                    lambda: _compare_newton_schulz(MUON_SMALL_WIDTH, low, max_rounds=1), 1)
-            detail = f"{MUON_SMALL_WIDTH}x{4 * MUON_SMALL_WIDTH}, 1 thread, stopped early"
-            stopped = low_rate * EARLY_STOP < fp32_rate
-        if not stopped:
-            (fp32_rate, low_rate), busy = _on_a_busy_machine(lambda: _compare_newton_schulz(C, low),
-                                                             torch.get_num_threads())
-            detail = f"{C}x{4 * C}"
-    choice = Choice(decide(fp32_rate, low_rate, threshold, low=low), {"fp32": fp32_rate, dtype_name(low): low_rate},
-                    low_rate / fp32_rate, "measured", "muon", detail, round(time.perf_counter() - start, 3), busy)
-    if use_cache and not busy:
-        _store(key, choice)
-    return choice
+
+    def comparisons() -> Comparisons:
+        small = (lambda: _compare_newton_schulz(MUON_SMALL_WIDTH, low, max_rounds=1)) if C > MUON_SMALL_WIDTH else None
+        return (small, f"{MUON_SMALL_WIDTH}x{4 * MUON_SMALL_WIDTH}", lambda: _compare_newton_schulz(C, low),
+                f"{C}x{4 * C}")
+
+    return _measured("muon", f"{C}x{4 * C}", low, threshold, use_cache, comparisons)
 
 
 def _compare_newton_schulz(width: int, low: torch.dtype, **kwargs: Any) -> tuple[float, float]:
@@ -498,14 +503,7 @@ def compute_dtype(name: str, device: torch.device, *, n_embd: int, rows: int, fp
     if device.type != "cpu":
         return resolve_dtype(name, device, fp16_without_bf16=fp16_without_bf16), None
     probe = forward_precision if forward_only else train_precision
-    if name == "auto":
-        cpu_dtype_override()  # a bad value fails on every rank, before any rank waits on another
-        choice = _from_rank0(lambda: probe(n_embd, rows))
-        return choice.dtype, choice
-    dtype = torch_dtype(name)
-    if check_explicit and dtype != torch.float32 and _rank() == 0:
-        return dtype, probe(n_embd, rows, low=dtype)
-    return dtype, None
+    return _on_cpu(name, functools.partial(probe, n_embd, rows), check_explicit)
 
 
 def muon_dtype(name: str, device: torch.device, *, n_embd: int) -> tuple[torch.dtype, Choice | None]:
@@ -520,13 +518,20 @@ def muon_dtype(name: str, device: torch.device, *, n_embd: int) -> tuple[torch.d
         raise UserError(f"optim.muon_dtype={name!r} is not one of 'auto', 'bf16', 'fp32'")
     if device.type != "cpu":
         return (torch.bfloat16 if name == "auto" else torch_dtype(name)), None
+    return _on_cpu(name, functools.partial(muon_precision, n_embd), check_explicit=True)
+
+
+def _on_cpu(name: str, probe: Callable[..., Choice], check_explicit: bool) -> tuple[torch.dtype, Choice | None]:
+    """The dtype setting `name` (canonical) on a CPU: "auto" is `probe()`'s choice, measured on rank
+    0 and taken by every rank; with `check_explicit` an explicit low precision is measured too
+    (`probe(low=dtype)`, on rank 0; the others get None) so the caller can warn when it is slower."""
     if name == "auto":
-        cpu_dtype_override()
-        choice = _from_rank0(lambda: muon_precision(n_embd))
+        cpu_dtype_override()  # a bad value fails on every rank, before any rank waits on another
+        choice = _from_rank0(probe)
         return choice.dtype, choice
     dtype = torch_dtype(name)
-    if dtype != torch.float32 and _rank() == 0:
-        return dtype, muon_precision(n_embd, low=dtype)
+    if check_explicit and dtype != torch.float32 and _rank() == 0:
+        return dtype, probe(low=dtype)
     return dtype, None
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(gpt2lab.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("losses", "download", "devices", "fileio"),
-    ("configparse", "tokenizer", "precision"),
+    ("configparse", "tokenizer", "precision", "timebudget"),
     ("sampling",),
     ("model",),
     ("data", "optim", "parallel", "logging"),

@@ -17,7 +17,7 @@ from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
 from gpt2lab.logging import read_metrics
 from gpt2lab.run import process_started_at, train
-from gpt2lab.trainer import CALIBRATION_STEPS, TimeBudget, parse_duration, plan_steps
+from gpt2lab.timebudget import CALIBRATION_STEPS, TimeBudget, parse_duration, plan_steps
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -47,7 +47,8 @@ from gpt2lab.lora import LoraConfig
 from gpt2lab.model import PRESETS, GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.parallel import ParallelConfig
-from gpt2lab.trainer import TrainConfig, parse_duration
+from gpt2lab.timebudget import parse_duration
+from gpt2lab.trainer import TrainConfig
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvalConfig", "LogConfig", "LoraConfig", "ModelConfig", "OptimConfig",

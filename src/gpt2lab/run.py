@@ -46,8 +46,9 @@ from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu, compute_dtype, muon_dtype
+from gpt2lab.timebudget import TimeBudget, parse_duration
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
-from gpt2lab.trainer import Hook, TimeBudget, Trainer, TrainResult, batch_geometry, parse_duration
+from gpt2lab.trainer import Hook, Trainer, TrainResult, batch_geometry
 
 
 def train(cfg: RunConfig, started_at: float | None = None) -> TrainResult:

@@ -1,19 +1,17 @@
-"""The command line: instant --help (no torch), the shared model flags, devices/dtypes, the schema file."""
+"""The command line: instant --help (no torch, no generated file), the shared model flags, devices/dtypes."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2lab import configparse, devices
 from gpt2lab.cli import COMMANDS, build_parser
-from gpt2lab.commands.common import RUN_CONFIG
-from gpt2lab.commands.model_info import GPT_CONFIG
 from gpt2lab.errors import UserError
 
 HELP_PROBE = """
@@ -38,7 +36,7 @@ def test_help_is_instant_and_imports_no_torch(command):
     print(f"gpt2lab {' '.join(argv)}: {seconds:.3f} s")
     assert "usage: gpt2lab" in proc.stdout
     assert not torch_loaded, (f"`gpt2lab {' '.join(argv)}` imported torch while building its parser (a command "
-                              f"module importing it at the top, or a stale schema: `{configparse.WRITE_SCHEMA_COMMAND}`)")
+                              "module or a config module importing it at the top)")
     assert seconds < 2.0  # 0.5 s on an idle machine; loose because test machines are shared
 
 
@@ -76,27 +74,33 @@ def test_configparse_works_on_any_dataclass(tmp_path):
     assert configparse.to_dict(cfg) == {"inner": {"rate": 0.5}, "name": "y"}
 
 
-def test_schema_file_is_current():
-    committed = json.loads((configparse.config_dir() / configparse.SCHEMA_FILE).read_text(encoding="utf-8"))
-    assert {RUN_CONFIG, GPT_CONFIG} <= set(committed)
-    for target, entry in committed.items():
-        assert entry == configparse.build_schema(target), (
-            f"gpt2lab/configs/{configparse.SCHEMA_FILE} is stale for {target}; "
-            f"run `{configparse.WRITE_SCHEMA_COMMAND}` and commit the result")
+BUILD_PROBE = """
+import sys, time
+from gpt2lab.cli import COMMANDS, build_parser
+for name in COMMANDS:
+    start = time.perf_counter()
+    build_parser(name)
+    print(repr((name, time.perf_counter() - start, 'torch' in sys.modules)))
+"""
 
 
-def test_schema_falls_back_to_the_live_classes_when_a_source_changed(tmp_path, monkeypatch):
-    live = configparse.build_schema(GPT_CONFIG)
-    stale = {**live, "sources": dict.fromkeys(live["sources"], "0" * 64),
-             "options": [{**o, "doc": "old text"} for o in live["options"]]}
-    (tmp_path / configparse.SCHEMA_FILE).write_text(json.dumps({GPT_CONFIG: stale}))
-    monkeypatch.setattr(configparse, "config_dir", lambda: tmp_path)
-    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
-    assert configparse.load_schema(GPT_CONFIG) == live  # a class changed: built live...
-    monkeypatch.setattr(configparse, "build_schema", lambda target: pytest.fail("rebuilt a cached schema"))
-    assert configparse.load_schema(GPT_CONFIG) == live  # ...and kept in the user cache
-    (tmp_path / configparse.SCHEMA_FILE).write_text(json.dumps({GPT_CONFIG: {**stale, "sources": live["sources"]}}))
-    assert configparse.load_schema(GPT_CONFIG)["options"][0]["doc"] == "old text"  # hashes match: the file is used
+def test_every_parser_is_built_from_the_live_classes_fast_and_without_torch():
+    """Each command's parser (train's: every RunConfig field), built in a fresh process, in under 0.5 s
+    and importing no torch: the config classes are torch-free, so no generated file stands in for them."""
+    proc = subprocess.run([sys.executable, "-c", BUILD_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [eval(line) for line in proc.stdout.splitlines()]
+    assert [name for name, *_ in rows] == list(COMMANDS)
+    for name, seconds, torch_loaded in rows:
+        print(f"build_parser({name!r}): {seconds:.3f} s")
+        assert not torch_loaded, f"building the parser of `gpt2lab {name}` imported torch"
+        assert seconds < 0.5, f"building the parser of `gpt2lab {name}` took {seconds:.2f} s"
+
+
+def test_no_generated_schema_ships():
+    package = Path(configparse.__file__).parent
+    assert not list(package.rglob("*.json"))  # configs/ holds the YAML presets only
+    assert not any(hasattr(configparse, name) for name in ("load_schema", "build_schema", "write_schema", "main"))
 
 
 # name -> (extra argv, default --device, default --dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gpt2lab.cli import main
@@ -117,3 +119,78 @@ def test_unknown_cli_flag_is_one_line_with_suggestion(capsys):
         main(["train", "--train.lr", "1"])
     assert info.value.code == 2
     assert capsys.readouterr().err == "gpt2lab train: error: unknown config key 'train.lr'; did you mean 'optim.lr'?\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optim.schedule", "cosin"], "optim.schedule='cosin' is not one of 'cosine', 'constant', 'wsd'; "
+                                    "did you mean 'cosine'?"),
+    (["--parallel.strategy", "zero"], "parallel.strategy='zero' is not one of 'auto', 'none', 'ddp', 'fsdp'"),
+    (["--train.dtype", "bfloat16"], "train.dtype='bfloat16' is not one of 'auto', 'fp32', 'bf16', 'fp16'; "
+                                    "did you mean 'bf16'?"),
+    (["--model.pos_emb", "alibi"], "model.pos_emb='alibi' is not one of 'learned', 'rope'"),
+    (["--optim.fused", "sometimes"], "optim.fused='sometimes' is not one of true, false, 'auto'"),
+    (["--data.format", "SFT"], "data.format='SFT' is not one of 'tokens', 'sft'; did you mean 'sft'?"),
+])
+def test_choice_fields_reject_other_values_in_one_line(argv, message):
+    with pytest.raises(UserError) as info:
+        load_config(None, argv)
+    assert str(info.value) == f"command line: {message}"
+
+
+def test_choice_errors_name_the_yaml_line_and_values_set_in_python(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dir: d\n  order: sequentail\n")
+    with pytest.raises(UserError, match=r"^.*bad\.yaml:3: data.order='sequentail' is not one of 'random', "
+                                        r"'sequential'; did you mean 'sequential'\?$"):
+        load_config(str(bad))
+    cfg = RunConfig()
+    cfg.data.sft.truncation = "cut"
+    with pytest.raises(UserError, match=r"^data.sft.truncation='cut' is not one of 'truncate', 'drop'$"):
+        cfg.validate()
+
+
+def test_choice_values_are_written_once():
+    """No module repeats the values of a choice field: consumers take them from its Literal."""
+    import ast
+    import typing
+
+    import gpt2lab
+    from gpt2lab import config, devices, parallel
+    from gpt2lab.data import loader
+
+    choices = {frozenset(typing.get_args(tp)) for key, tp, *_ in iter_fields(RunConfig) if "Literal[" in str(tp)}
+    choices = {c - {None} for c in choices}
+    assert {"cosine", "wsd"} < max(choices, key=lambda c: "wsd" in c) and len(choices) >= 10
+    repeated = []
+    for path in Path(gpt2lab.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        literal_args = {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript)
+                        and isinstance(n.value, ast.Name) and n.value.id == "Literal"}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and id(node) not in literal_args:
+                values = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+                if len(values) == len(node.elts) > 1 and frozenset(values) in choices:
+                    repeated.append(f"{path.name}:{node.lineno}: {values}")
+    assert not repeated, "\n".join(repeated)
+    assert parallel.STRATEGIES == typing.get_args(config.Strategy)
+    assert parallel.ACTIVATION_CHECKPOINTING == typing.get_args(config.ActivationCheckpointing)
+    assert loader.ORDERS == typing.get_args(config.DataOrder)
+    assert typing.get_args(devices.DtypeName) == devices.DTYPE_CHOICES == ("auto", *devices.DTYPES)
+
+
+def test_help_shows_the_choices_and_the_result_changing_settings(capsys):
+    from gpt2lab import run
+    from gpt2lab.config import RESULT_CHANGING, CheckpointConfig
+    from gpt2lab.configparse import field_docs
+
+    assert run.RESULT_CHANGING is RESULT_CHANGING
+    doc = field_docs(CheckpointConfig)["allow_changes"]
+    for key in RESULT_CHANGING:
+        assert (key + "*" if key.endswith(".") else key) in doc
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--optim.schedule cosine|constant|wsd" in text
+    assert "--train.dtype auto|fp32|bf16|fp16" in text
+    assert "--optim.fused BOOL|auto" in text
+    assert "train.max_time, train.dtype, train.fused_loss, data.order" in text

@@ -13,7 +13,7 @@ from gpt2lab import parallel
 from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import wikitext
-from gpt2lab.evaluate.training import EvalConfig, TaskEvaluator
+from gpt2lab.evaluate.training import EvalConfig, TaskEvaluator, task_schedule
 from gpt2lab.logging import LogConfig, RunLogger, read_metrics
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import OptimConfig
@@ -110,10 +110,10 @@ def test_run_builds_the_eval_hook_and_a_task_that_cannot_run_only_warns(tmp_path
 
 
 def test_eval_config_old_and_new_keys():
-    assert EvalConfig(hellaswag_every=250, hellaswag_limit=100).schedule() == (["hellaswag"], 250, 100)
+    assert task_schedule(EvalConfig(hellaswag_every=250, hellaswag_limit=100)) == (["hellaswag"], 250, 100)
     cfg = load_config(None, ["--eval.tasks", "hellaswag,wikitext", "--eval.every", "50", "--eval.limit", "10"])
-    assert cfg.eval.schedule() == (["hellaswag", "wikitext"], 50, 10)
-    assert EvalConfig().schedule() == ([], 0, None)
+    assert task_schedule(cfg.eval) == (["hellaswag", "wikitext"], 50, 10)
+    assert task_schedule(EvalConfig()) == ([], 0, None)
     bad = [
         (dict(hellaswag_every=5, every=5, tasks=["lambada"]), "both set; keep one"),
         (dict(tasks=["wikitext"]), r"eval.every is 0; set --eval.every N"),
@@ -124,12 +124,12 @@ def test_eval_config_old_and_new_keys():
     ]
     for fields, message in bad:
         with pytest.raises(UserError, match=message) as info:
-            EvalConfig(**fields).schedule()
+            task_schedule(EvalConfig(**fields))
         assert "\n" not in str(info.value)
 
 
 def test_fineweb_preset_keeps_hellaswag_every_250():
-    assert load_config("gpt2_124m_fineweb").eval.schedule() == (["hellaswag"], 250, None)
+    assert task_schedule(load_config("gpt2_124m_fineweb").eval) == (["hellaswag"], 250, None)
 
 
 def test_no_hooks_and_no_checkpoints():

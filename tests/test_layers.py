@@ -16,14 +16,14 @@ PACKAGE = Path(gpt2lab.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("losses", "download", "devices", "fileio"),
-    ("configparse", "tokenizer", "precision", "timebudget"),
-    ("sampling",),
+    ("configparse", "tokenizer", "timebudget", "architecture"),
+    ("config",),
+    ("sampling", "precision"),
     ("model",),
     ("data", "optim", "parallel", "logging"),
     ("checkpoint", "hf", "lora"),
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),
-    ("config",),
     ("run",),
     ("commands", "api"),
     ("cli",),
@@ -144,7 +144,7 @@ def test_the_model_imports_torch_stdlib_and_the_bottom_layers_only():
         elif isinstance(node, ast.ImportFrom) and not node.level:
             top_level.add((node.module or "").split(".")[0])
     assert top_level - set(sys.stdlib_module_names) <= {"torch", "gpt2lab"}
-    assert import_graph()["model"] <= {"errors", "losses", "sampling"}
+    assert import_graph()["model"] <= {"errors", "losses", "sampling", "architecture"}
 
 
 def test_the_layer_check_sees_lazy_imports(tmp_path):

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gpt2lab.api import LoadedModel, Score, load, train
-    from gpt2lab.model import GPT, GPTConfig, KVCache
+    from gpt2lab.architecture import GPTConfig
+    from gpt2lab.model import GPT, KVCache
 
 # Public name -> the module that defines it (imported on first use).
-_EXPORTS = {"GPT": "gpt2lab.model", "GPTConfig": "gpt2lab.model", "KVCache": "gpt2lab.model",
+_EXPORTS = {"GPT": "gpt2lab.model", "GPTConfig": "gpt2lab.architecture", "KVCache": "gpt2lab.model",
             "load": "gpt2lab.api", "train": "gpt2lab.api", "LoadedModel": "gpt2lab.api", "Score": "gpt2lab.api"}
 __all__ = ["GPT", "GPTConfig", "KVCache", "LoadedModel", "Score", "load", "train"]
 __version__ = "0.1.0"

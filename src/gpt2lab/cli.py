@@ -6,8 +6,8 @@ Each subcommand lives in its own module, which defines
     run(args: argparse.Namespace) -> int | None
 
 so `gpt2lab --help` stays instant and `gpt2lab sample` never imports the trainer. Building any
-command's parser imports no torch (the `train` options come from configparse's schema file), so
-every `gpt2lab COMMAND --help` is instant too.
+command's parser imports no torch (the `train` options come from the torch-free config classes of
+gpt2lab.config), so every `gpt2lab COMMAND --help` is instant too.
 Errors meant for users are raised as `gpt2lab.errors.UserError` and printed as one line.
 """
 

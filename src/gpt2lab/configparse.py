@@ -1,19 +1,16 @@
 """The config machinery: documented dataclasses <-> YAML, dotted overrides and argparse options.
 
 It works on any tree of dataclasses whose fields carry docstrings (the string literal right after
-each field, as in `model.GPTConfig`); `gpt2lab.config` holds the tree of a run.
+each field, as in `architecture.GPTConfig`); `gpt2lab.config` holds the tree of a run.
 
     set_dotted(cfg, "optim.lr", "3e-4", "command line")    coerce to the field's type, or a UserError
     apply_yaml(cfg, path)                                   every key of a YAML file; errors name file:line
     parse_overrides(["--optim.lr", "3e-4"])                 -> [("optim.lr", "3e-4")]
-    load_schema("gpt2lab.config:RunConfig")                 the --help options of a tree, without importing it
+    add_config_options(parser, RunConfig, "run")            one --section.field option per field, for --help
 
-The schema file (configs/schema.json, committed) holds every option of the trees the CLI shows, with
-the sha256 of the source of each class that defines them. `--help` reads it and imports no torch;
-when a class's source no longer matches (a config was edited), the options are built from the live
-classes instead (slower: they import torch) and kept in the user cache until the next edit. Regenerate it with `python -m gpt2lab.configparse --write-schema`.
-
-Nothing here imports torch, nor the modules that define configs (except `build_schema`, on demand).
+A `Literal[...]` field accepts only its values: coercion (and `check_choices`, for values set in
+Python) is the one place they are checked. Nothing here imports torch: the config classes are
+torch-free, so `--help` is built from the live classes.
 """
 
 from __future__ import annotations
@@ -24,23 +21,18 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import hashlib
-import importlib
 import inspect
 import json
-import sys
 import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import fields
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import write_atomic
-
-WRITE_SCHEMA_COMMAND = "python -m gpt2lab.configparse --write-schema"
 
 # --------------------------------------------------------------------------------------------------
 # Field docs and types
@@ -51,22 +43,25 @@ def field_docs(cls: type) -> dict[str, str]:
     """Docstrings of a dataclass's fields: the string literal right after each annotated field.
 
     A class made by `dataclasses.make_dataclass` has no source; it names the classes its fields
-    come from in `__field_docs_from__`.
+    come from in `__field_docs_from__`. A `{name}` in a docstring is filled from the class's
+    `__doc_values__` (text derived from a table, so the help cannot drift from it).
     """
     docs: dict[str, str] = {}
     for klass in (*reversed(cls.__mro__), *getattr(cls, "__field_docs_from__", ())):
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         except (OSError, TypeError):
             continue
-        body = tree.body[0].body
         for node, nxt in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+                doc = " ".join(inspect.cleandoc(nxt.value.value).split())
+                for name, text in getattr(klass, "__doc_values__", {}).items():
+                    doc = doc.replace("{" + name + "}", text)
+                docs[node.target.id] = doc
     return docs
 
 
@@ -76,19 +71,23 @@ def hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def iter_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
-    """Every leaf field of a config tree: (dotted key, type, default, docstring), in declaration order."""
-    out = []
-    docs, types_ = field_docs(cls), hints(cls)
+def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, type, dataclasses.Field, Any]]:
+    """(dotted key, owning class, field, type) of every leaf field of a config tree, in declaration order."""
     for f in fields(cls):
-        tp = types_[f.name]
-        key = f"{prefix}{f.name}"
+        tp = hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(iter_fields(tp, key + "."))
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out.append((key, tp, default, docs.get(f.name, "")))
-    return out
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", cls, f, tp
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def iter_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
+    """Every leaf field of a config tree: (dotted key, type, default, docstring), in declaration order."""
+    return [(key, tp, _default(f), field_docs(owner).get(f.name, "")) for key, owner, f, tp in _leaves(cls)]
 
 
 def get_dotted(cfg: Any, key: str) -> Any:
@@ -99,11 +98,13 @@ def get_dotted(cfg: Any, key: str) -> Any:
 
 
 def type_name(tp: Any) -> str:
-    """A short name of a field type for help text: FLOAT, INT, BOOL, STR, LIST, ..."""
+    """A short name of a field type for help text: FLOAT, INT, BOOL, STR, LIST, cosine|wsd (a Literal), ..."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return "|".join(type_name(a) for a in args)
+    if origin is Literal:
+        return "|".join(map(str, args))
     if origin in (list, tuple):
         return "LIST"
     return getattr(tp, "__name__", str(tp)).upper()
@@ -117,8 +118,24 @@ class CoerceError(ValueError):
     """A value that cannot be converted to a field's type."""
 
 
+class ChoiceError(CoerceError):
+    """A value outside a field's allowed values; says which they are, and the closest."""
+
+    def __init__(self, value: Any, allowed: tuple) -> None:
+        by_text = {str(a).lower(): a for a in allowed}
+        close = difflib.get_close_matches(str(value).lower(), by_text, n=1, cutoff=0.6)
+        hint = f"; did you mean {_shown(by_text[close[0]])}?" if close else ""
+        super().__init__(f"is not one of {', '.join(map(_shown, allowed))}{hint}")
+
+
+def _shown(value: Any) -> str:
+    """A value as YAML spells it (true, false, null), text quoted."""
+    return repr(value) if isinstance(value, str) else json.dumps(value)
+
+
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+_EXPECTED = {int: "expected an integer", float: "expected a number", str: "expected a string"}
 
 
 def coerce(value: Any, tp: Any) -> Any:
@@ -137,49 +154,17 @@ def coerce(value: Any, tp: Any) -> Any:
             # Exact type first (so 3 stays an int in int | float), then conversions in declared order.
             options = [a for a in options if _is_instance(value, a)] + options
         for a in options:
-            try:
+            with contextlib.suppress(CoerceError):
                 return coerce(value, a)
-            except CoerceError:
-                continue
+        finite = [(True, False) if a is bool else typing.get_args(a) for a in options
+                  if a is bool or typing.get_origin(a) is Literal]
+        if len(finite) == len(options):  # bool | Literal["auto"]: say every value
+            raise ChoiceError(value, tuple(v for values in finite for v in values))
         raise CoerceError(f"expected {type_name(tp)}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
             return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise CoerceError("expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise CoerceError("expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return int(value.replace("_", ""))
-            with contextlib.suppress(ValueError):
-                f = float(value)  # "5e3"
-                if f.is_integer():
-                    return int(f)
-        raise CoerceError("expected an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise CoerceError("expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return float(value)
-        raise CoerceError("expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise CoerceError("expected a string")
+        raise ChoiceError(value, args)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = parse_scalar(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
@@ -192,7 +177,28 @@ def coerce(value: Any, tp: Any) -> Any:
                 raise CoerceError(f"expected a list of {len(args)} values")
             return tuple(coerce(v, a) for v, a in zip(value, args))
         return [coerce(v, args[0] if args else Any) for v in value]
-    raise CoerceError(f"unsupported type {tp}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise CoerceError("expected true or false")
+    if isinstance(value, bool) or tp not in _EXPECTED:
+        raise CoerceError(_EXPECTED.get(tp, f"unsupported type {tp}"))
+    if tp is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise CoerceError(_EXPECTED[str])
+    if isinstance(value, str):  # "1_000", "5e3" (an int), "6e-4" (YAML 1.1 reads it as text)
+        with contextlib.suppress(ValueError):
+            return tp(value.replace("_", ""))
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, (int, float)) and (tp is float or float(value).is_integer()):
+        return tp(value)
+    raise CoerceError(_EXPECTED[tp])
 
 
 def _is_instance(value: Any, tp: Any) -> bool:
@@ -214,6 +220,24 @@ def parse_scalar(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _problem(key: str, value: Any, tp: Any, error: CoerceError) -> str:
+    """"optim.lr='x' is not a valid FLOAT: expected a number" or "optim.name='x' is not one of ...\""""
+    if isinstance(error, ChoiceError):
+        return f"{key}={value!r} {error}"
+    return f"{key}={value!r} is not a valid {type_name(tp)}: {error}"
+
+
+def check_choices(cfg: Any) -> None:
+    """UserError for a choice field (one typed with a Literal) whose value is not one of its values."""
+    for key, _, _, tp in _leaves(type(cfg)):
+        if "Literal[" in str(tp):
+            value = get_dotted(cfg, key)
+            try:
+                coerce(value, tp)
+            except CoerceError as e:
+                raise UserError(_problem(key, value, tp, e)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +266,7 @@ def set_dotted(cfg: Any, key: str, value: Any, where: str) -> None:
     obj: Any = cfg
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in fields(obj)}:
-            keys = [k for k, *_ in iter_fields(type(cfg))]
+            keys = [k for k, *_ in _leaves(type(cfg))]
             raise UserError(f"{where}: unknown config key '{key}'{suggest(key, keys)}")
         tp = hints(type(obj))[part]
         if i == len(parts) - 1:
@@ -255,7 +279,7 @@ def set_dotted(cfg: Any, key: str, value: Any, where: str) -> None:
             try:
                 setattr(obj, part, coerce(value, tp))
             except CoerceError as e:
-                raise UserError(f"{where}: {key}={value!r} is not a valid {type_name(tp)}: {e}") from None
+                raise UserError(f"{where}: {_problem(key, value, tp, e)}") from None
             return
         obj = getattr(obj, part)
 
@@ -344,49 +368,12 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Presets
-
-
-def config_dir() -> Path:
-    """The packaged presets folder (gpt2lab/configs)."""
-    return Path(str(resources.files("gpt2lab").joinpath("configs")))
-
-
-def preset_names() -> list[str]:
-    """Names of the packaged YAML presets."""
-    return sorted(p.stem for p in config_dir().glob("*.yaml"))
-
-
-def resolve_config_path(name_or_path: str) -> Path:
-    """A preset name ("quickstart") or a YAML path -> the file; UserError with the known names."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        return path
-    candidate = config_dir() / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    names = preset_names()
-    close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"unknown config '{name_or_path}' (presets: {', '.join(names)}; or a path to a .yaml){hint}")
-
-
-# --------------------------------------------------------------------------------------------------
 # Serialising
 
 
 def to_dict(cfg: Any) -> dict:
     """The config as plain dicts/lists/scalars (tuples become lists), for YAML and checkpoints."""
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(cfg)
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def to_yaml(cfg: Any) -> str:
@@ -402,13 +389,10 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Schema: the --help options of a config tree, readable without importing it
-
-SCHEMA_FILE = "schema.json"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+# --help
 
 
-def _shown_default(cls: type, name: str, default: Any) -> str:
+def shown_default(cls: type, name: str, default: Any) -> str:
     """The default as --help shows it; a class may say it in words (`__shown_defaults__`)."""
     shown = getattr(cls, "__shown_defaults__", {}).get(name)
     if shown is not None:
@@ -416,155 +400,19 @@ def _shown_default(cls: type, name: str, default: Any) -> str:
     return "null" if default is None else repr(default) if isinstance(default, str) else str(default)
 
 
-def _walk_classes(cls: type) -> list[type]:
-    """The dataclasses of a tree: the root, its sections, their bases and the classes their docs come from."""
-    found: list[type] = []
-
-    def visit(c: type) -> None:
-        for klass in (*c.__mro__, *getattr(c, "__field_docs_from__", ())):
-            if dataclasses.is_dataclass(klass) and klass not in found:
-                found.append(klass)
-                for tp in hints(klass).values():
-                    if dataclasses.is_dataclass(tp):
-                        visit(tp)
-
-    visit(cls)
-    return found
-
-
-@functools.lru_cache(maxsize=32)
-def _class_sources(text: str) -> dict[str, str]:
-    """The source (decorators included) of each top-level class of a module's text, by class name."""
-    lines = text.splitlines()
-    out = {}
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.ClassDef):
-            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
-            out[node.name] = "\n".join(lines[start - 1:node.end_lineno])
-    return out
-
-
-def _source_name(cls: type) -> str:
-    """"file.py:Class" (relative to the gpt2lab package) for a class statement, "file.py" for a class made
-    by a call (e.g. make_dataclass), whose definition is the whole file."""
-    path = Path(sys.modules[cls.__module__].__file__).resolve().relative_to(_PACKAGE_DIR).as_posix()
-    text = (_PACKAGE_DIR / path).read_text(encoding="utf-8")
-    return f"{path}:{cls.__qualname__}" if cls.__qualname__ in _class_sources(text) else path
-
-
-def _source_hash(source: str) -> str | None:
-    """sha256 of a class's source ("file.py:Class") or of a whole file ("file.py"); None if it is gone."""
-    path, _, name = source.partition(":")
-    try:
-        text = (_PACKAGE_DIR / path).read_text(encoding="utf-8")
-    except OSError:
-        return None
-    if name:
-        text = _class_sources(text).get(name)
-        if text is None:
-            return None
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _import(target: str) -> type:
-    """The class "module:Name" names."""
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def build_schema(target: str) -> dict:
-    """The schema entry of the config tree `target` ("gpt2lab.config:RunConfig"), built from the live classes:
-    {"sources": {"file.py:Class": sha256 of its source}, "sections": {dotted section: doc},
-    "options": [{key, metavar, default (as shown), doc, bool}]}."""
-    root = _import(target)
-    sections = {"": " ".join((root.__doc__ or "").split())}
-    options = []
-    for key, tp, default, doc in iter_fields(root):
-        section, _, name = key.rpartition(".")
-        owner: Any = root
-        for part in section.split(".") if section else ():
-            owner = hints(owner)[part]
-        sections.setdefault(section, " ".join((owner.__doc__ or "").split()))
-        options.append({"key": key, "metavar": type_name(tp), "default": _shown_default(owner, name, default),
-                        "doc": doc, "bool": tp is bool})
-    names = {_source_name(c) for c in _walk_classes(root)}
-    # A whole-file entry ("config.py") already covers that file's classes.
-    sources = sorted(n for n in names if ":" not in n or n.split(":")[0] not in names)
-    return {"sources": {source: _source_hash(source) for source in sources}, "sections": sections,
-            "options": options}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _cache_file() -> Path:
-    """Where schema entries built from edited classes are kept, so only the first --help after an edit is slow."""
-    from gpt2lab.download import cache_dir
-
-    return cache_dir() / SCHEMA_FILE
-
-
-def _is_current(entry: dict | None) -> bool:
-    return bool(entry) and all(_source_hash(source) == digest for source, digest in entry["sources"].items())
-
-
-def load_schema(target: str) -> dict:
-    """The schema entry of `target` (see `build_schema`): from the committed schema file while the
-    sources of its classes are unchanged (read and hashed, not imported), else from the user cache
-    on the same terms, else built from the live classes and cached."""
-    committed = _read_json(config_dir() / SCHEMA_FILE).get(target)
-    if _is_current(committed):
-        return committed
-    cached = _read_json(_cache_file())
-    if _is_current(cached.get(target)):
-        return cached[target]
-    entry = build_schema(target)
-    with contextlib.suppress(OSError):  # a read-only home only costs speed
-        _cache_file().parent.mkdir(parents=True, exist_ok=True)
-        _cache_file().write_text(json.dumps({**cached, target: entry}), encoding="utf-8")
-    return entry
-
-
-def write_schema(targets: list[str] | None = None) -> Path:
-    """Regenerate the schema file: the entries it has, plus `targets` ("module:Class")."""
-    names = sorted({*_read_json(config_dir() / SCHEMA_FILE), *(targets or [])})
-    path = config_dir() / SCHEMA_FILE
-    data = {name: build_schema(name) for name in names}
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def add_schema_arguments(parser: argparse.ArgumentParser, schema: dict, root_title: str) -> None:
-    """One --section.field option per schema option, grouped by section (the root's fields under `root_title`),
-    each with its docstring and default; values stay text (dest = the dotted key, absent unless given)."""
+def add_config_options(parser: argparse.ArgumentParser, cls: type, root_title: str) -> None:
+    """One --section.field option per leaf field of the tree `cls`, grouped by section (the root's fields
+    under `root_title`), each with its docstring, default and metavar (a choice field lists its values);
+    values stay text (dest = the dotted key, absent unless given) for `set_dotted` to coerce."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for option in schema["options"]:
-        section = option["key"].rpartition(".")[0]
+    for key, owner, f, tp in _leaves(cls):
+        section = key.rpartition(".")[0]
         if section not in groups:
-            doc = textwrap.fill(schema["sections"].get(section, ""), width=100)
+            doc = textwrap.fill(" ".join((owner.__doc__ or "").split()), width=100)
             groups[section] = parser.add_argument_group(section or root_title, doc)
-        help_ = f"{option['doc']} (default: {option['default']})".replace("%", "%%")
-        kwargs: dict[str, Any] = dict(dest=option["key"], default=argparse.SUPPRESS, metavar=option["metavar"],
-                                      help=help_)
-        if option["bool"]:
+        doc = field_docs(owner).get(f.name, "")
+        help_ = f"{doc} (default: {shown_default(owner, f.name, _default(f))})".replace("%", "%%")
+        kwargs: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, metavar=type_name(tp), help=help_)
+        if tp is bool:
             kwargs.update(nargs="?", const="true")
-        groups[section].add_argument(f"--{option['key']}", **kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gpt2lab.configparse --write-schema [module:Class ...]`."""
-    parser = argparse.ArgumentParser(prog="python -m gpt2lab.configparse", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write-schema", action="store_true", required=True,
-                        help=f"regenerate gpt2lab/configs/{SCHEMA_FILE} from the live config classes")
-    parser.add_argument("targets", nargs="*", metavar="module:Class", help="config trees to add to the file")
-    args = parser.parse_args(argv)
-    print(f"wrote {write_schema(args.targets)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        groups[section].add_argument(f"--{key}", **kwargs)

@@ -14,7 +14,7 @@ names here without it.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from gpt2lab.errors import UserError
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Short dtype name -> the torch attribute (torch.float32, ...); the long names are accepted as aliases."""
 DTYPE_CHOICES = ("auto", *DTYPES)
+DtypeName = Literal[DTYPE_CHOICES]
+"""A dtype setting (train.dtype, --dtype): "auto" or a short name of the table above."""
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 _ALIASES = {long: short for short, long in DTYPES.items()}
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

@@ -19,29 +19,15 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2lab.config import LogConfig
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-
-
-@dataclass
-class LogConfig:
-    """Where metrics go (metrics.jsonl in the run directory is always written)."""
-
-    progress: bool = True
-    """Live progress bar when the console is a terminal (plain lines otherwise)."""
-    tensorboard: bool = False
-    """Also write TensorBoard events to <out_dir>/tensorboard."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs `pip install wandb`)."""
-    wandb_project: str = "gpt2lab"
-    """W&B project name."""
 
 
 def format_duration(seconds: float) -> str:

@@ -19,41 +19,19 @@ import json
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2lab.config import LoraConfig
 from gpt2lab.errors import UserError
 
 ADAPTER_FORMAT = "gpt2lab-lora-adapter"
 ADAPTER_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass
-class LoraConfig:
-    """LoRA: train low-rank adapters instead of the full weights."""
-
-    r: int = 0
-    """Adapter rank (0 = LoRA off, full finetuning)."""
-    alpha: float = 16.0
-    """Scaling numerator: the adapter output is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
-    """Names of the Linear layers that get adapters (c_attn, c_proj, c_fc, lm_head)."""
-    merge: bool = False
-    """Merge the adapters into the base weights at the end and save a plain checkpoint."""
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LoraConfig:
-        """From a saved config (a checkpoint's "lora" entry); keys it lacks take these defaults."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class LoRALinear(nn.Module):

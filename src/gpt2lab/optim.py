@@ -14,51 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gpt2lab.config import OptimConfig
 from gpt2lab.errors import UserError
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and the learning-rate schedule."""
-
-    lr: float = 6e-4
-    """Peak learning rate (after warmup)."""
-    min_lr: float = 6e-5
-    """Final learning rate of the cosine and wsd schedules."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, applied to matrices and embeddings (params with >= 2 dims) only."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW (beta1, beta2)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    fused: bool | str = "auto"
-    """Fused AdamW kernel: "auto" = fused on CUDA and CPU (several times faster there), foreach
-    elsewhere; true/false to force."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 = no clipping; the norm is still reported)."""
-    schedule: str = "cosine"
-    """"cosine" (warmup, cosine decay to min_lr at max_steps), "constant" (warmup, then lr), or
-    "wsd" (warmup, stable lr, linear decay to min_lr over the last decay_fraction of the steps)."""
-    warmup_steps: int = 100
-    """Steps of linear warmup from lr/warmup_steps to lr."""
-    decay_fraction: float = 0.2
-    """wsd only: fraction of max_steps spent decaying to min_lr."""
-    name: str = "adamw"
-    """"adamw", or "muon": torch.optim.Muon (torch >= 2.9) for the 2-D weights inside the blocks and
-    AdamW for embeddings, the tied LM head, biases and LayerNorm gains (not with FSDP)."""
-    muon_lr: float = 0.02
-    """Peak learning rate of the Muon matrices (the schedule scales it as it scales optim.lr)."""
-    muon_momentum: float = 0.95
-    """Muon's momentum (Nesterov)."""
-    muon_dtype: str = "auto"
-    """Dtype of Muon's orthogonalisation (its Newton-Schulz matmuls): "auto" = bf16 as torch.optim.Muon
-    does, except on a CPU where bf16 matmuls in those layouts measure slower than fp32 (there fp32;
-    precision.muon_precision); "bf16" or "fp32" to force."""
 
 
 def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:

@@ -21,51 +21,26 @@ import contextlib
 import datetime
 import os
 import sys
+import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gpt2lab.config import ActivationCheckpointing, Strategy
+from gpt2lab.config import FSDPConfig as FSDPConfig  # re-exported: the sections' old home
+from gpt2lab.config import ParallelConfig as ParallelConfig
 from gpt2lab.devices import resolve_device
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
-ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
+STRATEGIES = typing.get_args(Strategy)
+ACTIVATION_CHECKPOINTING = typing.get_args(ActivationCheckpointing)
 DEFAULT_TIMEOUT_S = 600.0
 """Collective timeout: a rank stuck this long in a collective (a peer hung or lost) raises and exits."""
-
-# --------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class FSDPConfig:
-    """FSDP2 options (parallel.strategy "fsdp")."""
-
-    reshard_after_forward: bool = True
-    """Free gathered parameters after the forward (less memory, one more all-gather in backward)."""
-    mixed_precision: bool = True
-    """Gather parameters and reduce gradients in the compute dtype (bf16) instead of fp32."""
-
-
-@dataclass
-class ParallelConfig:
-    """Multi-GPU training (launch with torchrun)."""
-
-    strategy: str = "auto"
-    """"auto" (ddp with several ranks, none with one), "none", "ddp" or "fsdp" (FSDP2, sharded)."""
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    """FSDP2 options."""
-    activation_checkpointing: str = "none"
-    """Recompute activations in backward to save memory: "none", "block" (every block) or
-    "selective" (every other block)."""
-    compile_blocks: bool = False
-    """With train.compile: compile each block separately (faster compile; used with FSDP)."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Process group

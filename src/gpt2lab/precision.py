@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 
+from gpt2lab.config import MuonDtype
 from gpt2lab.devices import canonical_dtype, dtype_name, resolve_dtype, torch_dtype
 from gpt2lab.download import cache_dir
 from gpt2lab.errors import UserError
@@ -514,8 +516,8 @@ def muon_dtype(name: str, device: torch.device, *, n_embd: int) -> tuple[torch.d
     0 measures, every rank takes its choice: all ranks must step alike). An explicit bf16 on CPU is
     measured too (on rank 0) so the caller can warn when it is the slower (`Choice.note`)."""
     name = canonical_dtype(name)
-    if name not in ("auto", "bf16", "fp32"):
-        raise UserError(f"optim.muon_dtype={name!r} is not one of 'auto', 'bf16', 'fp32'")
+    if name not in typing.get_args(MuonDtype):
+        raise UserError(f"optim.muon_dtype={name!r} is not one of {', '.join(map(repr, typing.get_args(MuonDtype)))}")
     if device.type != "cpu":
         return (torch.bfloat16 if name == "auto" else torch_dtype(name)), None
     return _on_cpu(name, functools.partial(muon_precision, n_embd), check_explicit=True)

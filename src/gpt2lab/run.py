@@ -39,8 +39,9 @@ from gpt2lab.checkpoint import (
     save_sharded,
     step_dir,
 )
-from gpt2lab.config import ModelConfig, RunConfig, save_yaml, to_dict
+from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, save_yaml, to_dict
 from gpt2lab.errors import UserError
+from gpt2lab.evaluate.training import task_schedule
 from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
@@ -111,7 +112,7 @@ def _say(env: Any, message: str) -> None:
 def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     run_dir = cfg.out_dir
     resume_from = resolve_resume(_resume_setting(cfg, env), run_dir, quiet=not env.is_main)
-    eval_schedule = cfg.eval.schedule()  # a bad eval section fails before any work
+    eval_schedule = task_schedule(cfg.eval)  # a bad eval section fails before any work
     auto_on_cpu(cfg.train.dtype, env.device)  # so does a bad GPT2LAB_CPU_DTYPE
     if env.device.type == "cuda" and cfg.train.tf32:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; a no-op on older GPUs
@@ -275,13 +276,6 @@ def _finish(run_dir: Path, result: TrainResult) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Pieces
-
-
-# What a resume may change without flag: these keep the continuation bitwise what it would have been
-# (micro-batches and ranks split the same global batch; frequencies only decide what is logged when).
-RESULT_CHANGING = ("train.tokens_per_step", "train.seed", "train.max_steps", "train.max_time", "train.dtype",
-                   "train.fused_loss",
-                   "data.order", "data.dir", "data.format", "data.sft.", "optim.", "lora.", "model.")
 
 
 def check_resume_changes(saved: dict | None, cfg: RunConfig, env: Any, source: str) -> dict:
@@ -481,7 +475,7 @@ def _checkpoint_saver(cfg: RunConfig, wrapped: torch.nn.Module, optimizer: torch
 def _hooks(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Tokenizer, env: Any,
            eval_schedule: tuple[list[str], int, int | None]) -> list[Hook]:
     """What the trainer runs between steps, in this order: the sample (train.sample_every, and after the
-    last step), then the eval tasks (eval.every; eval_schedule is cfg.eval.schedule())."""
+    last step), then the eval tasks (eval.every; eval_schedule is task_schedule(cfg.eval))."""
     from gpt2lab.evaluate.registry import get_task
     from gpt2lab.evaluate.training import TaskEvaluator
 

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from gpt2lab import parallel
+from gpt2lab.config import SDPA_BACKENDS, OptimConfig, TrainConfig
 from gpt2lab.errors import UserError
 from gpt2lab.logging import RunLogger
-from gpt2lab.optim import OptimConfig, lr_at, set_lr
+from gpt2lab.optim import lr_at, set_lr
 from gpt2lab.timebudget import (
     CALIBRATION_SHARE,
     CALIBRATION_STEPS,
@@ -55,64 +56,6 @@ from gpt2lab.timebudget import (
 
 IGNORE_INDEX = -100
 
-
-@dataclass
-class TrainConfig:
-    """The training loop."""
-
-    max_steps: int = 1000
-    """Number of optimizer steps (with max_time: the most it may choose)."""
-    max_time: str | None = None
-    """Wall-clock budget of the whole run, e.g. "3m", "140s", "1h30m" (null = none). The first steps are
-    timed, then the number of steps is chosen (at most max_steps) so that the run, its validations,
-    hooks, checkpoints and final plot end within it, and chosen again as the run goes while the
-    schedule of the steps taken allows; it is printed and recorded as train.max_steps in the run's
-    config.yaml and checkpoints (so --resume continues exactly)."""
-    tokens_per_step: int = 65536
-    """Global batch in tokens per optimizer step (all ranks, all micro-batches); must be a multiple of
-    micro_batch_size * block_size * world_size (the quotient is the gradient accumulation)."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward pass on one device."""
-    seed: int = 1337
-    """Seed of the model init, the data order and dropout."""
-    device: str = "auto"
-    """"auto" (the rank's CUDA device if any, else cpu), "cpu", "cuda", "cuda:N" or "mps"."""
-    dtype: str = "auto"
-    """Compute precision: "auto" (bf16 on CUDA with bf16 support, fp16 + loss scaling on older CUDA; on
-    CPU bf16 only where bf16 matmuls at the model's shapes measure >= 1.3x faster than fp32, cached in
-    precision.json; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), "fp32", "bf16" or "fp16". Weights
-    and optimizer state stay fp32."""
-    compile: bool = False
-    """torch.compile the model (CUDA; slow to start, faster steps)."""
-    fused_loss: bool = False
-    """Compute the LM head and the loss chunk by chunk, never holding the (tokens x vocab) logits: same
-    loss and gradients, several GB less memory at GPT-2 scale (see gpt2lab.losses)."""
-    sdpa_backend: str = "auto"
-    """Attention kernel of training steps: "auto" (PyTorch picks), "flash", "math", or the CUDA-only
-    "cudnn" and "efficient"."""
-    tf32: bool = True
-    """Allow TF32 matmuls on Ampere or newer GPUs."""
-    eval_every: int = 250
-    """Evaluate the validation loss every this many steps and at the end (0 = only at the end)."""
-    eval_tokens: int = 327_680
-    """Validation tokens per evaluation: the first eval_tokens // block_size blocks of the val split (all
-    of it if shorter; for SFT data that many records), the same set whatever micro_batch_size and the
-    number of ranks, so the same weights always get the same val loss (0 = no validation)."""
-    eval_batches: int | None = None
-    """Older way to size the validation set, in micro-batches: when set, it is eval_batches x
-    micro_batch_size blocks (so it changes with micro_batch_size) and eval_tokens is not used."""
-    sample_every: int = 0
-    """Print a sample every this many steps (0 = only the final sample)."""
-    sample_prompt: str = "\n"
-    """Prompt of the samples."""
-    sample_tokens: int = 200
-    """New tokens per sample (0 = no samples)."""
-    sample_temperature: float = 0.8
-    """Sampling temperature of the samples."""
-    sample_top_k: int | None = 200
-    """Sample among the top-k most likely tokens (null = all)."""
-    log_every: int = 10
-    """Log train metrics (loss, lr, grad norm, tokens/s, MFU) every this many steps."""
 
 # --------------------------------------------------------------------------------------------------
 # Batch geometry
@@ -151,10 +94,6 @@ def batch_geometry(tokens_per_step: int, micro_batch_size: int, block_size: int,
 
 # --------------------------------------------------------------------------------------------------
 # Attention kernel
-
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
-
 
 def sdpa_context(backend: str, device: torch.device) -> contextlib.AbstractContextManager:
     """A context in which scaled_dot_product_attention uses only `backend` (train.sdpa_backend);

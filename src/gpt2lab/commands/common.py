@@ -57,19 +57,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, init_default: str | 
                         metavar="|".join(DTYPE_CHOICES), help=dtype_help + " (default: %(default)s)")
 
 
-RUN_CONFIG = "gpt2lab.config:RunConfig"
-"""The config tree of `gpt2lab train` / `finetune`, as configparse's schema file names it."""
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
     """--config, --out, --resume, and one --section.field option per RunConfig field (with its docstring).
 
-    The options come from the schema file, so building this parser imports no torch; the values are
-    parsed by `gpt2lab.config.config_from_args` through the real dataclasses.
+    The options come from the torch-free config classes themselves; the values stay text until
+    `gpt2lab.config.config_from_args` coerces them.
     """
-    from gpt2lab.configparse import add_schema_arguments, load_schema, preset_names, suggest
+    from gpt2lab.config import RunConfig, all_keys, preset_names
+    from gpt2lab.configparse import add_config_options, suggest
 
-    schema = load_schema(RUN_CONFIG)
     parser.usage = f"{parser.prog} [--config NAME|PATH] [--out DIR] [--resume [CKPT]] [--section.field VALUE ...]"
     parser.allow_abbrev = False  # "--optim.l" must not silently mean --optim.lr
     parser.add_argument("--config", default=default_config, metavar="NAME|PATH",
@@ -77,8 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     parser.add_argument("--out", metavar="DIR", help="run directory (same as --checkpoint.out_dir)")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                         help="continue from the newest checkpoint of the run directory (or from CKPT)")
-    add_schema_arguments(parser, schema, "run")
-    keys = [option["key"] for option in schema["options"]]
+    add_config_options(parser, RunConfig, "run")
+    keys = all_keys()
 
     def error(message: str) -> NoReturn:
         unknown = message.split("unrecognized arguments:")[-1].split() if "unrecognized" in message else []

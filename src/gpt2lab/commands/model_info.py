@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import argparse
 import typing
-from typing import TYPE_CHECKING
 
+from gpt2lab.architecture import GPTConfig
+from gpt2lab.configparse import coerce, iter_fields, shown_default, type_name
 from gpt2lab.errors import UserError
-
-if TYPE_CHECKING:
-    from gpt2lab.model import GPTConfig
-
-GPT_CONFIG = "gpt2lab.model:GPTConfig"
-"""The architecture fields, as configparse's schema file names them (read without importing torch)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gpt2lab.configparse import load_schema
 
     parser.allow_abbrev = False
     parser.add_argument("preset", nargs="?", help="architecture preset (gpt2, gpt2-medium, ..., gpt2-tiny)")
@@ -34,18 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="compare with GQA, MQA and sliding-window variants of the same model")
     group = parser.add_argument_group("architecture overrides (GPTConfig fields)")
-    for option in load_schema(GPT_CONFIG)["options"]:
-        help_ = f"{option['doc']} (default: the preset's or --init's; GPTConfig: {option['default']})"
-        group.add_argument(f"--model.{option['key']}", dest=f"model.{option['key']}", default=argparse.SUPPRESS,
-                           metavar="VALUE", help=help_.replace("%", "%%"))
+    for key, tp, default, doc in iter_fields(GPTConfig):
+        help_ = f"{doc} (default: the preset's or --init's; GPTConfig: {shown_default(GPTConfig, key, default)})"
+        group.add_argument(f"--model.{key}", dest=f"model.{key}", default=argparse.SUPPRESS,
+                           metavar=type_name(tp), help=help_.replace("%", "%%"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """--model.FIELD values, read as YAML ("null", "[256, null]") and coerced to the field's type."""
     import yaml
-
-    from gpt2lab.configparse import coerce
-    from gpt2lab.model import GPTConfig
 
     hints = typing.get_type_hints(GPTConfig)
     out = {}
@@ -70,8 +61,6 @@ def _base_config(args: argparse.Namespace) -> GPTConfig:
 
 def _variants(config: GPTConfig) -> list[tuple[str, GPTConfig]]:
     """The model as given, with its MHA/GQA/MQA siblings and sliding-window versions."""
-    from gpt2lab.model import GPTConfig
-
     base = config.to_dict()
     nh = config.n_head
     # GQA: the divisor of n_head nearest to n_head / 4 (e.g. 3 kv heads for 12 query heads).
@@ -125,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gpt2lab.model import GPTConfig, ModelStats, model_stats
+    from gpt2lab.model import ModelStats, model_stats
 
     base = _base_config(args)
     config = GPTConfig(**{**base.to_dict(), **_overrides(args)})

@@ -22,18 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gpt2lab.config import DataOrder
 from gpt2lab.data.prepare import check_min_tokens, load_meta
 from gpt2lab.data.shards import open_shard
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import same_tokenizer
 
-ORDERS = ("random", "sequential")
+ORDERS = typing.get_args(DataOrder)
 
 
 def dataset_fingerprint(meta: dict) -> str:

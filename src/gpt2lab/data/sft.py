@@ -34,6 +34,7 @@ import os
 import re
 import string
 import sys
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpt2lab.config import SFTConfig, Truncation
 from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import LineError, iter_jsonl, json_type, read_text, str_field_problem
@@ -69,27 +71,6 @@ ALPACA_FILE = "alpaca_data.json"
 
 Segment = tuple[str, bool]  # (text, is_response)
 SKIP_HINT = "pass --data.sft.skip_invalid true to skip invalid records"
-
-
-@dataclass
-class SFTConfig:
-    """Instruction-tuning data (used when data.format is "sft")."""
-
-    path: str | None = None
-    """Records file (.json array or .jsonl), or "alpaca" for the Stanford Alpaca set."""
-    template: str = "alpaca"
-    """Prompt template: "alpaca", "chat" (messages records), or a custom string such as
-    "Q: {instruction}\\nA: {output}"."""
-    mask_prompt: bool = True
-    """Leave prompt tokens out of the loss (only response tokens are counted)."""
-    truncation: str = "truncate"
-    """Records longer than block_size: "truncate" (cut the end) or "drop" (skip the record)."""
-    packing: bool = False
-    """Lay several examples end to end in one row (fewer padding tokens)."""
-    val_fraction: float = 0.05
-    """Fraction of records held out for validation (0 = none)."""
-    skip_invalid: bool = False
-    """Skip malformed records (with a count) instead of stopping at the first one."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,8 +411,9 @@ def tokenize_records(records: Sequence[dict], tokenizer, template: str, block_si
     examples are dropped (`truncation="drop"`) or cut at the end ("truncate"); a cut example that
     keeps no counted target (the prompt alone fills the row) is dropped.
     """
-    if truncation not in ("truncate", "drop"):
-        raise UserError(f"data.sft.truncation must be 'truncate' or 'drop', got {truncation!r}")
+    if truncation not in typing.get_args(Truncation):
+        raise UserError(f"data.sft.truncation must be one of {', '.join(map(repr, typing.get_args(Truncation)))}, "
+                        f"got {truncation!r}")
     limit = block_size + 1
     out = Examples([], [])
     report = LengthReport()

@@ -1,62 +1,47 @@
-"""Eval tasks during training: the run config's `eval` section and what the trainer's hook calls.
+"""Eval tasks during training: what the run config's `eval` section asks for and what the trainer's hook calls.
 
-    tasks, every, limit = cfg.eval.schedule()                # old hellaswag_* keys resolved, checked
+    tasks, every, limit = task_schedule(cfg.eval)            # old hellaswag_* keys resolved, checked
     evaluator = TaskEvaluator([get_task(t) for t in tasks], limit, model, tokenizer, env)
     evaluator()                                              # {"hellaswag/acc": ..., "wikitext/bits_per_byte": ...}
 
 The trainer logs the dict as event "eval", so each number is eval/<task>/<metric> in TensorBoard and
-W&B. Importing this module does not import torch (config.py imports EvalConfig).
+W&B. The section itself, `EvalConfig`, is in gpt2lab.config (torch-free, for --help).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from gpt2lab.config import EvalConfig
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate.task import EvalTask
 
 
-@dataclass
-class EvalConfig:
-    """Eval tasks run during training (those of `gpt2lab eval`, at their default options)."""
+def task_schedule(cfg: EvalConfig) -> tuple[list[str], int, int | None]:
+    """The eval section as (task names, every, limit), older keys resolved; a UserError for settings that cannot run."""
+    from gpt2lab.evaluate.registry import get_task
 
-    tasks: list[str] = field(default_factory=list)
-    """Tasks run every eval.every steps, by their `gpt2lab eval` names, e.g. hellaswag,lambada,wikitext."""
-    every: int = 0
-    """Run eval.tasks every this many steps (0 = off)."""
-    limit: int | None = None
-    """Examples per task and evaluation: the first N (null = all)."""
-    hellaswag_every: int = 0
-    """Older spelling, still accepted: N means eval.tasks [hellaswag] with eval.every N (0 = off)."""
-    hellaswag_limit: int | None = None
-    """Older spelling, still accepted: eval.limit for eval.hellaswag_every (null = all 10,042 tasks)."""
-
-    def schedule(self) -> tuple[list[str], int, int | None]:
-        """(task names, every, limit) with the older keys resolved; a UserError for settings that cannot run."""
-        from gpt2lab.evaluate.registry import get_task
-
-        tasks, every, limit = list(self.tasks), self.every, self.limit
-        if self.hellaswag_every:
-            if tasks or every:
-                raise UserError("eval.hellaswag_every and eval.tasks/eval.every are both set; keep one "
-                                "(eval.tasks [hellaswag] with eval.every N is the newer spelling)")
-            tasks, every, limit = ["hellaswag"], self.hellaswag_every, self.hellaswag_limit
-        if every < 0:
-            raise UserError(f"eval.every must be >= 0, got {every}")
-        if limit is not None and limit <= 0:
-            raise UserError(f"eval.limit must be positive or null (= all), got {limit}")
-        if tasks and not every:
-            raise UserError(f"eval.tasks is set ({', '.join(tasks)}) but eval.every is 0; set --eval.every N")
-        if every and not tasks:
-            raise UserError("eval.every is set but eval.tasks is empty; name them, e.g. --eval.tasks hellaswag,wikitext")
-        for name in tasks:
-            if not get_task(name, where="eval.tasks").has_default_data():
-                raise UserError(f"eval.tasks: '{name}' needs --data PATH, which training cannot pass; "
-                                "run it with `gpt2lab eval` instead")
-        return tasks, every, limit
+    tasks, every, limit = list(cfg.tasks), cfg.every, cfg.limit
+    if cfg.hellaswag_every:
+        if tasks or every:
+            raise UserError("eval.hellaswag_every and eval.tasks/eval.every are both set; keep one "
+                            "(eval.tasks [hellaswag] with eval.every N is the newer spelling)")
+        tasks, every, limit = ["hellaswag"], cfg.hellaswag_every, cfg.hellaswag_limit
+    if every < 0:
+        raise UserError(f"eval.every must be >= 0, got {every}")
+    if limit is not None and limit <= 0:
+        raise UserError(f"eval.limit must be positive or null (= all), got {limit}")
+    if tasks and not every:
+        raise UserError(f"eval.tasks is set ({', '.join(tasks)}) but eval.every is 0; set --eval.every N")
+    if every and not tasks:
+        raise UserError("eval.every is set but eval.tasks is empty; name them, e.g. --eval.tasks hellaswag,wikitext")
+    for name in tasks:
+        if not get_task(name, where="eval.tasks").has_default_data():
+            raise UserError(f"eval.tasks: '{name}' needs --data PATH, which training cannot pass; "
+                            "run it with `gpt2lab eval` instead")
+    return tasks, every, limit
 
 
 class TaskEvaluator:

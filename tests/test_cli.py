@@ -78,15 +78,16 @@ BUILD_PROBE = """
 import sys, time
 from gpt2lab.cli import COMMANDS, build_parser
 for name in COMMANDS:
-    start = time.perf_counter()
+    start = time.process_time()
     build_parser(name)
-    print(repr((name, time.perf_counter() - start, 'torch' in sys.modules)))
+    print(repr((name, time.process_time() - start, 'torch' in sys.modules)))
 """
 
 
 def test_every_parser_is_built_from_the_live_classes_fast_and_without_torch():
-    """Each command's parser (train's: every RunConfig field), built in a fresh process, in under 0.5 s
-    and importing no torch: the config classes are torch-free, so no generated file stands in for them."""
+    """Each command's parser (train's: every RunConfig field), built in a fresh process in under 0.5 s of
+    CPU time (imports included; CPU time, so a busy shared machine does not fail it) and importing no
+    torch: the config classes are torch-free, so no generated file stands in for them."""
     proc = subprocess.run([sys.executable, "-c", BUILD_PROBE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = [eval(line) for line in proc.stdout.splitlines()]

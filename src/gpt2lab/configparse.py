@@ -92,9 +92,7 @@ def iter_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
 
 def get_dotted(cfg: Any, key: str) -> Any:
     """The value of field `key` ("optim.lr") of a config tree."""
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def type_name(tp: Any) -> str:
@@ -202,14 +200,10 @@ def coerce(value: Any, tp: Any) -> Any:
 
 
 def _is_instance(value: Any, tp: Any) -> bool:
-    if tp is float:
-        return isinstance(value, float)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
+    """Whether `value` has type `tp` already (3 is an int, not a float; True is a bool, not an int)."""
+    if typing.get_origin(tp) in (list, tuple):
         return isinstance(value, (list, tuple))
-    return isinstance(tp, type) and isinstance(value, tp)
+    return type(value) is tp
 
 
 def parse_scalar(text: str) -> Any:

@@ -14,12 +14,12 @@ PACKAGE = Path(gpt2lab.__file__).parent
 
 # Bottom to top. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "console"),
     ("losses", "download", "devices", "fileio"),
     ("configparse", "tokenizer", "precision", "timebudget"),
     ("sampling",),
     ("model",),
-    ("data", "optim", "parallel", "logging"),
+    ("data", "optim", "parallel", "metrics"),
     ("checkpoint", "hf", "lora"),
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),

@@ -42,8 +42,8 @@ from gpt2lab.data.sft import SFTConfig
 from gpt2lab.devices import DTYPE_CHOICES
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate.training import EvalConfig
-from gpt2lab.logging import LogConfig
 from gpt2lab.lora import LoraConfig
+from gpt2lab.metrics import LogConfig
 from gpt2lab.model import PRESETS, GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.parallel import ParallelConfig

@@ -42,7 +42,7 @@ import torch
 
 from gpt2lab import parallel
 from gpt2lab.errors import UserError
-from gpt2lab.logging import RunLogger
+from gpt2lab.metrics import RunLogger
 from gpt2lab.optim import OptimConfig, lr_at, set_lr
 from gpt2lab.timebudget import (
     CALIBRATION_SHARE,

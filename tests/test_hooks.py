@@ -14,7 +14,7 @@ from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import wikitext
 from gpt2lab.evaluate.training import EvalConfig, TaskEvaluator, task_schedule
-from gpt2lab.logging import LogConfig, RunLogger, read_metrics
+from gpt2lab.metrics import LogConfig, RunLogger, read_metrics
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.run import train
@@ -148,7 +148,7 @@ def test_live_display_moves_every_step_and_shows_phases(tmp_path, default_data):
 
     from rich.console import Console
 
-    from gpt2lab.logging import LogConfig, RunLogger
+    from gpt2lab.metrics import LogConfig, RunLogger
 
     console = Console(file=io.StringIO(), force_terminal=True, width=200, record=True)
     updates, phases = [], []

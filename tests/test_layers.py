@@ -14,13 +14,13 @@ PACKAGE = Path(gpt2lab.__file__).parent
 
 # Bottom to top. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "console"),
     ("losses", "download", "devices", "fileio"),
     ("configparse", "tokenizer", "timebudget", "architecture"),
     ("config",),
     ("sampling", "precision"),
     ("model",),
-    ("data", "optim", "parallel", "logging"),
+    ("data", "optim", "parallel", "metrics"),
     ("checkpoint", "hf", "lora"),
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),

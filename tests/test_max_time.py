@@ -15,7 +15,7 @@ import yaml
 from gpt2lab.checkpoint import list_checkpoints, load_train_state, load_weights
 from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
-from gpt2lab.logging import read_metrics
+from gpt2lab.metrics import read_metrics
 from gpt2lab.run import process_started_at, train
 from gpt2lab.timebudget import CALIBRATION_STEPS, TimeBudget, parse_duration, plan_steps
 

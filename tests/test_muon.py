@@ -8,7 +8,7 @@ import torch
 
 from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
-from gpt2lab.logging import read_metrics
+from gpt2lab.metrics import read_metrics
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import Muon, MuonWithAdamW, OptimConfig, build_optimizer, muon_split, orthogonalise, set_lr
 from gpt2lab.run import train

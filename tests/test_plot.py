@@ -11,7 +11,7 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 
 from gpt2lab.errors import UserError  # noqa: E402
-from gpt2lab.logging import plot_runs  # noqa: E402
+from gpt2lab.metrics import plot_runs  # noqa: E402
 
 
 def fake_run(path, tokens_per_step: int, start_loss: float = 4.0, end_loss: float = 1.2) -> None:

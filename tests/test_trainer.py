@@ -18,7 +18,7 @@ from gpt2lab import parallel
 from gpt2lab.checkpoint import list_checkpoints, load_weights
 from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
-from gpt2lab.logging import read_metrics
+from gpt2lab.metrics import read_metrics
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import OptimConfig, build_optimizer, cosine_lr, lr_at, wsd_lr
 from gpt2lab.run import train

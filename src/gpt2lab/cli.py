@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import types
 from typing import NoReturn
+
+from gpt2lab.console import say
 
 # name -> (module, one-line help). Order is the order shown by `gpt2lab --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        print(f"gpt2lab: error: unknown command '{name}'{hint}; see `gpt2lab --help`", file=sys.stderr)
+        say(f"gpt2lab: error: unknown command '{name}'{hint}; see `gpt2lab --help`")
         return 2
     module, parser = build_parser(name)
     args = parser.parse_args(rest)
@@ -95,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = module.run(args)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
-            print(f"gpt2lab {name}: error: {e}", file=sys.stderr)
+        say(f"gpt2lab {name}: error: {e}")  # rank 0's: under torchrun every rank fails alike
         return 2
     except KeyboardInterrupt:
-        print(f"gpt2lab {name}: interrupted", file=sys.stderr)
+        say(f"gpt2lab {name}: interrupted", all_ranks=True)
         return 130
     return int(code or 0)
 

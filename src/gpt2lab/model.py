@@ -462,19 +462,13 @@ class GPT(nn.Module):
         prediction back in; returns prompt + continuation, (B, T + max_new_tokens).
 
         temperature 0 = greedy; top_k / top_p restrict sampling; `seed` makes it reproducible. A row
-        that produces one of `stop_ids` ends there; its remaining columns repeat that stop id. The
-        same tokens as `gpt2lab.sampling.generate` (KV cache; a learned-position model slides its
-        context past block_size)."""
-        from gpt2lab.sampling import stream
+        that produces one of `stop_ids` ends there; its remaining columns repeat that stop id. This is
+        `gpt2lab.sampling.generate` (KV cache; a learned-position model slides its context past
+        block_size) with tensors in and out."""
+        from gpt2lab.sampling import generate
 
-        rows = [list(r) for r in idx.tolist()]
-        steps = stream(self, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        out = generate(self, idx.tolist(), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_ids=stop_ids)
-        out = [[] for _ in rows]
-        for step in steps:
-            for row, t in enumerate(step):
-                if t is not None:
-                    out[row].append(t)
         fill = stop_ids[0] if stop_ids else 0
         new = [o + [fill] * (max_new_tokens - len(o)) for o in out]  # a stopped row: padded with its stop id
         return torch.cat((idx, torch.tensor(new, dtype=idx.dtype, device=idx.device)), dim=1)

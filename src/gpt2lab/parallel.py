@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch.nn as nn
 from gpt2lab.config import ActivationCheckpointing, Strategy
 from gpt2lab.config import FSDPConfig as FSDPConfig  # re-exported: the sections' old home
 from gpt2lab.config import ParallelConfig as ParallelConfig
+from gpt2lab.console import say
 from gpt2lab.devices import resolve_device
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -168,9 +168,8 @@ def resolve_strategy(strategy: str, model: GPT, env: DistEnv) -> str:
     if strategy not in STRATEGIES:
         raise UserError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not env.distributed:
-        if strategy in ("ddp", "fsdp") and env.is_main:
-            print(f"gpt2lab: parallel.strategy={strategy} ignored: one process (launch with torchrun to "
-                  "use several)", file=sys.stderr)
+        if strategy in ("ddp", "fsdp"):
+            say(f"gpt2lab: parallel.strategy={strategy} ignored: one process (launch with torchrun to use several)")
         return "none"
     if strategy != "auto":
         return strategy

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,11 @@ from gpt2lab.checkpoint import (
     step_dir,
 )
 from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, save_yaml, to_dict
+from gpt2lab.console import say
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate.training import task_schedule
 from gpt2lab.fileio import LOCK_FILE, RunLock
-from gpt2lab.logging import RunLogger, plot_run, truncate_metrics
+from gpt2lab.metrics import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu, compute_dtype, muon_dtype
@@ -104,14 +104,9 @@ def process_started_at() -> float:
         return time.monotonic()
 
 
-def _say(env: Any, message: str) -> None:
-    if env.is_main:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     run_dir = cfg.out_dir
-    resume_from = resolve_resume(_resume_setting(cfg, env), run_dir, quiet=not env.is_main)
+    resume_from = resolve_resume(_resume_setting(cfg, env), run_dir)
     eval_schedule = task_schedule(cfg.eval)  # a bad eval section fails before any work
     auto_on_cpu(cfg.train.dtype, env.device)  # so does a bad GPT2LAB_CPU_DTYPE
     if env.device.type == "cuda" and cfg.train.tf32:
@@ -128,12 +123,12 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     dtype, choice = compute_dtype(cfg.train.dtype, env.device, n_embd=model.config.n_embd,
                                   rows=cfg.train.micro_batch_size * block_size, check_explicit=True)
     if choice is not None and (note := choice.note("train.dtype", cfg.train.dtype)):
-        _say(env, f"gpt2lab: {note}")
+        say(f"gpt2lab: {note}")
     ns_dtype = torch.bfloat16
     if cfg.optim.name == "muon":  # its orthogonalisation's dtype, measured on a CPU (rank 0 for every rank)
         ns_dtype, ns_choice = muon_dtype(cfg.optim.muon_dtype, env.device, n_embd=model.config.n_embd)
         if ns_choice is not None and (note := ns_choice.note("optim.muon_dtype", cfg.optim.muon_dtype)):
-            _say(env, f"gpt2lab: {note}")
+            say(f"gpt2lab: {note}")
     if resume_from is not None:
         saved = read_config(resume_from)
         check_same_architecture(saved["model"], model.config, str(resume_from))
@@ -162,11 +157,11 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     if resume_from is not None:
         resume_state = load_sharded(resume_from, wrapped, optimizer)
         start_step = int(resume_state["step"])
-        plan_state, spent_s = _adopt_time_plan(cfg, resume_state.get("time_plan"), env)
-        resume_changes = check_resume_changes(resume_state.get("config"), cfg, env, str(resume_from))
+        plan_state, spent_s = _adopt_time_plan(cfg, resume_state.get("time_plan"))
+        resume_changes = check_resume_changes(resume_state.get("config"), cfg, str(resume_from))
         if plan_state == "open":  # its cap bounds the next choice
             open_steps, cfg.train.max_steps = cfg.train.max_steps, resume_state["time_plan"]["cap"]
-        _say(env, f"resuming from {resume_from} (step {start_step})")
+        say(f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
         if resume_from is not None:
@@ -213,7 +208,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     return result
 
 
-def _adopt_time_plan(cfg: RunConfig, plan: dict | None, env: Any) -> tuple[str | None, float]:
+def _adopt_time_plan(cfg: RunConfig, plan: dict | None) -> tuple[str | None, float]:
     """On resume, what train.max_time chose when the run started: ("final" | "open" | None, seconds
     the run had spent when the checkpoint was written).
 
@@ -227,8 +222,8 @@ def _adopt_time_plan(cfg: RunConfig, plan: dict | None, env: Any) -> tuple[str |
     cfg.train.max_steps = plan["max_steps"]  # the run's own, as its checkpoint's config says
     if not plan.get("final", True):
         return "open", float(plan.get("elapsed_s", 0.0))  # the trainer chooses again (continue_plan)
-    _say(env, f"gpt2lab: resume: train.max_steps {plan['max_steps']} (chosen for train.max_time={plan['max_time']} "
-              "when the run started)")
+    say(f"gpt2lab: resume: train.max_steps {plan['max_steps']} (chosen for train.max_time={plan['max_time']} "
+        "when the run started)")
     return "final", 0.0
 
 
@@ -270,15 +265,14 @@ def _finish(run_dir: Path, result: TrainResult) -> None:
         plot = f"(no plot: {e})"
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     head = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
-    print(f"{head}: step {result.step} | val loss {val} | checkpoint {result.checkpoint} | plot {plot}",
-          file=sys.stderr, flush=True)
+    say(f"{head}: step {result.step} | val loss {val} | checkpoint {result.checkpoint} | plot {plot}")
 
 
 # --------------------------------------------------------------------------------------------------
 # Pieces
 
 
-def check_resume_changes(saved: dict | None, cfg: RunConfig, env: Any, source: str) -> dict:
+def check_resume_changes(saved: dict | None, cfg: RunConfig, source: str) -> dict:
     """The settings that differ from the run being resumed, as {key: [old, new]}: every one is said;
     one that changes the continuation needs checkpoint.allow_changes (UserError otherwise)."""
     from gpt2lab.configparse import flatten_dict
@@ -296,7 +290,7 @@ def check_resume_changes(saved: dict | None, cfg: RunConfig, env: Any, source: s
                         "run's own settings (its config.yaml)")
     for k, (a, b) in changes.items():
         kind = "changes the continuation" if k in changing else "keeps the continuation exact"
-        _say(env, f"gpt2lab: resume: {k} {a!s} -> {b!s} ({kind})")
+        say(f"gpt2lab: resume: {k} {a!s} -> {b!s} ({kind})")
     return changes
 
 
@@ -320,7 +314,7 @@ def resolve_resume(resume: bool | str, run_dir: Path, quiet: bool = False) -> Pa
     if resume is True or resume == "auto":
         intact, skipped = intact_checkpoints(run_dir)
         for line in [] if quiet else skipped:  # a truncated or corrupt newest checkpoint: resume from the one before
-            print(f"gpt2lab: {line}", file=sys.stderr, flush=True)
+            say(f"gpt2lab: {line}")
         if intact:
             return intact[-1]
         if skipped:
@@ -345,7 +339,7 @@ def ensure_dataset(cfg: RunConfig, env: Any) -> dict:
     data_dir = Path(cfg.data.dir)
     if not (data_dir / META_FILE).is_file() and cfg.data.prepare:
         if env.is_main:
-            print(f"gpt2lab: preparing '{cfg.data.prepare}' into {data_dir} (first use)", file=sys.stderr, flush=True)
+            say(f"gpt2lab: preparing '{cfg.data.prepare}' into {data_dir} (first use)")
             prepare(cfg.data.prepare, data_dir, progress=False)
         parallel.barrier()
     return load_meta(data_dir)

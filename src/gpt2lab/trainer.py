@@ -43,7 +43,7 @@ import torch
 from gpt2lab import parallel
 from gpt2lab.config import SDPA_BACKENDS, OptimConfig, TrainConfig
 from gpt2lab.errors import UserError
-from gpt2lab.logging import RunLogger
+from gpt2lab.metrics import RunLogger
 from gpt2lab.optim import lr_at, set_lr
 from gpt2lab.timebudget import (
     CALIBRATION_SHARE,

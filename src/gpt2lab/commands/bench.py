@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from gpt2lab.commands.common import add_model_arguments
+from gpt2lab.console import say
 from gpt2lab.errors import UserError
 
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     dtype, choice = compute_dtype(args.dtype, device, n_embd=config.n_embd, rows=args.batch_size * seq_len,
                                   fp16_without_bf16=False)
     if choice is not None and (note := choice.note("--dtype", args.dtype)):
-        print(f"note: {note}", file=sys.stderr, flush=True)
+        say(f"note: {note}")
     prompt_len = min(args.prompt_len, config.block_size - 1)
     new_tokens = min(args.new_tokens, config.block_size - prompt_len)
 

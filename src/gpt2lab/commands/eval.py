@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from gpt2lab.commands.common import add_model_arguments
+from gpt2lab.console import say
 from gpt2lab.evaluate.registry import all_tasks, get_task
 from gpt2lab.evaluate.task import MetricRow
 
@@ -62,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
                                            rows=args.batch_size * model.config.block_size, forward_only=True)
             model.to(chosen)
             dtype = dtype_name(chosen)
-            if env.is_main and (note := choice.note("--dtype", "auto")):
-                print(f"note: {note}", file=sys.stderr, flush=True)
+            if note := choice.note("--dtype", "auto"):
+                say(f"note: {note}")
         start = time.perf_counter()
         metrics = task.run(model, tokenizer, examples, args, env=env, batch_size=args.batch_size,
-                           show_progress=sys.stderr.isatty())
+                           show_progress=True)
         result = {
             "task": task.name, **metrics, "model": args.init, "data": str(data),
             "seconds": round(time.perf_counter() - start, 3), "device": str(env.device), "dtype": dtype,

@@ -11,9 +11,9 @@ the preset sets the SFT data options, and any config field can be overridden wit
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gpt2lab.commands.common import add_config_arguments
+from gpt2lab.console import say
 
 NO_DATA_HELP = """gpt2lab finetune: no instruction data given; pass --data FILE.json|FILE.jsonl|alpaca.
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "data.sft.path", None) and not _preset_has_data(args.config):
         from gpt2lab.data.sft import ALPACA_URL
 
-        print(NO_DATA_HELP.format(url=ALPACA_URL), file=sys.stderr)
+        say(NO_DATA_HELP.format(url=ALPACA_URL))
         return 2
     cfg = config_from_args(args)
     from gpt2lab.run import process_started_at, train

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gpt2lab.logging import PLOT_FILE, plot_runs
+    from gpt2lab.metrics import PLOT_FILE, plot_runs
 
     default = Path(args.run_dirs[0]) / PLOT_FILE if len(args.run_dirs) == 1 else Path("loss_comparison.png")
     print(plot_runs(args.run_dirs, args.out or default, x=args.x, log_scale=args.log_scale))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.commands.common import add_model_arguments, add_sampling_arguments
+from gpt2lab.console import say
 from gpt2lab.errors import UserError
 
 DTYPE_HELP = ("weight dtype for decoding: auto = on CPU, fp32 or bf16, whichever decodes this model faster "
@@ -80,7 +81,7 @@ def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple
         if choice.dtype != torch.float32:
             model.to(choice.dtype)
         if note := choice.note("--dtype", "auto"):
-            print(f"note: {note}", file=sys.stderr, flush=True)
+            say(f"note: {note}")
     optimize_for_decoding(model)
     return model, tokenizer
 
@@ -100,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
         # An empty prompt starts a new document, as in pretraining.
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     if model.config.pos_emb == "learned" and len(ids) + args.max_new_tokens - 1 > model.config.block_size:
-        print(f"note: the text will outgrow block_size={model.config.block_size}; the model then sees only "
-              "the latest tokens (the context slides)", file=sys.stderr)
+        say(f"note: the text will outgrow block_size={model.config.block_size}; the model then sees only "
+            "the latest tokens (the context slides)")
     max_new = args.max_new_tokens
 
     import torch

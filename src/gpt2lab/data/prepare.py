@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2lab.console import ProgressDisplay
 from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
 from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, find_source, source_args
 from gpt2lab.errors import UserError
@@ -284,40 +285,6 @@ def _val_documents_rule(val_fraction: float) -> Callable[[int], bool]:
     return lambda i: (i + 1) * p // q > i * p // q
 
 
-def _progress(enabled: bool, total: int | None):
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class TokensPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} tok/s")
-
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tokens"),
-               TokensPerSecond(), TimeElapsedColumn()]
-    if total:
-        columns.append(TimeRemainingColumn())
-    return Progress(*columns, disable=not enabled, transient=False)
-
-
-def _status(enabled: bool, message: str):
-    """A live status line with elapsed time on a terminal's stderr; nothing elsewhere."""
-    import contextlib
-    import sys
-
-    if not (enabled and sys.stderr.isatty()):
-        return contextlib.nullcontext()
-    from rich.console import Console
-
-    return Console(stderr=True).status(message)
-
-
 def prepare_documents(
     documents: Iterable[str],
     out_dir: str | os.PathLike,
@@ -380,8 +347,8 @@ def prepare_documents(
     else:
         _init_worker(tok_dict)
     try:
-        with _progress(progress, total_tokens) as bar:
-            task = bar.add_task(out_dir.name, total=total_tokens, completed=stream_tokens)
+        with ProgressDisplay("tokens", total=total_tokens, description=out_dir.name, completed=stream_tokens,
+                             enabled=progress) as bar:
             for doc_tokens in _tokenized(batches, pool, workers):
                 for tokens in doc_tokens:
                     if is_val is not None:
@@ -394,7 +361,7 @@ def prepare_documents(
                     stream_tokens += len(tokens)
                     if finished:
                         save_progress()
-                bar.update(task, completed=stream_tokens)
+                bar.update(completed=stream_tokens)
     finally:
         if pool is not None:
             pool.terminate()
@@ -474,7 +441,8 @@ def prepare_text(
     tok = CharTokenizer.from_text(text) if tokenizer == "char" else get_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     train, val = _split_text(text, val_fraction)
-    with _status(progress, f"tokenizing {len(text.encode('utf-8')) / 1e6:,.1f} MB of text ({len(text):,} characters)"):
+    with ProgressDisplay("status", description=f"tokenizing {len(text.encode('utf-8')) / 1e6:,.1f} MB of text "
+                         f"({len(text):,} characters)", enabled=progress):
         splits = {"train": np.array(tok.encode(train), dtype=dtype), "val": np.array(tok.encode(val), dtype=dtype)}
     return prepare_tokens(splits, out_dir, tok, source={**source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},
                           settings={"val": {"characters": val_fraction}}, shard_tokens=shard_tokens,

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import string
-import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpt2lab.config import SFTConfig, Truncation
+from gpt2lab.console import say
 from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import LineError, iter_jsonl, json_type, read_text, str_field_problem
@@ -570,10 +570,7 @@ def build_sft_data(sft: SFTConfig, tokenizer, block_size: int, global_batch_size
                    world_size: int, seed: int, log: Any = None) -> tuple[SFTData, SFTData | None]:
     """Train and validation SFTData of the records `sft` names. Validation is None when its
     val_fraction is 0."""
-    if log is None:
-        def log(msg: str) -> None:
-            if rank == 0:
-                print(msg, file=sys.stderr, flush=True)
+    log = say if log is None else log
     if tokenizer.eot_id is None:
         raise UserError("SFT needs a tokenizer with an end-of-text token (use the gpt2 tokenizer)")
     if not sft.path:

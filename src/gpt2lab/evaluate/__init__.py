@@ -9,7 +9,7 @@
     task.py       the EvalTask interface: name, description, CLI options, data, run, table rows
     registry.py   task name -> module; `gpt2lab eval`, --json and in-training eval all go through it
     training.py   EvalConfig (the run config's `eval` section) and the trainer's eval-task hook
-    scoring.py    the torch side the tasks share: continuation scoring, rank sharding, progress
+    scoring.py    the torch side the tasks share: continuation scoring, rank sharding
     hellaswag.py  lambada.py  perplexity.py  wikitext.py   the tasks
 
 Here, without torch (parsers import this package): the shared data folder, the download cache,

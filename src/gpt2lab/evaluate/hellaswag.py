@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpt2lab.console import ProgressDisplay
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import RemoteFile, cached_path, fetch, shared_data_dir
 from gpt2lab.evaluate.task import EvalTask, MetricRow
@@ -225,11 +226,10 @@ def evaluate(
     mine_idx = scoring.shard(range(len(tasks)), env)
     mine = [tasks[i] for i in mine_idx]
     pairs = [pair for i in mine_idx for pair in encoded[i]]
-    rank, _ = scoring.rank_and_world(env)
-    with scoring.progress_bar(len(pairs) // 4, "hellaswag", enabled=show_progress and rank == 0) as advance:
+    with ProgressDisplay("items", total=len(pairs) // 4, description="hellaswag", enabled=show_progress) as bar:
         scores = scoring.score_continuations(
             model, pairs, batch_size=4 * batch_size, env=env,
-            on_batch=lambda rows: advance(rows // 4),
+            on_batch=lambda rows: bar.advance(rows // 4),
         )
     correct = dict.fromkeys(METRICS, 0)
     for i, task in enumerate(mine):

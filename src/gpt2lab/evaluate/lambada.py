@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpt2lab.console import ProgressDisplay
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import RemoteFile, cached_path, fetch, shared_data_dir
 from gpt2lab.evaluate.task import EvalTask, MetricRow
@@ -89,11 +90,10 @@ def evaluate(
 
     # Every rank tokenizes every passage, so a tokenizer error is raised on all ranks alike.
     pairs = scoring.shard([split_passage(tokenizer, text) for text in passages], env)
-    rank, _ = scoring.rank_and_world(env)
-    with scoring.progress_bar(len(pairs), "lambada", enabled=show_progress and rank == 0) as advance:
+    with ProgressDisplay("items", total=len(pairs), description="lambada", enabled=show_progress) as bar:
         scores = scoring.score_continuations(
             model, pairs, batch_size=batch_size, env=env,
-            on_batch=advance,
+            on_batch=bar.advance,
         )
     sums = [
         sum(s.greedy for s in scores),

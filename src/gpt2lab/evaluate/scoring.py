@@ -3,20 +3,19 @@
     encode_pair          context/continuation tokenization of lm-evaluation-harness
     score_continuations  sum log-likelihood and greedy match of continuation tokens, batched
     shard, all_reduce_sum  split work over torchrun ranks and add up the counts
-    progress_bar, stderr_of_mean  console bar and the standard error of an accuracy
+    stderr_of_mean       the standard error of an accuracy
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from gpt2lab.console import ProgressDisplay
 from gpt2lab.errors import UserError
 from gpt2lab.parallel import all_reduce, unwrap
 
@@ -259,18 +258,17 @@ def sum_target_nll(
     """
     model = unwrap(model)
     device = next(model.parameters()).device
-    rank, _ = rank_and_world(env)
     batches = _same_length_batches(shard(rows, env), batch_size)
     most = most_forward_calls(len(batches), env)
     nll, count = 0.0, 0
-    with progress_bar(len(batches), description, enabled=show_progress and rank == 0) as advance:
+    with ProgressDisplay("items", total=len(batches), description=description, enabled=show_progress) as bar:
         for batch in batches:
             idx = torch.tensor([list(ids) for ids, _ in batch], dtype=torch.long)  # (B, T)
             targets = torch.tensor([list(t) for _, t in batch], dtype=torch.long)  # (B, T)
             _, loss = model(idx.to(device), targets.to(device), loss_reduction="sum")
             nll += loss.item()
             count += int((targets != -100).sum())
-            advance(1)
+            bar.advance(1)
     dummy_forward_calls(model, most - len(batches))
     nll, count = all_reduce_sum([nll, count], env)
     return nll, int(count)
@@ -284,33 +282,6 @@ def _same_length_batches(rows: list, batch_size: int) -> list[list]:
         for length in sorted({len(ids) for ids, _ in group}, reverse=True):
             out.append([row for row in group if len(row[0]) == length])
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Console
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`; draws a rich progress bar on stderr when enabled and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
-               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
 
 
 def stderr_of_mean(p: float, n: int) -> float:

@@ -128,7 +128,8 @@ class EvalTask(ABC):
             batch_size: int | None = None, show_progress: bool = False) -> dict[str, Any]:
         """The metrics of `model` on `examples` (every rank must call it and gets the same dict; under
         torchrun `env` is the DistEnv and the examples are split over ranks). `batch_size` None = the
-        task's default."""
+        task's default. `show_progress`: a progress bar is wanted (`gpt2lab.console.ProgressDisplay`
+        draws it on a terminal, on rank 0)."""
 
     @abstractmethod
     def rows(self, result: dict[str, Any]) -> list[MetricRow]:

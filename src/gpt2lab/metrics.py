@@ -7,8 +7,9 @@
     logger.close()
 
 Every event is one JSON object per line of `<run_dir>/metrics.jsonl`: {"event", "step", "time", ...}.
-The console shows a live progress line (rich) when it is a terminal, plain lines otherwise. Only
-rank 0 logs (`enabled=False` elsewhere). TensorBoard, W&B and matplotlib are imported lazily.
+The console (stdout) shows plain lines, or on a terminal the live display of `gpt2lab.console` with
+the lines above it. Only rank 0 logs (`enabled=False` elsewhere). TensorBoard, W&B and matplotlib
+are imported lazily.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gpt2lab.config import LogConfig
+from gpt2lab.console import ProgressDisplay, say
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import write_atomic
 
@@ -98,7 +99,8 @@ class RunLogger:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
-        self._tb = self._wandb = self._progress = self._task = None
+        self._tb = self._wandb = None
+        self._bar = ProgressDisplay("steps", enabled=False)
         self._info = ""
         self.live = False
         """True when a live progress bar is shown (a terminal): the trainer then updates it every step."""
@@ -120,30 +122,19 @@ class RunLogger:
                                 "(or set --log.wandb false)") from None
             self._wandb = wandb.init(project=cfg.wandb_project, name=self.run_dir.name, config=config,
                                      dir=str(self.run_dir), resume="allow")
-        terminal = console.is_terminal if console is not None else sys.stdout.isatty()
-        if cfg.progress and terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self._progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=12),
-                                      TextColumn("{task.fields[info]}"), refresh_per_second=4, console=console)
-            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
-            self._progress.start()
-            self.live = True
+        self._bar = ProgressDisplay("steps", total=total_steps, completed=start_step, enabled=cfg.progress,
+                                    console=console)
+        self.live = self._bar.shown
 
     def print(self, message: str) -> None:
         """A line for the person watching (above the progress bar when there is one)."""
-        if not self.enabled:
-            return
-        if self._progress is not None:
-            self._progress.console.print(message, markup=False, highlight=False)
-        else:
-            print(message, flush=True)
+        if self.enabled:
+            say(message, stdout=True)  # on a terminal, the live display shows it above the bar
 
     def set_total_steps(self, total_steps: int) -> None:
         """The run's step count changed (train.max_time fixed it): the bar and the log lines follow."""
         self.total_steps = total_steps
-        if self._progress is not None:
-            self._progress.update(self._task, total=total_steps)
+        self._bar.update(total=total_steps)
 
     def log(self, event: str, step: int, metrics: dict[str, Any], show: bool = True) -> None:
         """Record one event ("train", "eval", "hellaswag", ...) of optimizer step `step` in every sink
@@ -162,7 +153,7 @@ class RunLogger:
         if not show:
             return
         if event == "train":
-            if self._progress is not None:
+            if self.live:
                 self.update(step, metrics)
             else:
                 self.print(format_train_line(step, self.total_steps, metrics))
@@ -172,29 +163,28 @@ class RunLogger:
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         """Move the live bar to `step` with these train metrics (nothing is written anywhere else)."""
-        if self._progress is not None:
+        if self.live:
             self._info = format_progress_info(metrics)
-            self._progress.update(self._task, completed=step, info=self._info)
+            self._bar.update(completed=step, info=self._info)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Show "<name>..." on the live bar while the body runs (validation, a hook, a checkpoint)."""
-        if self._progress is None:
+        if not self.live:
             yield
             return
-        self._progress.update(self._task, info=f"{name}...  (last: {self._info})" if self._info else f"{name}...")
-        self._progress.refresh()
+        self._bar.update(info=f"{name}...  (last: {self._info})" if self._info else f"{name}...")
+        self._bar.refresh()
         try:
             yield
         finally:
-            self._progress.update(self._task, info=self._info)
+            self._bar.update(info=self._info)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        self._bar.close()
+        self.live = False
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -5,72 +5,14 @@ real run, a checkpoint, a LoRA adapter, a prepared dataset and some files of the
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from pathlib import Path
 
 import pytest
-import torch
+from misuse import TRAIN, snapshot
 
-from gpt2lab.checkpoint import save_checkpoint, step_dir
 from gpt2lab.cli import main
-from gpt2lab.config import load_config
-from gpt2lab.lora import LoraConfig, apply_lora, save_adapter
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
-        "train.tokens_per_step": 64, "train.micro_batch_size": 4, "train.max_steps": 2, "train.eval_every": 0,
-        "train.eval_batches": 1, "train.sample_tokens": 0, "checkpoint.every": 2, "log.progress": False}
-TRAIN = ["train", "--data.dir", "data", "--data.prepare", "null", "--out", "fresh",
-         *[a for k, v in TINY.items() if k != "log.progress" for a in (f"--{k}", str(v))]]
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, default_data) -> Path:
-    """A working directory as a user would have it after a first run (all paths below are relative)."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("sandbox")
-    shutil.copytree(default_data, root / "data")
-    train(load_config("quickstart", {**TINY, "data.dir": str(root / "data"), "data.prepare": None,
-                                     "checkpoint.out_dir": str(root / "run")}))
-    ckpt = step_dir(root / "run", 2)
-    torch.manual_seed(0)
-    gpt2 = GPT(GPTConfig.from_preset("gpt2-tiny"))  # GPT-2 vocabulary: the base of the adapter
-    save_checkpoint(root / "base", gpt2, gpt2.config, {"kind": "gpt2"}, step=1)
-    apply_lora(gpt2, LoraConfig(r=2))
-    save_adapter(root / "adapter", gpt2, LoraConfig(r=2), base_init=str(root / "base"), tokenizer={"kind": "gpt2"})
-    rope = GPT(GPTConfig.from_preset("gpt2-tiny", pos_emb="rope"))
-    save_checkpoint(root / "rope", rope, rope.config, {"kind": "gpt2"}, step=1)
-    (root / "notes.txt").write_text("the user's own notes\n")
-    (root / "mydir").mkdir()
-    (root / "mydir" / "keep.txt").write_text("keep me\n")
-    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
-    (root / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
-    (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
-    (root / "lambada.jsonl").write_text('{"text": "the cat sat on the mat"}\n')
-    (root / "bad.yaml").write_text("train:\n  max_steps: [1,\n")
-    (root / "junk_ckpt").mkdir()
-    (root / "junk_ckpt" / "config.json").write_text((ckpt / "config.json").read_text())
-    (root / "junk_ckpt" / "model.safetensors").write_bytes(os.urandom(2048))
-    (root / "trunc_cfg").mkdir()
-    (root / "trunc_cfg" / "config.json").write_text((ckpt / "config.json").read_text()[:40])
-    (root / "trunc_cfg" / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
-    return root
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file and a marker for every directory under `root`."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
-
 
 # (name, argv): every case must fail with exit 2, one line, nothing changed.
 CASES = [

@@ -15,7 +15,7 @@ PACKAGE = Path(gpt2lab.__file__).parent
 # Bottom to top. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("losses", "download", "devices", "fileio"),
+    ("losses", "download", "devices", "fileio", "timing"),
     ("configparse", "tokenizer", "precision", "timebudget"),
     ("sampling",),
     ("model",),
@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint", "hf", "lora"),
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),
+    ("dtype_choice",),
     ("config",),
     ("run",),
     ("commands", "api"),

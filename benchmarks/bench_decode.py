@@ -11,7 +11,7 @@ alike; medians are reported. tokens/s = new tokens / wall time of the whole call
 Each rate is also given as a fraction of the weight-read floor measured in the same repetition
 (`gpt2lab.bench.weight_read_pass`: one vector-matrix product per weight matrix, in the layout and dtype
 decoded, nothing else), and "gpt2lab auto" names the weights `gpt2lab sample --dtype auto` picks
-here (`gpt2lab.precision.decode_precision`). "decode steps only" times gpt2lab's tokens after the first
+here (`gpt2lab.dtype_choice.resolve` with `Decoding`). "decode steps only" times gpt2lab's tokens after the first
 (the one-token steps, sampling included, without the prompt's prefill) against the same floor.
 The greedy tokens are compared with transformers', and with --bf16 (default on) bf16 weights are timed
 too and compared with fp32: greedy token agreement and, teacher-forced on the fp32 continuation, top-1
@@ -30,10 +30,10 @@ import torch
 
 from gpt2lab.bench import cpu_description, weight_read_pass
 from gpt2lab.devices import dtype_name
+from gpt2lab.dtype_choice import Decoding, resolve
 from gpt2lab.generate import optimize_for_decoding
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.precision import decode_precision
 from gpt2lab.sampling import stream
 
 
@@ -112,7 +112,7 @@ def main() -> None:
         models["gpt2lab bf16"] = model_bf16
         runs["transformers bf16"] = theirs(hf_twin(model, torch.bfloat16))
         runs["floor bf16"] = floor(model_bf16)
-    choice = decode_precision(copy(torch.float32), layout=optimize_for_decoding)  # as `gpt2lab sample` does
+    choice = resolve("auto", torch.device("cpu"), Decoding(copy(torch.float32))).choice  # as `gpt2lab sample` does
 
     print(f"{args.preset}, batch 1, prompt {args.prompt_len} tokens, {n} new tokens, greedy, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")

@@ -10,7 +10,7 @@ each, so a machine whose load drifts slows all alike; the reported figure is the
 and the ratio of medians. Needs `transformers` (pip install 'gpt2lab[hf]').
 
 Variants: fp32 against fp32; bf16 autocast against bf16 autocast (with --bf16 auto, only where this
-CPU's bf16 matmuls are faster than fp32, as `gpt2lab.precision` measures them: elsewhere a bf16 step
+CPU's bf16 steps are faster than fp32, as `gpt2lab.dtype_choice` measures them: elsewhere a bf16 step
 takes minutes); and "as `gpt2lab train` runs it" (train.dtype auto) against transformers' default
 (fp32). Each is also given as model FLOP/s (6N + attention per token, `model_stats`) over the
 matmul peak of its precision (`gpt2lab.bench.matmul_peak`), which takes its turn with the steps in
@@ -41,9 +41,9 @@ from gpt2lab.bench import (
 )
 from gpt2lab.config import OptimConfig
 from gpt2lab.devices import dtype_name
+from gpt2lab.dtype_choice import TrainingSteps, resolve
 from gpt2lab.model import GPT, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
-from gpt2lab.precision import train_precision
 
 
 def train_step(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor, fused: bool | str,
@@ -86,7 +86,7 @@ def main() -> None:
     tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     fused = {"auto": "auto", "true": True, "false": False}[args.fused]
-    choice = train_precision(ours.config.n_embd, args.batch * args.seq)  # what train.dtype auto picks here
+    choice = resolve("auto", torch.device("cpu"), TrainingSteps(ours, args.batch, args.seq)).choice  # train.dtype auto
     faster = choice.dtype == torch.bfloat16 or (choice.speedup or 0.0) >= 1.0
     with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and faster)
     runs = {

@@ -60,10 +60,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch  # noqa: E402  (after the sys.path fallback above)
 
-from gpt2lab.bench import measure, peak_flops, synchronize  # noqa: E402
+from gpt2lab.bench import measure, peak_flops  # noqa: E402
 from gpt2lab.fileio import write_atomic  # noqa: E402
 from gpt2lab.model import GPT, GPTConfig, model_stats  # noqa: E402
 from gpt2lab.optim import cosine_lr, param_groups  # noqa: E402
+from gpt2lab.timing import synchronize  # noqa: E402
 from gpt2lab.trainer import sdpa_context  # noqa: E402
 
 PARTS = ("levers", "compiled", "decode", "curve", "optimizer", "sweep", "medium", "compile_alone")

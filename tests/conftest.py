@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def machine_independent_defaults(tmp_path_factory):
     """Environment defaults for the whole session (a value already set is kept; subprocesses inherit them).
 
-    GPT2LAB_CPU_DTYPE=fp32: `dtype: auto` on a CPU is measured (gpt2lab.precision) and picks bf16 where
-    bf16 matmuls are faster, as on CPUs with AMX; tests compare against fp32 references, so auto must mean
+    GPT2LAB_CPU_DTYPE=fp32: `dtype: auto` on a CPU is measured (gpt2lab.dtype_choice) and picks bf16 where
+    bf16 runs faster, as on CPUs with AMX; tests compare against fp32 references, so auto must mean
     fp32 on every machine. tests/test_precision.py removes it where it tests the measurement itself.
     GPT2LAB_CACHE: a fresh folder, so the suite never writes into (or reads from) the user's ~/.cache/gpt2lab.
     """

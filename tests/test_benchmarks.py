@@ -1,6 +1,6 @@
 """The benchmark scripts run, on a tiny preset, and report what they promise: ratios against
-transformers, the fraction of the measured matmul peak, the weight-read floor of decoding and what
-dtype auto picks. (Their numbers are not checked: speed is shown by benchmarks, not by tests.)"""
+transformers, the fraction of the measured matmul peak, the weight-read floor of decoding, fp32 and
+bf16 side by side and what dtype auto picks. (Their numbers are not checked: speed is shown by benchmarks, not by tests.)"""
 
 from __future__ import annotations
 
@@ -56,6 +56,20 @@ def test_bench_decode_reports_the_floor_and_the_auto_choice(tmp_path):
     steps = out.split("decode steps only", 1)[1].split("\n\n", 1)[0]
     for name in ("gpt2lab fp32", "gpt2lab bf16"):
         assert any(line.startswith(name) and line.rstrip().endswith("%") for line in steps.splitlines()), name
+
+
+def test_bench_precision_reports_both_dtypes_and_the_auto_choice(tmp_path):
+    out = run_script("bench_precision.py", "--preset", "gpt2-tiny", "--steps", "1", "--reps", "1", "--new-tokens", "3",
+                     "--json", tmp_path=tmp_path)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert set(record["results"]) == {"train quickstart (0.8M)", "train gpt2-tiny", "decode gpt2-tiny"}
+    for result in record["results"].values():
+        assert all(result["median_s"][dtype] > 0 for dtype in ("fp32", "bf16")) and result["bf16_speedup"] > 0
+        assert result["auto"] in ("fp32", "bf16") and result["auto_evidence"].startswith(result["auto"] + " (bf16 ")
+        assert result["auto_right"] == (result["auto"] == result["called_for"])
+    assert record["results"]["train quickstart (0.8M)"]["shape"] == "12x64 tokens"  # the quickstart's micro-batch
+    assert set(record["flags"]) == {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"} and record["cpu"]
+    assert record["torch"] and record["date"] and len(record["load_average"]["before"]) == 3
 
 
 def test_the_speedrun_replaces_only_its_own_runs(tmp_path):

@@ -326,8 +326,8 @@ def test_cli_perplexity_and_lambada_json(hf_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 3
 
 
-def test_cli_dtype_auto_decides_by_the_forward_matmuls(hf_dir, tmp_path, capsys, monkeypatch):
-    from gpt2lab import precision
+def test_cli_dtype_auto_decides_by_the_forward_passes(hf_dir, tmp_path, capsys, monkeypatch):
+    from gpt2lab import dtype_choice, precision
 
     monkeypatch.delenv(precision.OVERRIDE_ENV, raising=False)
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
@@ -338,13 +338,15 @@ def test_cli_dtype_auto_decides_by_the_forward_matmuls(hf_dir, tmp_path, capsys,
         return (100e9, 300e9) if not backward else (100e9, 10e9)
 
     monkeypatch.setattr(precision, "_compare_matmuls", compare)
+    # where the forward matmuls pass the gate, forward passes of the model decide: bf16 2x faster here
+    monkeypatch.setattr(dtype_choice, "_compare_steps", lambda calls, tokens: (100.0, 200.0))
     corpus = tmp_path / "t.txt"
     corpus.write_text("A quick brown fox jumps over the lazy dog. " * 20)
     assert main(["eval", "perplexity", "--init", str(hf_dir), "--data", str(corpus), "--dtype", "auto",
                  "--device", "cpu", "--json", "-"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["dtype"] == "bf16" and timed and not any(timed)
-    assert "--dtype auto -> bf16 (bf16 forward matmuls 3.00x fp32" in captured.err
+    assert "--dtype auto -> bf16 (bf16 forward passes 2.00x fp32" in captured.err and "(matmuls 3.00x)" in captured.err
 
 
 def test_cli_bad_data_is_one_line_error(hf_dir, tmp_path, capsys):

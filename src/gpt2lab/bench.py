@@ -24,7 +24,6 @@ import contextlib
 import functools
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2lab.devices import dtype_name
+from gpt2lab.devices import cpu_flags, cpu_name, dtype_name
 from gpt2lab.errors import UserError
+from gpt2lab.timing import take_turns, time_call
 
 # --------------------------------------------------------------------------------------------------
 # Peak FLOP/s
@@ -59,14 +59,6 @@ GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so wall-clock time covers the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 @torch.no_grad()
 def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
                 seconds: float = 0.5) -> float:
@@ -81,15 +73,16 @@ def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    F.linear(a, b)  # warm-up: first-call setup is not the steady state
-    synchronize(device)
-    best, spent, reps = 0.0, 0.0, 1
-    while spent < seconds:
-        t0 = time.perf_counter()
+    reps = 1
+
+    def batch() -> None:
         for _ in range(reps):
             F.linear(a, b)
-        synchronize(device)
-        dt = time.perf_counter() - t0
+
+    time_call(batch, device)  # warm-up: first-call setup is not the steady state
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        dt, _ = time_call(batch, device)
         spent += dt
         best = max(best, 2 * n**3 * reps / dt)
         if dt < 0.05:
@@ -128,8 +121,6 @@ def peak_flops(device: str | torch.device, dtype: torch.dtype = torch.float32) -
 def cpu_description() -> str:
     """The CPU's model name (as lscpu gives it) and which of its bf16 instructions it has, e.g.
     "AMD EPYC 7B13 (no AVX-512, AVX512-BF16 or AMX)" or "Intel Xeon ... (avx512f, avx512_bf16, amx_bf16)"."""
-    from gpt2lab.precision import cpu_flags, cpu_name
-
     have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     return f"{cpu_name()} ({', '.join(have) if have else 'no AVX-512, AVX512-BF16 or AMX'})"
 
@@ -220,20 +211,20 @@ def measure(run_once: Callable[[], float], repeats: int = 5, warmup: int = 1,
 
 def measure_interleaved(runs: dict[str, Callable[[], float]], repeats: int = 5, warmup: int = 1,
                         device: str | torch.device = "cpu") -> dict[str, Measurement]:
-    """Like `measure` for several callables, taking turns: a1 b1 a2 b2 ... (after warming each up)."""
+    """Like `measure` for several callables, taking turns (`timing.take_turns`): a1 b1 a2 b2 ...
+    (after warming each up, also in turns)."""
     device = torch.device(device)
     memories = {name: PeakMemory(device) for name in runs}
-    values: dict[str, list[float]] = {name: [] for name in runs}
-    for name, run_once in runs.items():
-        for _ in range(warmup):
+
+    def with_memory(name: str) -> Callable[[], float]:
+        def run() -> float:
             with memories[name]:
-                run_once()
-    for _ in range(repeats):
-        for name, run_once in runs.items():
-            with memories[name]:
-                values[name].append(run_once())
+                return runs[name]()
+        return run
+
+    turns = take_turns({name: with_memory(name) for name in runs}, rounds=repeats, warmup=warmup)
     return {
-        name: Measurement(values[name], memories[name].peak, memories[name].growth) for name in runs
+        name: Measurement(turns.values[name], memories[name].peak, memories[name].growth) for name in runs
     }
 
 
@@ -326,10 +317,7 @@ def train_step_bench(adapter: ModelAdapter, vocab_size: int, batch_size: int, se
     optimizer = torch.optim.AdamW(adapter.model.parameters(), lr=lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def run_once() -> float:
-        adapter.model.train()
-        synchronize(device)
-        t0 = time.perf_counter()
+    def train() -> None:
         for _ in range(steps):
             with _autocast(device, dtype):
                 loss = adapter.loss(x, y)
@@ -337,8 +325,10 @@ def train_step_bench(adapter: ModelAdapter, vocab_size: int, batch_size: int, se
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        return batch_size * seq_len * steps / (time.perf_counter() - t0)
+
+    def run_once() -> float:
+        adapter.model.train()
+        return batch_size * seq_len * steps / time_call(train, device)[0]
 
     return run_once
 
@@ -352,15 +342,14 @@ def prefill_bench(adapter: ModelAdapter, vocab_size: int, batch_size: int, seq_l
     cache_dtype = dtype or next(adapter.model.parameters()).dtype
 
     @torch.no_grad()
-    def run_once() -> float:
-        adapter.model.eval()
-        synchronize(device)
-        t0 = time.perf_counter()
+    def prefill() -> None:
         for _ in range(steps):
             with _autocast(device, dtype):
                 adapter.prefill(prompt, seq_len, cache_dtype)
-        synchronize(device)
-        return batch_size * seq_len * steps / (time.perf_counter() - t0)
+
+    def run_once() -> float:
+        adapter.model.eval()
+        return batch_size * seq_len * steps / time_call(prefill, device)[0]
 
     return run_once
 
@@ -379,14 +368,15 @@ def decode_bench(adapter: ModelAdapter, vocab_size: int, batch_size: int, prompt
         adapter.model.eval()
         with _autocast(device, dtype):
             logits, state = adapter.prefill(prompt, prompt_len + new_tokens, cache_dtype)
-            token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            synchronize(device)
-            t0 = time.perf_counter()
-            for i in range(new_tokens):
-                logits, state = adapter.decode(token, state, prompt_len + i)
-                token = logits.argmax(dim=-1, keepdim=True)
-            synchronize(device)
-        return batch_size * new_tokens / (time.perf_counter() - t0)
+
+            def decode() -> None:
+                nonlocal logits, state
+                for i in range(new_tokens):
+                    token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                    logits, state = adapter.decode(token, state, prompt_len + i)
+
+            seconds, _ = time_call(decode, device)
+        return batch_size * new_tokens / seconds
 
     return run_once
 

@@ -218,7 +218,7 @@ class TrainConfig:
     """"auto" (the rank's CUDA device if any, else cpu), "cpu", "cuda", "cuda:N" or "mps"."""
     dtype: DtypeName = "auto"
     """Compute precision: "auto" (bf16 on CUDA with bf16 support, fp16 + loss scaling on older CUDA; on
-    CPU bf16 only where bf16 matmuls at the model's shapes measure >= 1.3x faster than fp32, cached in
+    CPU bf16 only where the model's training steps measure >= 1.3x faster in bf16 than fp32, cached in
     precision.json; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), "fp32", "bf16" or "fp16". Weights
     and optimizer state stay fp32."""
     compile: bool = False

@@ -4,8 +4,9 @@
     canonical_dtype("bfloat16")         -> "bf16"   (long names are aliases; "auto" stays "auto")
     torch_dtype("bf16")                 -> torch.bfloat16   ("auto" -> None: keep the loaded dtype)
     resolve_dtype("auto", device)       -> the compute dtype "auto" means on that device (CPU: fp32
-                                           unmeasured; gpt2lab.precision measures it)
+                                           unmeasured; gpt2lab.dtype_choice measures it)
     resolve_device("auto")              -> cuda if torch sees a GPU, else cpu (mps only when asked)
+    cpu_name(), cpu_flags()             -> this CPU's model name and instruction-set flags (/proc/cpuinfo)
 
 Only the functions that return torch objects import torch, so command-line parsers can use the
 names here without it.
@@ -13,6 +14,7 @@ names here without it.
 
 from __future__ import annotations
 
+import platform
 import re
 from typing import TYPE_CHECKING, Literal
 
@@ -67,8 +69,8 @@ def resolve_dtype(name: str, device: torch.device, *, fp16_without_bf16: bool = 
     fp16 on older CUDA GPUs (fp32 there if not `fp16_without_bf16`), fp32 elsewhere.
 
     fp32 is auto's answer on a CPU only without measuring: bf16 there is ~100x slower on CPUs without
-    bf16 units and ~3x faster on those with AMX. `gpt2lab.precision.compute_dtype` (same arguments,
-    plus the model's shapes) times it instead and is what train, eval and bench use."""
+    bf16 units and ~3x faster on those with AMX. `gpt2lab.dtype_choice.resolve` (same arguments,
+    plus what the run repeats) times it instead and is what train, eval, sample and bench use."""
     import torch
 
     if canonical_dtype(name) != "auto":
@@ -98,3 +100,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {name!r} requested but MPS is not available; use --device cpu")
     return device
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """Field `name` of the first processor in /proc/cpuinfo (None where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    """This CPU's model name (/proc/cpuinfo "model name"; else platform.processor() or the machine type)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags (/proc/cpuinfo "flags", e.g. avx512_bf16, amx_bf16; empty where unknown)."""
+    return set((_cpuinfo_field("flags") or "").split())

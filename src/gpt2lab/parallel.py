@@ -5,6 +5,7 @@ applied in one place.
     parallelize       -> activation checkpointing -> torch.compile per block -> FSDP2 per block or DDP
     no_sync           -> skip the gradient all-reduce on accumulation micro-steps (DDP)
     all_reduce        -> reduce a metric across ranks (a no-op in one process)
+    from_rank0        -> a JSON-able value computed on rank 0, on every rank (a decision all must share)
 
 Checkpoints of a parallelized model (DCP shards under FSDP) are written and read by
 `gpt2lab.checkpoint.save_sharded` / `load_sharded`.
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +157,18 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def from_rank0(compute: Callable[[], Any]) -> Any:
+    """`compute()` run on rank 0 only, its result on every rank: for a decision every rank must share
+    (a measured dtype, say), taken once. The result must be JSON-able (it travels as JSON text, so
+    every rank gets the same plain data). Every rank calls this at the same point; in one process it
+    is just `compute()`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box = [json.dumps(compute()) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return json.loads(box[0])
 
 
 # --------------------------------------------------------------------------------------------------

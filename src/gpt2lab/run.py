@@ -40,13 +40,14 @@ from gpt2lab.checkpoint import (
 )
 from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, save_yaml, to_dict
 from gpt2lab.console import say
+from gpt2lab.dtype_choice import MuonIterations, TrainingSteps, resolve
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate.training import task_schedule
 from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.metrics import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
-from gpt2lab.precision import auto_on_cpu, compute_dtype, muon_dtype
+from gpt2lab.precision import auto_on_cpu
 from gpt2lab.timebudget import TimeBudget, parse_duration
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
 from gpt2lab.trainer import Hook, Trainer, TrainResult, batch_geometry
@@ -118,17 +119,6 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     meta = ensure_dataset(cfg, env) if cfg.data.format == "tokens" else None
     model, tokenizer = build_model(cfg.model, meta, env.device)
     block_size = model.config.block_size
-    # auto on CPU is measured at the model's shapes (rank 0 decides for every rank); an explicit bf16 or
-    # fp16 on CPU is measured too, for a warning when it is the slower one here.
-    dtype, choice = compute_dtype(cfg.train.dtype, env.device, n_embd=model.config.n_embd,
-                                  rows=cfg.train.micro_batch_size * block_size, check_explicit=True)
-    if choice is not None and (note := choice.note("train.dtype", cfg.train.dtype)):
-        say(f"gpt2lab: {note}")
-    ns_dtype = torch.bfloat16
-    if cfg.optim.name == "muon":  # its orthogonalisation's dtype, measured on a CPU (rank 0 for every rank)
-        ns_dtype, ns_choice = muon_dtype(cfg.optim.muon_dtype, env.device, n_embd=model.config.n_embd)
-        if ns_choice is not None and (note := ns_choice.note("optim.muon_dtype", cfg.optim.muon_dtype)):
-            say(f"gpt2lab: {note}")
     if resume_from is not None:
         saved = read_config(resume_from)
         check_same_architecture(saved["model"], model.config, str(resume_from))
@@ -139,6 +129,20 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
         from gpt2lab.lora import apply_lora
 
         apply_lora(model, cfg.lora)
+    # auto on CPU times this model's micro-batch steps where bf16 matmuls are faster (rank 0 decides for
+    # every rank); an explicit bf16 or fp16 on CPU is measured too, for a warning when it is the slower.
+    steps = TrainingSteps(model, cfg.train.micro_batch_size, block_size, fused_loss=cfg.train.fused_loss)
+    resolved = resolve(cfg.train.dtype, env.device, steps, setting="train.dtype", check_explicit=True)
+    dtype = resolved.dtype
+    if resolved.line:
+        say(f"gpt2lab: {resolved.line}")
+    ns_dtype = torch.bfloat16
+    if cfg.optim.name == "muon":  # its orthogonalisation's dtype, measured on a CPU (rank 0 for every rank)
+        muon = resolve(cfg.optim.muon_dtype, env.device, MuonIterations(model.config.n_embd),
+                       setting="optim.muon_dtype", check_explicit=True)
+        ns_dtype = muon.dtype
+        if muon.line:
+            say(f"gpt2lab: {muon.line}")
 
     geometry = batch_geometry(cfg.train.tokens_per_step, cfg.train.micro_batch_size, block_size, env.world_size)
     train_data, val_batches = build_data(cfg, tokenizer, block_size, geometry.global_rows, env)

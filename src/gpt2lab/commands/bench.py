@@ -22,9 +22,9 @@ from gpt2lab.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, init_default="gpt2",
                         dtype_help="compute dtype, by autocast over fp32 weights: auto = bf16 on GPUs that have it; "
-                                   "on CPU bf16 where bf16 matmuls at the model's shapes are >= 1.3x faster than "
-                                   "fp32 (timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead); "
-                                   "else fp32")
+                                   "on CPU bf16 where the model's training steps in bf16 autocast are >= 1.3x faster "
+                                   "than fp32 (timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides "
+                                   "instead); else fp32")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for the training step (prefill and decode stay eager)")
     parser.add_argument("--seq-len", type=int, help="training / prefill sequence length (default: block_size, "
@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     from gpt2lab import bench
     from gpt2lab.devices import dtype_name, resolve_device
+    from gpt2lab.dtype_choice import TrainingSteps, resolve
     from gpt2lab.loading import load_model
     from gpt2lab.model import model_stats
-    from gpt2lab.precision import auto_on_cpu, compute_dtype
+    from gpt2lab.precision import auto_on_cpu
 
     for name in ("seq_len", "batch_size", "steps", "repeats", "prompt_len", "new_tokens"):
         value = getattr(args, name)
@@ -71,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or min(config.block_size, 1024)
     if seq_len > config.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's block_size={config.block_size}")
-    dtype, choice = compute_dtype(args.dtype, device, n_embd=config.n_embd, rows=args.batch_size * seq_len,
-                                  fp16_without_bf16=False)
-    if choice is not None and (note := choice.note("--dtype", args.dtype)):
-        say(f"note: {note}")
+    resolved = resolve(args.dtype, device, TrainingSteps(model, args.batch_size, seq_len), fp16_without_bf16=False)
+    dtype, choice = resolved.dtype, resolved.choice
+    if resolved.line:
+        say(f"note: {resolved.line}")
     prompt_len = min(args.prompt_len, config.block_size - 1)
     new_tokens = min(args.new_tokens, config.block_size - prompt_len)
 

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     add_model_arguments(common, init_default="gpt2", dtype_default="fp32",
                         dtype_help="weight dtype for evaluation (fp32 as published numbers are); auto = on CPU, "
-                                   "bf16 where bf16 forward matmuls at the model's shapes are >= 1.3x faster than fp32 "
-                                   "(timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), else "
+                                   "bf16 where forward passes of the model with bf16 weights are >= 1.3x faster than "
+                                   "fp32 (timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), else "
                                    "fp32; on a GPU as stored")
     common.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-' = stdout)")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, score it on the task and print the table (and the JSON with --json)."""
     from gpt2lab import parallel
     from gpt2lab.devices import dtype_name
+    from gpt2lab.dtype_choice import ForwardPasses, load_dtype, resolve
     from gpt2lab.fileio import check_output_file
     from gpt2lab.loading import load_model
-    from gpt2lab.precision import auto_on_cpu, compute_dtype
 
     task = get_task(args.task)
     if args.json and args.json != "-":
@@ -53,17 +53,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = task.resolve_data(args.data)
         examples = task.load(data, args)[: getattr(args, "limit", None)]
-        measure = auto_on_cpu(args.dtype, env.device)  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
-        model, tokenizer = load_model(args.init, device=env.device, dtype="fp32" if measure else args.dtype)
+        model, tokenizer = load_model(args.init, device=env.device, dtype=load_dtype(args.dtype, env.device))
         model.eval()
-        dtype = args.dtype
-        if measure:  # scoring is batched forward passes: their matmuls' measurement decides (rank 0's for all)
-            chosen, choice = compute_dtype("auto", env.device, n_embd=model.config.n_embd,
-                                           rows=args.batch_size * model.config.block_size, forward_only=True)
-            model.to(chosen)
-            dtype = dtype_name(chosen)
-            if note := choice.note("--dtype", "auto"):
-                say(f"note: {note}")
+        # scoring is batched forward passes: on a CPU auto times them (rank 0's choice for all ranks)
+        resolved = resolve(args.dtype, env.device, ForwardPasses(model, args.batch_size, model.config.block_size))
+        if resolved.dtype is not None:
+            model.to(resolved.dtype)
+        dtype = args.dtype if resolved.dtype is None else dtype_name(resolved.dtype)
+        if resolved.line:
+            say(f"note: {resolved.line}")
         start = time.perf_counter()
         metrics = task.run(model, tokenizer, examples, args, env=env, batch_size=args.batch_size,
                            show_progress=True)

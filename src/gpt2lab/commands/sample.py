@@ -63,25 +63,21 @@ def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple
     """(model, tokenizer) from `load(device, dtype)` for --device and --dtype, in eval mode and laid
     out for decoding (also used by `gpt2lab chat`).
 
-    --dtype auto on CPU loads fp32 weights, times decoding them against bf16 (gpt2lab.precision:
+    --dtype auto on CPU loads fp32 weights, times decoding them against bf16 (gpt2lab.dtype_choice:
     once per machine and model, then cached) and keeps the faster, saying which on stderr;
     elsewhere auto keeps the dtype the weights are stored in."""
-    import torch
-
     from gpt2lab.devices import resolve_device
+    from gpt2lab.dtype_choice import Decoding, load_dtype, resolve
     from gpt2lab.generate import optimize_for_decoding
-    from gpt2lab.precision import auto_on_cpu, decode_precision
 
     device = resolve_device(args.device)
-    measure = auto_on_cpu(args.dtype, device)  # a bad GPT2LAB_CPU_DTYPE fails before the model loads
-    model, tokenizer = load(device, "fp32" if measure else args.dtype)
+    model, tokenizer = load(device, load_dtype(args.dtype, device))
     model.eval()
-    if measure:
-        choice = decode_precision(model, layout=optimize_for_decoding)
-        if choice.dtype != torch.float32:
-            model.to(choice.dtype)
-        if note := choice.note("--dtype", "auto"):
-            say(f"note: {note}")
+    resolved = resolve(args.dtype, device, Decoding(model, layout=optimize_for_decoding))
+    if resolved.dtype is not None:
+        model.to(resolved.dtype)
+    if resolved.line:
+        say(f"note: {resolved.line}")
     optimize_for_decoding(model)
     return model, tokenizer
 

@@ -1,8 +1,11 @@
-"""train.max_time: durations, the step-count plan (with faked timings), and time-budgeted runs end to
-end: the chosen count is recorded, the run equals one with that max_steps, and resume is bitwise."""
+"""train.max_time: durations, the step-count plan (with faked timings), the planner on a simulated clock
+(its plan through a checkpoint, resume), and time-budgeted runs end to end: the chosen count is
+recorded, the run equals one with that max_steps, and resume is bitwise."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import shutil
 import subprocess
 import sys
@@ -16,8 +19,19 @@ from gpt2lab.checkpoint import list_checkpoints, load_train_state, load_weights
 from gpt2lab.config import load_config
 from gpt2lab.errors import UserError
 from gpt2lab.metrics import read_metrics
+from gpt2lab.optim import OptimConfig, lr_at
 from gpt2lab.run import process_started_at, train
-from gpt2lab.timebudget import CALIBRATION_STEPS, TimeBudget, parse_duration, plan_steps
+from gpt2lab.timebudget import (
+    CALIBRATION_STEPS,
+    REPLAN_SHARE,
+    SAY_SHARE,
+    Plan,
+    Planner,
+    StepClock,
+    TimeBudget,
+    parse_duration,
+    plan_steps,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,6 +124,129 @@ def test_bad_max_time_is_one_line_before_any_work(tmp_path):
 def test_process_start_is_before_now():
     started = process_started_at()
     assert 0 <= time.monotonic() - started < 3600  # this test process started a while ago, not in the future
+
+
+# --------------------------------------------------------------------------------------------------
+# The planner: its plan in checkpoints, resume, and its choices on a simulated clock
+
+
+def test_plan_round_trips_through_a_checkpoint_and_old_dicts_still_read():
+    chosen = Plan("5s", cap=100_000, max_steps=140, final=False, elapsed_s=0.97)
+    state = chosen.to_dict()
+    assert list(state) == ["max_time", "cap", "max_steps", "final", "elapsed_s"]  # the time_plan format
+    buffer = io.BytesIO()
+    torch.save({"time_plan": state}, buffer)
+    buffer.seek(0)
+    assert Plan.from_dict(torch.load(buffer, weights_only=True)["time_plan"]) == chosen
+    made_final = Plan("5s", cap=100_000, max_steps=140, final=True)  # final before any choice: no elapsed_s
+    assert made_final.to_dict() == {"max_time": "5s", "cap": 100_000, "max_steps": 140, "final": True}
+    assert Plan.from_dict(made_final.to_dict()) == made_final
+    assert Plan.from_dict({"max_time": "5s", "cap": 100, "max_steps": 40}) == Plan("5s", 100, 40, final=True)
+
+
+def test_a_resumed_plan_is_taken_up_as_the_run_had_it():
+    final = Plan("5s", cap=100_000, max_steps=140, final=True, elapsed_s=1.0).to_dict()
+    opened = Plan("5s", cap=100_000, max_steps=140, final=False, elapsed_s=1.5).to_dict()
+    for given in (100_000, 140):  # the command's max_steps, or the one config.yaml recorded
+        kept = Planner.for_run("5s", given, started_at=0.0, resumed=final)
+        assert (kept.resumed, kept.max_steps, kept.budget, kept.calibrating) == ("final", 140, None, False)
+        assert kept.state_dict() == final  # carried into later checkpoints
+        again = Planner.for_run("5s", given, started_at=12.0, resumed=opened)
+        assert (again.resumed, again.max_steps, again.cap, again.calibrating) == ("open", 140, 100_000, True)
+        assert again.budget == TimeBudget(5.0 - 1.5, 12.0)  # what the run had left
+    for max_time, given in (("9s", 100_000), ("5s", 500)):  # other settings: a new choice, the whole budget
+        fresh = Planner.for_run(max_time, given, started_at=0.0, resumed=opened)
+        assert (fresh.resumed, fresh.max_steps, fresh.cap, fresh.plan) == (None, given, given, None)
+        assert fresh.budget.seconds == parse_duration(max_time)
+    untimed = Planner.for_run(None, 300, started_at=0.0, resumed=opened)
+    assert (untimed.max_steps, untimed.budget, untimed.state_dict()) == (300, None, opened)
+
+
+class SimulatedClock(StepClock):
+    """A StepClock on a simulated timeline (`now[0]` seconds)."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+        super().__init__()
+
+    def reading(self) -> float:
+        return self.now[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedBudget(TimeBudget):
+    now: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+
+    def remaining(self) -> float:
+        return self.seconds - (self.now[0] - self.started_at) - self.reserve_s
+
+
+def simulate(planner: Planner, now: list[float], schedule: str, step_seconds=lambda step: 0.01, start: int = 0):
+    """Run `planner` over simulated steps (warmup 20): (steps done, [(step, choice)], step it became final)."""
+    optim = OptimConfig(schedule=schedule, warmup_steps=20)
+    clock = SimulatedClock(now)
+    planner.start(clock, lr=lambda step, max_steps: lr_at(step, optim, max_steps), warmup_steps=20, costs=dict)
+    step, choices, final_at = start, [], None
+    while step < planner.max_steps:
+        clock.start("step", step)
+        now[0] += step_seconds(step)
+        step += 1
+        clock.tick(step)
+        if (choice := planner.after_step(step)) is not None:
+            choices.append((step, choice))
+        if final_at is None and planner.plan is not None and planner.plan.final:
+            final_at = step
+    return step, choices, final_at
+
+
+def test_the_planner_revises_a_count_whose_schedule_allows_and_ends_within_its_budget():
+    """10 ms steps, 20 ms from step 300 on, a 10 s budget, a constant schedule: the first choice at the
+    warmup's end, then one every REPLAN_SHARE of it; the count falls and the run fits its budget."""
+    now = [0.0]
+    planner = Planner(10**6, "10s", budget=SimulatedBudget(10.0, 0.0, reserve_s=0.0, now=now))
+    steps, choices, final_at = simulate(planner, now, "constant", lambda step: 0.01 if step < 300 else 0.02)
+    (at, first), revisions = choices[0], choices[1:]
+    assert at == 20 and not first.revised and first.step_s == pytest.approx(0.01)
+    assert first.max_steps == plan_steps(first.remaining_s, first.step_s, done=20, costs=[], cap=10**6) > 900
+    every = round(REPLAN_SHARE * first.max_steps)
+    assert [step for step, _ in revisions] == list(range(20 + every, steps, every))[:len(revisions)]
+    assert all(c.revised for _, c in revisions) and revisions[-1][1].max_steps == steps < first.max_steps
+    assert 9.0 < now[0] <= 10.0 and final_at is None  # the budget is used, not exceeded; still open
+    said = first.max_steps  # a revision is said when it moves the count said last by more than SAY_SHARE
+    for _, choice in revisions:
+        moved = abs(choice.max_steps - said) > SAY_SHARE * said
+        assert choice.said == (said if moved else None)
+        said = choice.max_steps if moved else said
+    assert any(c.said is not None for _, c in revisions)
+    assert planner.state_dict() == {"max_time": "10s", "cap": 10**6, "max_steps": steps, "final": False,
+                                    "elapsed_s": pytest.approx(10.0 - revisions[-1][1].remaining_s)}
+
+
+def test_a_cosine_count_is_final_once_a_revision_would_change_past_learning_rates():
+    now = [0.0]
+    planner = Planner(10**6, "10s", budget=SimulatedBudget(10.0, 0.0, reserve_s=0.0, now=now))
+    steps, choices, final_at = simulate(planner, now, "cosine")
+    ((at, first),) = choices
+    assert at == 20 and steps == first.max_steps
+    assert final_at == 20 + round(REPLAN_SHARE * first.max_steps)  # the first revision found it final
+    assert planner.plan == Plan("10s", 10**6, first.max_steps, final=True, elapsed_s=pytest.approx(0.2))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_resumed_open_count_keeps_the_learning_rate_of_the_steps_taken(schedule):
+    """Resumed at step 100 of an open count of 500 with 8 s left: the first choice of the new process
+    stands only if the 100 steps taken keep their learning rates (constant: yes; cosine: final at once)."""
+    now = [0.0]
+    opened = Plan("10s", cap=10**6, max_steps=500, final=False, elapsed_s=2.0)
+    planner = Planner(500, "10s", budget=SimulatedBudget(8.0, 0.0, reserve_s=0.0, now=now), cap=10**6,
+                      plan=opened, resumed="open")
+    steps, choices, final_at = simulate(planner, now, schedule, start=100)
+    if schedule == "cosine":
+        assert choices == [] and steps == 500 and final_at == 100 + CALIBRATION_STEPS
+        assert planner.plan == dataclasses.replace(opened, final=True)
+    else:
+        (at, first) = choices[0]
+        assert at == 100 + CALIBRATION_STEPS and not first.revised and first.max_steps > 500 and final_at is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from gpt2lab.metrics import RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu
-from gpt2lab.timebudget import TimeBudget, parse_duration
+from gpt2lab.timebudget import Choice, Planner
 from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
 from gpt2lab.trainer import Hook, Trainer, TrainResult, batch_geometry
 
@@ -155,16 +155,24 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     module = torch.compile(wrapped) if cfg.train.compile and not cfg.parallel.compile_blocks else wrapped
 
     start_step = 0
-    plan_state, spent_s = None, 0.0
     resume_state = None
     resume_changes: dict = {}
     if resume_from is not None:
         resume_state = load_sharded(resume_from, wrapped, optimizer)
         start_step = int(resume_state["step"])
-        plan_state, spent_s = _adopt_time_plan(cfg, resume_state.get("time_plan"))
+
+    def on_choice(choice: Choice) -> None:  # train.max_time chose the step count: record it, say so
+        _record_plan(cfg, planner, run_dir if env.is_main else None)
+        _say_choice(cfg, choice, run_dir, logger)
+
+    planner = Planner.for_run(cfg.train.max_time, cfg.train.max_steps, started_at, on_choice=on_choice,
+                              resumed=resume_state.get("time_plan") if resume_state is not None else None)
+    _record_plan(cfg, planner)  # a resumed plan's count stands for the one given
+    if resume_from is not None:
+        if planner.resumed == "final":
+            say(f"gpt2lab: resume: train.max_steps {planner.max_steps} (chosen for "
+                f"train.max_time={planner.max_time} when the run started)")
         resume_changes = check_resume_changes(resume_state.get("config"), cfg, str(resume_from))
-        if plan_state == "open":  # its cap bounds the next choice
-            open_steps, cfg.train.max_steps = cfg.train.max_steps, resume_state["time_plan"]["cap"]
         say(f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
@@ -185,21 +193,16 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
                          "raise --train.max_steps (with --checkpoint.allow_changes true) to continue")
         flops_per_token = model_stats(parallel.unwrap(wrapped).config, seq_len=block_size).flops_per_token_train
         peak = _peak_flops(env.device, dtype)
-        budget, said = None, {}
-        if cfg.train.max_time is not None and plan_state != "final":
-            budget = TimeBudget(parse_duration(cfg.train.max_time) - spent_s, started_at)
         trainer = Trainer(
             module, optimizer, train_data, geometry, train=cfg.train, optim=cfg.optim, env=env, logger=logger,
             dtype=dtype, val_batches=val_batches, hooks=_hooks(cfg, wrapped, tokenizer, env, eval_schedule),
             save=_checkpoint_saver(cfg, wrapped, optimizer, tokenizer, run_dir, env),
             checkpoint_every=cfg.checkpoint.every,
             peak_tokens_per_s=peak / flops_per_token if peak else None, start_step=start_step,
-            time_budget=budget, on_plan=lambda plan: _record_plan(cfg, plan, run_dir, logger, env, said),
+            planner=planner,
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
-            if plan_state == "open":
-                trainer.continue_plan(open_steps)
             if resume_changes:
                 logger.log("resume", start_step, {"changed": resume_changes})
         result = trainer.fit()
@@ -212,43 +215,25 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
     return result
 
 
-def _adopt_time_plan(cfg: RunConfig, plan: dict | None) -> tuple[str | None, float]:
-    """On resume, what train.max_time chose when the run started: ("final" | "open" | None, seconds
-    the run had spent when the checkpoint was written).
-
-    A final count stands (the schedule was laid over it), as long as max_time and max_steps are the
-    run's own. A count that was still open is chosen again from the resumed step, within the budget
-    the run had left. None: no plan, or settings that change it (an ordinary change, checked as such)."""
-    if not plan or cfg.train.max_time != plan.get("max_time"):
-        return None, 0.0
-    if cfg.train.max_steps not in (plan["cap"], plan["max_steps"]):
-        return None, 0.0
-    cfg.train.max_steps = plan["max_steps"]  # the run's own, as its checkpoint's config says
-    if not plan.get("final", True):
-        return "open", float(plan.get("elapsed_s", 0.0))  # the trainer chooses again (continue_plan)
-    say(f"gpt2lab: resume: train.max_steps {plan['max_steps']} (chosen for train.max_time={plan['max_time']} "
-        "when the run started)")
-    return "final", 0.0
-
-
-def _record_plan(cfg: RunConfig, plan: dict, run_dir: Path, logger: RunLogger, env: Any, said: dict) -> None:
-    """train.max_time chose the step count: record it in config.yaml (and so in later checkpoints) and
-    say so; `said` keeps the count last printed, so small revisions are recorded but not printed."""
-    cfg.train.max_steps = plan["max_steps"]
-    if env.is_main:
+def _record_plan(cfg: RunConfig, planner: Planner, run_dir: Path | None = None) -> None:
+    """The planner's step count is the run's train.max_steps: in its config, so in every checkpoint, and
+    in <run_dir>/config.yaml when `run_dir` is given."""
+    cfg.train.max_steps = planner.max_steps
+    if run_dir is not None:
         save_yaml(cfg, run_dir / "config.yaml")
-    if plan["previous_max_steps"] is not None:  # a later choice: said when it moves the count said last by > 5%
-        if abs(plan["max_steps"] - said["max_steps"]) > 0.05 * said["max_steps"]:
-            logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: steps now take {plan['step_s'] * 1e3:.1f} ms; "
-                         f"{plan['max_steps']} steps fit (was {said['max_steps']})")
-            said["max_steps"] = plan["max_steps"]
+
+
+def _say_choice(cfg: RunConfig, choice: Choice, run_dir: Path, logger: RunLogger) -> None:
+    """Say the first choice of the step count, and a revision the planner finds worth saying."""
+    if choice.revised:
+        if choice.said is not None:
+            logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: steps now take {choice.step_s * 1e3:.1f} ms; "
+                         f"{choice.max_steps} steps fit (was {choice.said})")
         return
-    said["max_steps"] = plan["max_steps"]
-    extras = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in plan.items()
-                       if k.endswith("_s") and k not in ("step_s", "remaining_s", "budget_s"))
-    logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: {plan['max_steps']} steps fit "
-                 f"({plan['step_s'] * 1e3:.1f} ms/step measured; each {extras or 'nothing else'}; "
-                 f"{plan['remaining_s']:.1f} s left of {plan['budget_s']:.0f} s); recorded as train.max_steps "
+    extras = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in choice.costs.items())
+    logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: {choice.max_steps} steps fit "
+                 f"({choice.step_s * 1e3:.1f} ms/step measured; each {extras or 'nothing else'}; "
+                 f"{choice.remaining_s:.1f} s left of {choice.budget_s:.0f} s); recorded as train.max_steps "
                  f"in {run_dir / 'config.yaml'}")
 
 

@@ -30,7 +30,6 @@ import contextlib
 import math
 import random
 import signal
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,14 +44,7 @@ from gpt2lab.config import SDPA_BACKENDS, OptimConfig, TrainConfig
 from gpt2lab.errors import UserError
 from gpt2lab.metrics import RunLogger
 from gpt2lab.optim import lr_at, set_lr
-from gpt2lab.timebudget import (
-    CALIBRATION_SHARE,
-    CALIBRATION_STEPS,
-    REPLAN_SHARE,
-    StepClock,
-    TimeBudget,
-    plan_steps,
-)
+from gpt2lab.timebudget import Costs, Planner, StepClock
 
 IGNORE_INDEX = -100
 
@@ -180,6 +172,18 @@ class TrainingDiverged(UserError):
     """The loss (or the gradient norm) became NaN or infinite."""
 
 
+def checkpoint_seconds(module: torch.nn.Module, optimizer: torch.optim.Optimizer, bytes_per_s: float = 200e6,
+                       overhead_s: float = 0.2) -> float:
+    """A conservative time for one checkpoint: the weights and optimizer state at `bytes_per_s`."""
+    tensors = list(module.parameters())
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return overhead_s + sum(t.numel() * t.element_size() for t in tensors) / bytes_per_s
+
+
+def _every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
 class Trainer:
     """Trains `module` on `train_data` (get_batch(step) -> this rank's (x, y), state_dict, load_state_dict).
 
@@ -187,7 +191,8 @@ class Trainer:
     validation loss). `save(step, train_state)` writes a checkpoint on every rank (a collective) and
     returns its directory; None = no checkpoints. `peak_tokens_per_s` is one device's peak FLOP/s over
     the training FLOPs per token, the MFU denominator (None = no MFU). `dtype` is the autocast dtype
-    (float32 = none; float16 adds loss scaling).
+    (float32 = none; float16 adds loss scaling). `planner` holds the step count (train.max_time
+    chooses it as the run goes; default: train.max_steps).
     """
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: Any,
@@ -196,14 +201,15 @@ class Trainer:
                  val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
                  hooks: Sequence[Hook] = (), save: Callable[[int, dict], Path] | None = None,
                  checkpoint_every: int = 0, peak_tokens_per_s: float | None = None, start_step: int = 0,
-                 time_budget: TimeBudget | None = None, on_plan: Callable[[dict], None] | None = None) -> None:
+                 planner: Planner | None = None) -> None:
         self.module = module
         self.optimizer = optimizer
         self.train_data = train_data
         self.cfg = train
         self.optim = optim
         self.env = env
-        self.logger = logger or RunLogger(".", None, total_steps=train.max_steps, enabled=False)
+        self.planner = planner or Planner(train.max_steps)
+        self.logger = logger or RunLogger(".", None, total_steps=self.planner.max_steps, enabled=False)
         self.dtype = dtype
         self.val_batches = val_batches
         self.hooks = list(hooks)
@@ -221,15 +227,6 @@ class Trainer:
         self.tokens_seen = start_step * train.tokens_per_step
         self.last_checkpoint: Path | None = None
         self.history: list[dict] = []
-        self.max_steps = train.max_steps
-        self.time_budget = time_budget
-        self.on_plan = on_plan
-        self.plan: dict | None = None  # what train.max_time chose (kept in checkpoints)
-        self._cap = train.max_steps
-        self._resumed_open = False  # resumed while the count was still open: keep past learning rates
-        self._costs: dict[str, tuple[int, float, bool]] = {}
-        self._took: dict[str, float] = {}  # seconds the last validation, hook run and save took
-        self._between = 0.0  # seconds spent in all of them so far
 
     # ---------------------------------------------------------------------------------------------
     # State
@@ -242,13 +239,12 @@ class Trainer:
             "data": self.train_data.state_dict(),
             "scaler": self.scaler.state_dict(),
             "tokens": self.tokens_seen,  # true even when a resume changed train.tokens_per_step
-            "time_plan": self.plan,  # None, or the step count train.max_time chose
+            "time_plan": self.planner.state_dict(),  # None, or the step count train.max_time chose
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens", self.step * self.cfg.tokens_per_step))
-        self.plan = state.get("time_plan") if self.time_budget is None else None
         self.train_data.load_state_dict(state["data"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -268,7 +264,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step on the batch of `step`; returns (loss, grad norm) as device tensors, without
         waiting for the device (loss: mean over the step's counted tokens of all ranks), and the lr."""
-        lr = lr_at(step, self.optim, self.max_steps)
+        lr = lr_at(step, self.optim, self.planner.max_steps)
         set_lr(self.optimizer, lr)
         x, y = self.train_data.get_batch(step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -345,89 +341,24 @@ class Trainer:
         self._check_finite(step)  # never save weights that went bad
         self.last_checkpoint = self.save(step, self.state_dict())
 
-    def _log(self, event: str, step: int, metrics: dict) -> None:
+    def _log(self, event: str, step: int, metrics: dict, show: bool = True) -> None:
         self.history.append({"event": event, "step": step, **metrics})
-        self.logger.log(event, step, metrics)
+        self.logger.log(event, step, metrics, show=show)
 
     # ---------------------------------------------------------------------------------------------
-    # train.max_time
+    # What train.max_time plans with
 
-    def continue_plan(self, max_steps: int) -> None:
-        """Resuming a run whose step count was still open: go on with `max_steps` until it is chosen
-        again, and choose only counts that keep the learning rate of every step already taken."""
-        self.max_steps, self._resumed_open = max_steps, True
-
-    def _pace(self, clock: StepClock, step: int) -> None:
-        """After `step`: choose the step count when the first steps are timed, and again every
-        REPLAN_SHARE of the run until the count is final."""
-        if clock.calibrating:
-            if self._calibrated(clock.step_times):
-                self._plan_steps(statistics.median(clock.step_times[1:]))
-                clock.start(step, max(1, round(REPLAN_SHARE * self.max_steps)), self._between)
-        elif not self.plan["final"] and clock.due(step):
-            self._plan_steps(clock.step_time(step, self._between))
-
-    def _calibrated(self, step_times: list[float]) -> bool:
-        """Enough steps timed: CALIBRATION_STEPS, then on to the end of the warmup unless that takes
-        more than CALIBRATION_SHARE of the budget (ranks agree: the first done decides for all)."""
-        n = len(step_times)
-        if n < CALIBRATION_STEPS:
-            return False
-        flag = torch.tensor(float(self.step >= self.optim.warmup_steps
-                                  or sum(step_times) >= CALIBRATION_SHARE * self.time_budget.seconds),
-                            device=self.device)
-        parallel.all_reduce(flag, "max")  # one rank done is all done
-        return bool(flag.item())
-
-    def _plan_steps(self, step_s: float) -> None:
-        """Choose self.max_steps from the time budget, the time a step takes and what every later
-        event costs (estimated once, at the first choice); a later choice stands only if it leaves the
-        learning rate of every step taken as it was, else the count is final."""
-        budget = self.time_budget
-        first = self.plan is None
-        if first:
-            if self.val_batches is not None:
-                self._costs["validation"] = (self.cfg.eval_every, self._validation_seconds(), True)
-            for hook in self.hooks:
-                if hook.cost is not None:
-                    self._costs[hook.name] = (hook.every, hook.cost(), hook.at_end)
-            if self.save is not None:
-                self._costs["checkpoint"] = (self.checkpoint_every, self._checkpoint_seconds(), True)
-        for name, took in self._took.items():  # what ran already is measured, not estimated
-            if name in self._costs:
-                self._costs[name] = (self._costs[name][0], took, self._costs[name][2])
-        remaining = budget.remaining()
-        n = plan_steps(remaining, step_s, self.step, list(self._costs.values()), cap=self._cap)
-        chosen = torch.tensor(float(n), device=self.device)
-        parallel.all_reduce(chosen, "max")  # ranks must agree; their estimates differ by noise
-        n = max(self.step, int(chosen.item()))
-        if (not first or self._resumed_open) and not self._keeps_past_lr(n):
-            base = self.plan or {"max_time": self.cfg.max_time, "cap": self._cap, "max_steps": self.max_steps}
-            self.plan = {**base, "final": True}
-            return
-        previous, self.max_steps = self.max_steps, n
-        self.plan = {"max_time": self.cfg.max_time, "cap": self._cap, "max_steps": n, "final": False,
-                     "elapsed_s": budget.seconds - budget.reserve_s - remaining}
-        self.logger.set_total_steps(n)
-        details = {"max_steps": n, "previous_max_steps": None if first else previous, "step_s": step_s,
-                   "remaining_s": remaining, "budget_s": budget.seconds, "revised": not first,
-                   **{f"{k}_s": v[1] for k, v in self._costs.items()}}
-        self.history.append({"event": "plan", "step": self.step, **details})
-        self.logger.log("plan", self.step, details, show=False)
-        if self.on_plan is not None:
-            self.on_plan(details)
-
-    def _keeps_past_lr(self, max_steps: int) -> bool:
-        """Whether every step taken so far had the learning rate it would have with `max_steps`."""
-        return all(lr_at(s, self.optim, max_steps) == lr_at(s, self.optim, self.max_steps) for s in range(self.step))
-
-    @contextlib.contextmanager
-    def _timed(self, name: str):
-        """Time work done between steps: the last run of each (`_took`) and all of it (`_between`)."""
-        t0 = time.perf_counter()
-        yield
-        self._took[name] = time.perf_counter() - t0
-        self._between += self._took[name]
+    def _event_costs(self) -> Costs:
+        """What the work between steps costs, estimated: (every, seconds, at_end) by name."""
+        costs: Costs = {}
+        if self.val_batches is not None:
+            costs["validation"] = (self.cfg.eval_every, self._validation_seconds(), True)
+        for hook in self.hooks:
+            if hook.cost is not None:
+                costs[hook.name] = (hook.every, hook.cost(), hook.at_end)
+        if self.save is not None:
+            costs["checkpoint"] = (self.checkpoint_every, checkpoint_seconds(self.module, self.optimizer), True)
+        return costs
 
     @torch.no_grad()
     def _validation_seconds(self, timed: int = 2) -> float:
@@ -447,32 +378,28 @@ class Trainer:
             self.module.train()
         return spent / max(1, min(n, timed)) * n
 
-    def _checkpoint_seconds(self, bytes_per_s: float = 200e6, overhead_s: float = 0.2) -> float:
-        """A conservative time for one checkpoint: the weights and optimizer state at `bytes_per_s`."""
-        tensors = list(self.module.parameters())
-        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-        return overhead_s + sum(t.numel() * t.element_size() for t in tensors) / bytes_per_s
-
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
         # A second Ctrl-C stops at once.
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def _agree_max(self, value: float) -> float:
+        """The largest `value` over all ranks."""
+        flag = torch.tensor(float(value), device=self.device)
+        parallel.all_reduce(flag, "max")
+        return flag.item()
+
     def _agreed_stop(self) -> bool:
         """True when any rank got a stop signal (ranks must stop at the same step)."""
         if self.env.world_size == 1:
             return self._stop_signal is not None
-        flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
-        parallel.all_reduce(flag, "max")
-        if flag.item() and self._stop_signal is None:
+        stop = self._agree_max(self._stop_signal is not None) > 0
+        if stop and self._stop_signal is None:
             self._stop_signal = "SIGTERM"
-        return bool(flag.item())
+        return stop
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         return tokens_per_s / (self.peak_tokens_per_s * self.env.world_size) if self.peak_tokens_per_s else None
-
-    def _every(self, n: int, step: int) -> bool:
-        return n > 0 and step % n == 0
 
     def _run_hook(self, hook: Hook, step: int) -> dict[str, Any] | str | None:
         out = hook.fn()
@@ -483,9 +410,10 @@ class Trainer:
         return out
 
     def fit(self) -> TrainResult:
-        """Train from self.step to max_steps (or a stop signal); validate, run hooks and save on schedule.
-        With a time budget, max_steps is chosen after the first steps and again as the run goes (`_pace`)."""
-        cfg = self.cfg
+        """Train from self.step to the planner's max_steps (or a stop signal); validate, run hooks and save
+        on schedule. One clock times the steps, less the work between them; the planner is asked after
+        every step (train.max_time chooses the step count as the run goes)."""
+        cfg, planner = self.cfg, self.planner
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not in the main thread: no handlers
@@ -494,62 +422,55 @@ class Trainer:
         final: dict[str, Any] = {}
         try:
             self.module.train()
-            t_last, step_last = time.perf_counter(), self.step
-            t_step = t_last
             tokens_per_step = cfg.tokens_per_step
-            clock = StepClock() if self.time_budget is not None else None
-            while self.step < self.max_steps:
-                t0 = time.perf_counter()
+            clock = StepClock()
+            clock.start("log", self.step)
+            planner.start(clock, lr=lambda step, max_steps: lr_at(step, self.optim, max_steps),
+                          warmup_steps=self.optim.warmup_steps, costs=self._event_costs, agree=self._agree_max)
+            while self.step < planner.max_steps:
+                clock.start("step", self.step)
                 loss, grad_norm, lr = self.train_step(self.step)
-                if clock is not None and clock.calibrating:
-                    loss.item()  # wait for the device: these steps are timed one by one
-                    clock.step_times.append(time.perf_counter() - t0)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 step = self.step
-                if clock is not None:
-                    self._pace(clock, step)
-                last = step == self.max_steps
-                logged = self._every(cfg.log_every, step) or last
+                if planner.calibrating:
+                    loss.item()  # wait for the device: these steps are timed one by one
+                step_s = clock.tick(step)
+                if (choice := planner.after_step(step)) is not None:
+                    self.logger.set_total_steps(choice.max_steps)
+                    self._log("plan", step, choice.event(), show=False)
+                last = step == planner.max_steps
+                logged = _every(cfg.log_every, step) or last
                 if self.logger.live and not logged:  # a terminal watches: move every step (reads the loss)
-                    now = time.perf_counter()
-                    dt = now - t_step
                     self.logger.update(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                                              "tokens_per_s": tokens_per_step / dt,
-                                              "mfu": self._mfu(tokens_per_step / dt),
-                                              "eta_s": dt * (self.max_steps - step)})
-                t_step = time.perf_counter()
+                                              "tokens_per_s": tokens_per_step / step_s,
+                                              "mfu": self._mfu(tokens_per_step / step_s),
+                                              "eta_s": step_s * (planner.max_steps - step)})
                 if logged:
                     self._check_finite(step)
                     train_loss = loss.item()
-                    now = time.perf_counter()
-                    dt = (now - t_last) / max(1, step - step_last)
-                    t_last, step_last = now, step
+                    dt = clock.per_step("log", step)  # since the last log line
                     tok_s = tokens_per_step / dt
                     mfu = self._mfu(tok_s)
                     self._log("train", step, {
                         "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.env.world_size,
                         "mfu": mfu, "step_time_s": dt,
-                        "eta_s": dt * (self.max_steps - step), "tokens": self.tokens_seen,
+                        "eta_s": dt * (planner.max_steps - step), "tokens": self.tokens_seen,
                     })
-                if self._every(cfg.eval_every, step) or last:
-                    with self.logger.phase("validation loss"), self._timed("validation"):
+                if _every(cfg.eval_every, step) or last:
+                    with self.logger.phase("validation loss"), clock.between_steps("validation"):
                         val_loss = self.evaluate()
                     if val_loss is not None:
                         self._log("eval", step, {"val_loss": val_loss})
-                    t_last, step_last = time.perf_counter(), step  # keep eval time out of tokens/s
                 for hook in self.hooks:
-                    if self._every(hook.every, step) and not (last and hook.at_end):
-                        with self.logger.phase(hook.name), self._timed(hook.name):
+                    if _every(hook.every, step) and not (last and hook.at_end):
+                        with self.logger.phase(hook.name), clock.between_steps(hook.name):
                             self._run_hook(hook, step)
-                        t_last, step_last = time.perf_counter(), step
                 stop = self._agreed_stop()
-                if self._every(self.checkpoint_every, step) or last or stop:
-                    with self.logger.phase("checkpoint"), self._timed("checkpoint"):
+                if _every(self.checkpoint_every, step) or last or stop:
+                    with self.logger.phase("checkpoint"), clock.between_steps("checkpoint"):
                         self._save(step)
-                    t_last, step_last = time.perf_counter(), step
-                t_step = max(t_step, t_last)  # time spent in hooks and saves is not a step's
                 if stop:
                     self.logger.print(f"{self._stop_signal}: stopped after step {step}; checkpoint saved to "
                                       f"{self.last_checkpoint}; continue with --resume")

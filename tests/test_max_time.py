@@ -153,7 +153,7 @@ def test_a_resumed_plan_is_taken_up_as_the_run_had_it():
         assert kept.state_dict() == final  # carried into later checkpoints
         again = Planner.for_run("5s", given, started_at=12.0, resumed=opened)
         assert (again.resumed, again.max_steps, again.cap, again.calibrating) == ("open", 140, 100_000, True)
-        assert again.budget == TimeBudget(5.0 - 1.5, 12.0)  # what the run had left
+        assert again.budget == TimeBudget(5.0 - 1.5, 12.0) and again.spent_s == 1.5  # what the run had left
     for max_time, given in (("9s", 100_000), ("5s", 500)):  # other settings: a new choice, the whole budget
         fresh = Planner.for_run(max_time, given, started_at=0.0, resumed=opened)
         assert (fresh.resumed, fresh.max_steps, fresh.cap, fresh.plan) == (None, given, given, None)
@@ -239,7 +239,7 @@ def test_a_resumed_open_count_keeps_the_learning_rate_of_the_steps_taken(schedul
     now = [0.0]
     opened = Plan("10s", cap=10**6, max_steps=500, final=False, elapsed_s=2.0)
     planner = Planner(500, "10s", budget=SimulatedBudget(8.0, 0.0, reserve_s=0.0, now=now), cap=10**6,
-                      plan=opened, resumed="open")
+                      plan=opened, resumed="open", spent_s=2.0)
     steps, choices, final_at = simulate(planner, now, schedule, start=100)
     if schedule == "cosine":
         assert choices == [] and steps == 500 and final_at == 100 + CALIBRATION_STEPS
@@ -247,6 +247,8 @@ def test_a_resumed_open_count_keeps_the_learning_rate_of_the_steps_taken(schedul
     else:
         (at, first) = choices[0]
         assert at == 100 + CALIBRATION_STEPS and not first.revised and first.max_steps > 500 and final_at is None
+        last = choices[-1][1]  # elapsed counts the 2 s spent before the resume: a second resume gets what is left
+        assert planner.plan.elapsed_s == pytest.approx(2.0 + 8.0 - last.remaining_s)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ class Planner:
 
     def __init__(self, max_steps: int, max_time: str | None = None, *, budget: TimeBudget | None = None,
                  cap: int | None = None, plan: Plan | None = None, resumed: str | None = None,
-                 on_choice: Callable[[Choice], None] | None = None) -> None:
+                 spent_s: float = 0.0, on_choice: Callable[[Choice], None] | None = None) -> None:
         self.max_steps = max_steps
         """The run's step count: the one the learning-rate schedule is laid over."""
         self.max_time = max_time
@@ -227,6 +227,8 @@ class Planner:
         """What was chosen (None: nothing yet), kept in checkpoints by `state_dict`."""
         self.resumed = resumed
         """How a resumed plan was taken up: "final" (its count stands), "open" (chosen again), or None."""
+        self.spent_s = spent_s
+        """Seconds of train.max_time spent before `budget` started (by the process a resumed plan comes from)."""
         self.on_choice = on_choice
         self._costs: Costs | None = None  # estimated at the first choice of this process
         self._step_times: list[float] = []
@@ -252,8 +254,9 @@ class Planner:
             return cls(max_steps, max_time, budget=TimeBudget(seconds, started_at), on_choice=on_choice)
         if plan.final:
             return cls(plan.max_steps, max_time, plan=plan, resumed="final")
-        return cls(plan.max_steps, max_time, budget=TimeBudget(seconds - (plan.elapsed_s or 0.0), started_at),
-                   cap=plan.cap, plan=plan, resumed="open", on_choice=on_choice)
+        spent = plan.elapsed_s or 0.0
+        return cls(plan.max_steps, max_time, budget=TimeBudget(seconds - spent, started_at), cap=plan.cap,
+                   plan=plan, resumed="open", spent_s=spent, on_choice=on_choice)
 
     def state_dict(self) -> dict[str, Any] | None:
         """The checkpoint's `time_plan`: None, or what train.max_time chose."""
@@ -324,7 +327,9 @@ class Planner:
             self.plan = dataclasses.replace(self.plan, final=True)  # chosen before, or resumed open
             return None
         previous, self.max_steps = self.max_steps, n
-        self.plan = Plan(self.max_time, self.cap, n, elapsed_s=budget.seconds - budget.reserve_s - remaining)
+        # elapsed: of the whole budget, so a run resumed again from this plan gets only what is left
+        elapsed = self.spent_s + budget.seconds - budget.reserve_s - remaining
+        self.plan = Plan(self.max_time, self.cap, n, elapsed_s=elapsed)
         said = None  # the count said last, when this choice moves it enough to be said
         if first:
             self._said = n

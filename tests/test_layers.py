@@ -145,7 +145,7 @@ def test_the_model_imports_torch_stdlib_and_the_bottom_layers_only():
         elif isinstance(node, ast.ImportFrom) and not node.level:
             top_level.add((node.module or "").split(".")[0])
     assert top_level - set(sys.stdlib_module_names) <= {"torch", "gpt2lab"}
-    assert import_graph()["model"] <= {"errors", "losses", "sampling", "architecture"}
+    assert import_graph()["model"] <= {"errors", "losses", "sampling", "architecture", "devices"}
 
 
 def test_the_layer_check_sees_lazy_imports(tmp_path):

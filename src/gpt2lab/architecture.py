@@ -89,8 +89,9 @@ class GPTConfig:
                 f"model.sliding_window has {len(self.sliding_window)} entries but the model has "
                 f"n_layer={self.n_layer} layers; give one entry per layer or a single int"
             )
-        for w in self.layer_windows():
-            if w is not None and w <= 0:
+        sw = self.sliding_window  # not layer_windows(): a list of n_layer entries, however absurd n_layer is
+        for w in sw if isinstance(sw, list) else [sw]:
+            if w is not None and w < 0:
                 raise UserError(f"model.sliding_window entries must be positive (or null), got {w}")
 
     @property

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import atomic_dir, clean_state_dict, load_model_weights, read_versioned_json
+from gpt2lab.fileio import atomic_dir, clean_state_dict, load_model_weights, parse_json, read_versioned_json
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.parallel import barrier, is_fsdp, unwrap
 
@@ -91,7 +91,7 @@ def is_checkpoint(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == FORMAT
+        return parse_json(p.read_text()).get("format") == FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return bool(_STEP_DIR.match(Path(path).name))
     except OSError:
@@ -172,7 +172,7 @@ def _check_safetensors(f: Path) -> None:
     try:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+            header = parse_json(fh.read(n).decode("utf-8")) if 0 < n <= size - 8 else None
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError):
         header = None
     if header is None and size - 8 < n < 100_000_000:  # a plausible header length past the end of the file

@@ -49,7 +49,7 @@ from gpt2lab.timebudget import parse_duration
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvalConfig", "FSDPConfig", "LogConfig", "LoraConfig", "ModelConfig",
-    "OptimConfig", "ParallelConfig", "RunConfig", "SFTConfig", "TrainConfig", "all_keys", "config_from_args",
+    "OptimConfig", "ParallelConfig", "RunConfig", "SFTConfig", "TrainConfig", "all_keys", "check_seed", "config_from_args",
     "from_dict", "get_dotted", "iter_fields", "load_config", "preset_names", "save_yaml", "to_dict", "to_yaml",
 ]
 
@@ -68,6 +68,16 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
                  "math": "MATH"}
 """train.sdpa_backend name -> its torch.nn.attention.SDPBackend member."""
 SdpaBackend = Literal[("auto", *SDPA_BACKENDS)]
+
+SEED_MAX = 2**63 - 1
+"""The largest seed: random, numpy's generators and torch.manual_seed all take 0..SEED_MAX."""
+
+
+def check_seed(seed: int | None, name: str) -> None:
+    """UserError unless `seed` (from option or field `name`) is None or a whole number in 0..SEED_MAX."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        raise UserError(f"{name} must be a whole number from 0 to 2**63-1, got {seed}")
+
 
 # Settings whose change on resume changes the continuation, so it needs checkpoint.allow_changes; any
 # other keeps it bitwise what it would have been (micro-batches and ranks split the same global batch;
@@ -405,6 +415,7 @@ class RunConfig:
                             "matrices, FSDP shards them); use parallel.strategy ddp, or optim.name adamw")
         if self.optim.eps <= 0:
             raise UserError(f"optim.eps must be positive (e.g. 1e-8), got {self.optim.eps}")
+        check_seed(self.train.seed, "train.seed")
         if self.train.eval_batches is not None and self.train.eval_batches < 0:
             raise UserError(f"train.eval_batches must be >= 0 (or null: size the set with train.eval_tokens), "
                             f"got {self.train.eval_batches}")

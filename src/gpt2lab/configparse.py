@@ -9,8 +9,11 @@ each field, as in `architecture.GPTConfig`); `gpt2lab.config` holds the tree of 
     add_config_options(parser, RunConfig, "run")            one --section.field option per field, for --help
 
 A `Literal[...]` field accepts only its values: coercion (and `check_choices`, for values set in
-Python) is the one place they are checked. Nothing here imports torch: the config classes are
-torch-free, so `--help` is built from the live classes.
+Python) is the one place they are checked; the same coercion refuses a float that is not finite
+(nan, inf) and text holding a NUL byte. YAML (config files and command-line values) is read by
+`read_yaml`, which refuses nesting deeper than MAX_YAML_DEPTH and aliases that expand to more than
+MAX_YAML_VALUES values. Nothing here imports torch: the config classes are torch-free, so `--help`
+is built from the live classes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import difflib
 import functools
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -131,6 +135,11 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of lists and mappings a YAML document may have (a run config needs 3)."""
+MAX_YAML_VALUES = 100_000
+"""Most values a YAML document may hold once its aliases are expanded (a billion laughs holds 10**9)."""
+
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _EXPECTED = {int: "expected an integer", float: "expected a number", str: "expected a string"}
@@ -151,13 +160,18 @@ def coerce(value: Any, tp: Any) -> Any:
         else:
             # Exact type first (so 3 stays an int in int | float), then conversions in declared order.
             options = [a for a in options if _is_instance(value, a)] + options
+        options = list(dict.fromkeys(options))
         for a in options:
-            with contextlib.suppress(CoerceError):
+            try:
                 return coerce(value, a)
+            except CoerceError as e:
+                error = e
         finite = [(True, False) if a is bool else typing.get_args(a) for a in options
                   if a is bool or typing.get_origin(a) is Literal]
         if len(finite) == len(options):  # bool | Literal["auto"]: say every value
             raise ChoiceError(value, tuple(v for values in finite for v in values))
+        if len(options) == 1:  # int | None, str | None: the one type's own reason
+            raise error
         raise CoerceError(f"expected {type_name(tp)}")
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):
@@ -186,16 +200,24 @@ def coerce(value: Any, tp: Any) -> Any:
     if isinstance(value, bool) or tp not in _EXPECTED:
         raise CoerceError(_EXPECTED.get(tp, f"unsupported type {tp}"))
     if tp is str:
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise CoerceError(_EXPECTED[str])
+        if not isinstance(value, (str, int, float)):
+            raise CoerceError(_EXPECTED[str])
+        if "\0" in str(value):  # no path, name or text of a config holds one; open() refuses it
+            raise CoerceError("text must not contain a NUL byte")
+        return str(value)
     if isinstance(value, str):  # "1_000", "5e3" (an int), "6e-4" (YAML 1.1 reads it as text)
-        with contextlib.suppress(ValueError):
-            return tp(value.replace("_", ""))
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if isinstance(value, (int, float)) and (tp is float or float(value).is_integer()):
-        return tp(value)
+        text = value.replace("_", "")
+        for parse in (int, float):
+            with contextlib.suppress(ValueError):
+                value = parse(text)
+                break
+    if isinstance(value, float) and not math.isfinite(value):  # nan, inf, 1e400
+        raise CoerceError("expected a finite number" if tp is float else _EXPECTED[tp])
+    if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+        try:
+            return tp(value)
+        except OverflowError:  # an integer beyond every float
+            raise CoerceError("expected a finite number") from None
     raise CoerceError(_EXPECTED[tp])
 
 
@@ -207,13 +229,77 @@ def _is_instance(value: Any, tp: Any) -> bool:
 
 
 def parse_scalar(text: str) -> Any:
-    """A command-line value as YAML would read it ("3" -> 3, "true" -> True, "[a, b]" -> list)."""
+    """A command-line value as YAML would read it ("3" -> 3, "true" -> True, "[a, b]" -> list); text
+    that is not YAML stays text, and a value nested or aliased beyond `read_yaml`'s bounds is a UserError."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return read_yaml(text)[0]
+    except _yaml_loader()[1] as e:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise UserError(f"the value {shown!r} is {e.problem}") from None
     except yaml.YAMLError:
         return text
+
+
+@functools.cache
+def _yaml_loader() -> tuple[type, type]:
+    """(PyYAML's safe loader refusing nesting deeper than MAX_YAML_DEPTH, the error of a document beyond
+    the bounds of `read_yaml`)."""
+    import yaml
+
+    class TooLarge(yaml.composer.ComposerError):
+        pass
+
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise TooLarge(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                  self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedLoader, TooLarge
+
+
+def read_yaml(text: str) -> tuple[Any, Any]:
+    """(value, composed node) of a YAML document, read with PyYAML's safe loader; (None, None) if empty.
+
+    The one place gpt2lab reads YAML. A document nested deeper than MAX_YAML_DEPTH, or whose aliases
+    expand to more than MAX_YAML_VALUES values (a "billion laughs"), raises a yaml.YAMLError (with
+    `problem` and `problem_mark`, like any syntax error) before any value is built from it, instead
+    of exhausting the stack, the memory or the time of whatever reads it.
+    """
+    import yaml
+
+    loader_class, too_large = _yaml_loader()
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        sizes: dict[int, int] = {}  # id(node) -> values under it with aliases expanded; each node sized once
+
+        def size(n: Any) -> int:
+            if id(n) not in sizes:
+                if isinstance(n, yaml.MappingNode):
+                    children = [child for pair in n.value for child in pair]
+                else:
+                    children = n.value if isinstance(n, yaml.SequenceNode) else []
+                sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_VALUES + 1)
+            return sizes[id(n)]
+
+        if size(node) > MAX_YAML_VALUES:
+            raise too_large(None, None, f"aliased to more than {MAX_YAML_VALUES:,} values once expanded",
+                            node.start_mark)
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
 
 
 def _problem(key: str, value: Any, tp: Any, error: CoerceError) -> str:
@@ -310,8 +396,7 @@ def load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     except OSError as e:
         raise UserError(f"cannot read config {path} ({e.strerror})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -7,6 +7,8 @@
                                            unmeasured; gpt2lab.dtype_choice measures it)
     resolve_device("auto")              -> cuda if torch sees a GPU, else cpu (mps only when asked)
     cpu_name(), cpu_flags()             -> this CPU's model name and instruction-set flags (/proc/cpuinfo)
+    check_fits(nbytes, device, what, fix)  UserError when `nbytes` more cannot be allocated on the device
+                                        (CPU: MemAvailable, or the room under RLIMIT_AS; CUDA: free memory)
 
 Only the functions that return torch objects import torch, so command-line parsers can use the
 names here without it.
@@ -14,6 +16,7 @@ names here without it.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from typing import TYPE_CHECKING, Literal
@@ -123,3 +126,59 @@ def cpu_name() -> str:
 def cpu_flags() -> set[str]:
     """This CPU's instruction-set flags (/proc/cpuinfo "flags", e.g. avx512_bf16, amx_bf16; empty where unknown)."""
     return set((_cpuinfo_field("flags") or "").split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+
+def available_memory(device: torch.device | str = "cpu") -> tuple[int, str] | None:
+    """(bytes that allocations on `device` can still get, where that figure comes from), or None where
+    it is unknown (mps, a system without /proc). CPU: MemAvailable of /proc/meminfo, or the room left
+    under the process's address-space limit (RLIMIT_AS, `ulimit -v`) if that is less; CUDA: the
+    device's free memory, with what torch's caching allocator holds unused."""
+    kind = device.split(":")[0] if isinstance(device, str) else device.type
+    if kind == "cuda":
+        import torch
+
+        device = torch.device(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's, free to reuse
+        return torch.cuda.mem_get_info(device)[0] + cached, f"free on {device}"
+    if kind != "cpu":
+        return None
+    figures = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        figures.append((kib * 1024, "available on this machine"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/statm", encoding="ascii") as f:
+                mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            figures.append((max(0, limit - mapped), "left under this process's address-space limit (ulimit -v)"))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(figures) if figures else None
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for people: "512 B", "1.5 MiB", "3.2 TiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def check_fits(nbytes: int, device: torch.device | str, what: str, fix: str) -> None:
+    """UserError "WHAT needs N of memory, but M is available...; FIX" when `nbytes` more bytes cannot be
+    allocated on `device` (see `available_memory`; nothing is checked where that is unknown)."""
+    available = available_memory(device)
+    if available is not None and nbytes > available[0]:
+        free, where = available
+        raise UserError(f"{what} needs {format_bytes(nbytes)} of memory, but {format_bytes(free)} is {where}; {fix}")

@@ -4,6 +4,7 @@
     read_text / str_field     a whole UTF-8 file; a checked string field of a record
     atomic_dir                a directory written under a temporary name and renamed into place
     atomic_file / write_atomic  the same for one file
+    parse_json                JSON decoding, with nesting too deep for Python's decoder an ordinary error
     read_versioned_json       a JSON config that names its format and version
     clean_state_dict          a state dict with wrapper prefixes stripped, ready to save
 
@@ -275,6 +276,42 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
+# JSON
+
+
+def parse_json(text: str, start: int | None = None) -> Any:
+    """`json.loads(text)`, or with `start` `JSONDecoder().raw_decode(text, start)` -> (value, end): the JSON
+    decoding of every gpt2lab reader. Arrays or objects nested deeper than Python's decoder can follow (its
+    recursion limit: a hostile file nests 100,000 levels) raise json.JSONDecodeError at the point where the
+    nesting gets deep, like any other invalid JSON, instead of RecursionError."""
+    try:
+        return json.loads(text) if start is None else _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects nested too deep", text, _deep_point(text, start or 0)) from None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _deep_point(text: str, start: int, depth_limit: int = 100) -> int:
+    """Where the nesting of the JSON in `text` from `start` first passes `depth_limit` levels."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            escaped, in_string = (not escaped and c == "\\"), (escaped or c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > depth_limit:
+                return i
+        elif c in "]}":
+            depth -= 1
+    return start
+
+
+# --------------------------------------------------------------------------------------------------
 # Versioned JSON
 
 
@@ -284,7 +321,7 @@ def read_versioned_json(file: Path, fmt: str, version: int, what: str) -> dict:
     if not file.is_file():
         raise UserError(f"{file.parent} is not a {what}: {file.name} is missing")
     try:
-        config = json.loads(file.read_text())
+        config = parse_json(file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
     found = config.get("format") if isinstance(config, dict) else None
@@ -398,7 +435,7 @@ def iter_jsonl(path: str | os.PathLike,
         if not line.strip(JSON_WHITESPACE):
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError as e:
             problem = f"invalid JSON at column {e.colno}: {e.msg}"
         else:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import parse_json
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import Tokenizer
 
@@ -49,7 +50,7 @@ def is_hf_dir(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        return "model_type" in json.loads(p.read_text())
+        return "model_type" in parse_json(p.read_text())
     except (json.JSONDecodeError, OSError, TypeError):
         return False
 
@@ -134,7 +135,7 @@ def read_hf_config(path: str | Path) -> dict:
     if not f.is_file():
         raise UserError(f"{path} has no config.json; it is not a Hugging Face model directory")
     try:
-        return json.loads(f.read_text())
+        return parse_json(f.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
@@ -420,7 +421,7 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
     f = Path(path) / "tokenizer.json"
     if f.is_file():
         try:
-            model = json.loads(f.read_text(encoding="utf-8")).get("model", {})
+            model = parse_json(f.read_text(encoding="utf-8")).get("model", {})
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{f}: not valid JSON ({e})") from None
         vocab = model.get("vocab") if model.get("type") == "WordLevel" else None

@@ -112,9 +112,22 @@ def load_adapted_model(adapter: str | Path, base_init: str | None = None, device
     init = base_init or config.get("base", {}).get("init")
     if not init:
         raise UserError(f"{adapter}: the adapter records no base model; pass it with --init")
+    _check_base_chain(adapter, init)
     model, tokenizer = load_model(init, device=device, dtype=dtype)
     load_adapter(model, adapter)
     return model, tokenizer, config
+
+
+def _check_base_chain(adapter: str | Path, init: str) -> None:
+    """UserError if the base `init` of `adapter`, followed through the bases of any adapters it names,
+    comes back to an adapter already on the way (an adapter whose base is itself), before anything loads."""
+    seen = {Path(adapter).resolve()}
+    while isinstance(init, str) and lora.is_adapter(init):
+        if Path(init).resolve() in seen:
+            raise UserError(f"{adapter}: its base model {init} leads back to the adapter itself; set base.init in "
+                            f"its {lora.ADAPTER_CONFIG} to the model it was trained on")
+        seen.add(Path(init).resolve())
+        init = lora.read_adapter_config(init).get("base", {}).get("init")
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:

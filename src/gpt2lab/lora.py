@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gpt2lab.config import LoraConfig
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import parse_json
 
 ADAPTER_FORMAT = "gpt2lab-lora-adapter"
 ADAPTER_VERSION = 1
@@ -238,7 +239,7 @@ def is_peft_export(path: str | Path) -> bool:
     """True for a directory that holds only a PEFT LoRA adapter (an earlier `save_peft_adapter`)."""
     path, config = Path(path), Path(path) / "adapter_config.json"
     try:
-        peft = json.loads(config.read_text()).get("peft_type") == "LORA"
+        peft = parse_json(config.read_text()).get("peft_type") == "LORA"
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
     return peft and {p.name for p in path.iterdir()} <= {"adapter_config.json", PEFT_WEIGHTS, "README.md"}

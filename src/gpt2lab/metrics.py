@@ -25,7 +25,7 @@ from typing import Any
 from gpt2lab.config import LogConfig
 from gpt2lab.console import ProgressDisplay, say
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import write_atomic
+from gpt2lab.fileio import parse_json, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -75,7 +75,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            events.append(json.loads(line))
+            events.append(parse_json(line))
         except json.JSONDecodeError:
             continue
     return events

@@ -8,11 +8,14 @@
     MLP, Block -> the pre-LayerNorm transformer block of GPT-2
     GPT        -> embeddings, blocks, final LayerNorm, tied LM head; `logits, loss = model(idx, targets)`,
                   `model.predict(idx)`, `model.generate(idx, max_new_tokens, temperature, top_k)`
+    cost model -> `model_stats` (parameters, FLOPs, KV bytes) and `memory_needed` / `check_memory`: every
+                  model and KV cache is sized before it is allocated and refused in one line if it cannot fit
 
 With the default config this is OpenAI's GPT-2 exactly: learned absolute positions, pre-LayerNorm,
 GELU (tanh approximation), fused qkv projection, token embedding tied to the LM head, biases.
 Shape comments use B (batch), T (time), C (n_embd), nh (heads), nkv (kv heads), hs (head size).
-This module imports torch only (and its config, and inside `GPT.generate` the token loop of gpt2lab.sampling).
+This module imports torch only (and its config, the memory check of gpt2lab.devices, and inside
+`GPT.generate` the token loop of gpt2lab.sampling).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from gpt2lab.architecture import PRESETS as PRESETS  # re-exported: the presets' old home
 from gpt2lab.architecture import GPTConfig
+from gpt2lab.devices import check_fits
 from gpt2lab.errors import UserError
 from gpt2lab.losses import linear_cross_entropy
 
@@ -163,6 +167,9 @@ class KVCache(nn.Module):
             raise UserError(
                 f"generation needs {max_len} positions but the model's block_size is {config.block_size}"
             )
+        check_memory(config, device, f"a KV cache of {batch_size:,} x {max_len:,} tokens",
+                     "generate fewer tokens (max_new_tokens) or fewer sequences at once", model=False,
+                     cache=(batch_size, max_len), dtype_bytes=dtype.itemsize)
         self.max_len = max_len
         self.layers = nn.ModuleList(
             LayerKVCache(batch_size, config.n_kv_head, min(w, max_len) if w else max_len, config.head_size, w,
@@ -307,6 +314,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        device = torch.get_default_device()
+        if device.type != "meta":  # GPT.empty builds on meta, having checked its target device
+            check_memory(config, device, describe_size(config), "choose a smaller model")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -434,6 +444,7 @@ class GPT(nn.Module):
     @classmethod
     def empty(cls, config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
         """A model with uninitialised weights (no init cost), for loading weights into right after."""
+        check_memory(config, device, describe_size(config), "choose a smaller model")
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device=device)
@@ -490,17 +501,23 @@ class ModelStats:
     extra: dict = field(default_factory=dict)
 
 
+def _param_counts(config: GPTConfig) -> tuple[int, int, int, int]:
+    """(parameters, embedding parameters, attention and MLP parameters of one layer)."""
+    C, V, kv_dim = config.n_embd, config.padded_vocab_size, config.n_kv_head * config.head_size
+    b = 1 if config.bias else 0
+    attn = C * (C + 2 * kv_dim) + b * (C + 2 * kv_dim) + C * C + b * C
+    mlp = C * 4 * C + b * 4 * C + 4 * C * C + b * C
+    emb = V * C + (config.block_size * C if config.pos_emb == "learned" else 0)
+    params = config.n_layer * (attn + mlp + 2 * (C + b * C)) + emb + (C + b * C)
+    return params, emb, attn, mlp
+
+
 def model_stats(config: GPTConfig, seq_len: int | None = None, dtype_bytes: int = 2) -> ModelStats:
     """Analytic parameter count, FLOPs per token and KV-cache bytes, without building the model."""
     C, L, V, hs = config.n_embd, config.n_layer, config.padded_vocab_size, config.head_size
     kv_dim = config.n_kv_head * hs
     b = 1 if config.bias else 0
-    attn = C * (C + 2 * kv_dim) + b * (C + 2 * kv_dim) + C * C + b * C
-    mlp = C * 4 * C + b * 4 * C + 4 * C * C + b * C
-    ln = 2 * (C + b * C)
-    per_layer = attn + mlp + ln
-    emb = V * C + (config.block_size * C if config.pos_emb == "learned" else 0)
-    params = L * per_layer + emb + (C + b * C)
+    params, emb, attn, mlp = _param_counts(config)
     non_emb = params - emb
     T = seq_len or config.block_size
     # Matmul FLOPs: 2 per multiply-add for the weights (including the LM head), plus attention
@@ -520,3 +537,62 @@ def model_stats(config: GPTConfig, seq_len: int | None = None, dtype_bytes: int 
         kv_cache_bytes_per_token=kv_bytes,
         extra={"seq_len": T, "layer_windows": config.layer_windows()},
     )
+
+
+def kv_cache_bytes(config: GPTConfig, seq_len: int, dtype_bytes: int, batch_size: int = 1, *,
+                   positions: bool = False) -> int:
+    """Bytes of a KV cache of `batch_size` rows of `seq_len` tokens: keys and values of `dtype_bytes`
+    each (a windowed layer keeps `window` slots), and with `positions` each slot's position (int64) as
+    `KVCache` stores it."""
+    sw = config.sliding_window
+    windows = [w or None for w in sw] if isinstance(sw, list) else None
+    slots = (sum(min(w or seq_len, seq_len) for w in windows) if windows is not None
+             else config.n_layer * min(sw or seq_len, seq_len))  # no per-layer list: n_layer may be absurd
+    per_slot = 2 * config.n_kv_head * config.head_size * dtype_bytes + (8 if positions else 0)
+    return batch_size * slots * per_slot
+
+
+PYTHON_BYTES_PER_LAYER = 32 * 1024
+"""Memory of the Python objects (modules, parameter and buffer tensors) of one block, measured: ~33 KiB."""
+ACTIVATION_BYTES = 32
+"""Bytes a training step keeps for backward per token, layer and unit of width: a lower bound (fp32
+measures ~70, bf16 autocast about half of that)."""
+
+
+def memory_needed(config: GPTConfig, *, model: bool = True, shards: int = 1, train_copies: int = 0,
+                  batch: tuple[int, int] | None = None, fused_loss: bool = False, checkpointing: bool = False,
+                  cache: tuple[int, int] | None = None, dtype_bytes: int = 4) -> int:
+    """Bytes that a model of `config`, or what is computed with it, needs at least, without building it
+    (the cost model of `model_stats`): the one estimate that every model, cache and training batch is
+    checked against before it is allocated (`check_memory`).
+
+    model: its weights (`dtype_bytes` each; / `shards` when sharded) and the Python objects of its layers.
+    train_copies: more fp32 copies of the weights a training step holds (gradients and optimizer state:
+    3 for AdamW). batch (rows, seq_len): the activations a training step keeps for backward (per layer,
+    only its input with `checkpointing`) and its fp32 logits (none with `fused_loss`).
+    cache (rows, max_len): a KV cache of `dtype_bytes` values, with the position of each slot.
+    """
+    params = _param_counts(config)[0]
+    need = -(-params * 4 * train_copies // shards)
+    if model:
+        need += -(-params * dtype_bytes // shards) + config.n_layer * PYTHON_BYTES_PER_LAYER
+    if batch is not None:
+        tokens = batch[0] * batch[1]
+        per_layer = 4 if checkpointing else ACTIVATION_BYTES
+        need += tokens * (config.n_layer * config.n_embd * per_layer + (0 if fused_loss else 4 * config.vocab_size))
+    if cache is not None:
+        need += kv_cache_bytes(config, cache[1], dtype_bytes, cache[0], positions=True)
+    return need
+
+
+def check_memory(config: GPTConfig, device: torch.device | str | None, what: str, fix: str, **sizes) -> None:
+    """UserError, before anything is allocated, when `memory_needed(config, **sizes)` bytes do not fit in
+    the memory `device` has available (`gpt2lab.devices.check_fits`): "WHAT needs N of memory, but M is
+    available on this machine; FIX"."""
+    check_fits(memory_needed(config, **sizes), torch.device("cpu" if device is None else device), what, fix)
+
+
+def describe_size(config: GPTConfig) -> str:
+    """"a model of 124,439,808 parameters (12 layers x 768)": what `check_memory` names for a model."""
+    layers = f"{config.n_layer:,} layer{'s' if config.n_layer != 1 else ''}"
+    return f"a model of {_param_counts(config)[0]:,} parameters ({layers} x {config.n_embd:,})"

@@ -45,7 +45,7 @@ from gpt2lab.errors import UserError
 from gpt2lab.evaluate.training import task_schedule
 from gpt2lab.fileio import LOCK_FILE, RunLock
 from gpt2lab.metrics import RunLogger, plot_run, truncate_metrics
-from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
+from gpt2lab.model import GPT, PRESETS, GPTConfig, check_memory, describe_size, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu
 from gpt2lab.timebudget import Choice, Planner
@@ -117,6 +117,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
 
     # Data identity first: a scratch model takes its vocabulary from it.
     meta = ensure_dataset(cfg, env) if cfg.data.format == "tokens" else None
+    check_training_memory(cfg, meta, env)
     model, tokenizer = build_model(cfg.model, meta, env.device)
     block_size = model.config.block_size
     if resume_from is not None:
@@ -285,7 +286,7 @@ def check_resume_changes(saved: dict | None, cfg: RunConfig, source: str) -> dic
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy's global seed is 32-bit; train.seed goes up to 2**63-1
     torch.manual_seed(seed)
 
 
@@ -342,6 +343,26 @@ def model_config_from(mcfg: ModelConfig, data_vocab_size: int | None) -> GPTConf
     if "vocab_size" not in values and data_vocab_size is not None:
         values["vocab_size"] = data_vocab_size
     return GPTConfig(**values)
+
+
+def check_training_memory(cfg: RunConfig, meta: dict | None, env: Any) -> None:
+    """Refuse, before anything is built, a run whose model, gradients, optimizer state and micro-batch
+    activations cannot fit in the memory of its device (`gpt2lab.model.check_memory`)."""
+    if cfg.model.init == "scratch":
+        if meta is None:
+            return  # build_model says what is missing
+        config = model_config_from(cfg.model, meta["vocab_size"])
+    else:
+        from gpt2lab.loading import load_config
+
+        config = load_config(cfg.model.init, flag="--model.init")
+    fsdp = cfg.parallel.strategy == "fsdp"
+    copies = 0 if cfg.lora.r > 0 else 3 if cfg.optim.name == "adamw" else 2  # gradients + optimizer states
+    check_memory(config, env.device, f"training {describe_size(config)}",
+                 "choose a smaller model or train.micro_batch_size (or more GPUs with FSDP)",
+                 shards=env.world_size if fsdp else 1, train_copies=copies,
+                 batch=(cfg.train.micro_batch_size, config.block_size), fused_loss=cfg.train.fused_loss,
+                 checkpointing=cfg.parallel.activation_checkpointing != "none")
 
 
 def build_model(mcfg: ModelConfig, meta: dict | None, device: torch.device) -> tuple[GPT, Tokenizer]:

@@ -19,11 +19,13 @@ loop; text in and out, streaming and stop strings are in `gpt2lab.generate`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from gpt2lab.config import check_seed
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import StreamDecoder, Tokenizer
 
@@ -65,16 +67,18 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int | None = None) -> None:
     """UserError for sampling settings outside their range (callers check before loading a model)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1 (or unset), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+    check_seed(seed, "seed")
 
 
 def _make_generator(seed: int | None, generator: torch.Generator | None, device: torch.device):
@@ -188,7 +192,7 @@ def stream(
     tokens). compile: also torch.compile those steps with CUDA graphs (`compiled_decode_one_token`),
     the fast path on a GPU; the first call of a cache size compiles (tens of seconds).
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     _check_prompts(model, prompts)
     device = model.transformer.wte.weight.device
     generator = _make_generator(seed, generator, device)
@@ -282,7 +286,7 @@ def generate_uncached(
 ) -> list[list[int]]:
     """Reference generation: each prompt alone, the whole context recomputed every step, no cache
     (sliding the context of a learned-position model exactly as `stream` does)."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     _check_prompts(model, prompts)
     learned = model.config.pos_emb == "learned"
     device = model.transformer.wte.weight.device

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2lab.devices import dtype_name, resolve_device
     from gpt2lab.dtype_choice import TrainingSteps, resolve
     from gpt2lab.loading import load_model
-    from gpt2lab.model import model_stats
+    from gpt2lab.model import check_memory, model_stats
     from gpt2lab.precision import auto_on_cpu
 
     for name in ("seq_len", "batch_size", "steps", "repeats", "prompt_len", "new_tokens"):
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or min(config.block_size, 1024)
     if seq_len > config.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's block_size={config.block_size}")
+    check_memory(config, device, f"a training step of {args.batch_size:,} x {seq_len:,} tokens",
+                 "lower --batch-size or --seq-len", model=False, train_copies=3, batch=(args.batch_size, seq_len))
     resolved = resolve(args.dtype, device, TrainingSteps(model, args.batch_size, seq_len), fp16_without_bf16=False)
     dtype, choice = resolved.dtype, resolved.choice
     if resolved.line:

@@ -60,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     from gpt2lab.sampling import check_sampling
 
     check_template(args.template)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading the model
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading the model
     if args.history < 0:
         raise UserError(f"--history must be >= 0, got {args.history}")
+    if sys.stdin is None or sys.stdin.closed:  # Python's stdin when file descriptor 0 was closed
+        raise UserError("standard input is closed, and chat reads its messages there; run it in a terminal, "
+                        "or pipe the messages in (echo 'Hello' | gpt2lab chat ...)")
     if is_adapter(args.init):
         def load(device, dtype):
             return load_adapted_model(args.init, args.base, device=device, dtype=dtype)[:2]

@@ -41,6 +41,19 @@ def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
     return convert
 
 
+def _coerced(tp: type) -> Callable[[str], object]:
+    """An argparse `type` that converts like a config field of type `tp` (a float must be finite)."""
+    def convert(text: str) -> object:
+        from gpt2lab.configparse import CoerceError, coerce
+
+        try:
+            return coerce(text, tp)
+        except CoerceError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+    return convert
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, init_default: str | None = None,
                         init_required: bool = False, init_help: str = INIT_HELP, device_default: str = "auto",
                         dtype_default: str = "auto", dtype_help: str = "weight dtype") -> None:
@@ -90,9 +103,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
                            top_k: int | None) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p and --seed, with each command's defaults."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate per answer")
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=top_k, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None,
+    parser.add_argument("--max-new-tokens", type=_coerced(int), default=max_new_tokens,
+                        help="tokens to generate per answer")
+    parser.add_argument("--temperature", type=_coerced(float), default=temperature,
+                        help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=_coerced(int), default=top_k, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=_coerced(float), default=None,
                         help="nucleus sampling: the smallest set of tokens with probability >= p (default: off)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    parser.add_argument("--seed", type=_coerced(int), default=None,
+                        help="random seed (0 to 2**63-1): the same seed gives the same text")

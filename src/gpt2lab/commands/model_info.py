@@ -14,7 +14,7 @@ import argparse
 import typing
 
 from gpt2lab.architecture import GPTConfig
-from gpt2lab.configparse import coerce, iter_fields, shown_default, type_name
+from gpt2lab.configparse import coerce, iter_fields, parse_scalar, shown_default, type_name
 from gpt2lab.errors import UserError
 
 
@@ -36,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     """--model.FIELD values, read as YAML ("null", "[256, null]") and coerced to the field's type."""
-    import yaml
-
     hints = typing.get_type_hints(GPTConfig)
     out = {}
     for key, text in vars(args).items():
@@ -45,9 +43,10 @@ def _overrides(args: argparse.Namespace) -> dict:
             continue
         name = key.split(".", 1)[1]
         try:
-            out[name] = coerce(yaml.safe_load(text), hints[name])
-        except (ValueError, TypeError, yaml.YAMLError):
-            raise UserError(f"--{key} {text}: not a valid value for GPTConfig.{name} ({hints[name]})") from None
+            out[name] = coerce(parse_scalar(text), hints[name])
+        except (ValueError, TypeError) as e:
+            raise UserError(f"--{key} {text}: not a valid value for GPTConfig.{name} "
+                            f"({type_name(hints[name])}: {e})") from None
     return out
 
 
@@ -83,20 +82,6 @@ def _variants(config: GPTConfig) -> list[tuple[str, GPTConfig]]:
     return rows
 
 
-def kv_cache_bytes(config: GPTConfig, seq_len: int, dtype_bytes: int) -> int:
-    """Bytes of the KV cache for one sequence of `seq_len` tokens (a windowed layer keeps `window` tokens)."""
-    per_layer_token = 2 * config.n_kv_head * config.head_size * dtype_bytes
-    return sum(min(w or seq_len, seq_len) for w in config.layer_windows()) * per_layer_token
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _flops(n: float) -> str:
     return f"{n / 1e9:,.3f} GFLOP" if n >= 1e8 else f"{n / 1e6:,.2f} MFLOP"
 
@@ -114,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gpt2lab.model import ModelStats, model_stats
+    from gpt2lab.devices import format_bytes
+    from gpt2lab.model import ModelStats, kv_cache_bytes, model_stats
 
     base = _base_config(args)
     config = GPTConfig(**{**base.to_dict(), **_overrides(args)})
@@ -139,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("FLOPs / token, forward", _flops(s.flops_per_token_forward))
         table.add_row("FLOPs / token, train (fwd + bwd)", _flops(s.flops_per_token_train))
         for name, nb in (("fp32", 4), ("bf16", 2)):
-            table.add_row(f"KV cache / token, {name}", _bytes(model_stats(config, T, dtype_bytes=nb).kv_cache_bytes_per_token))
+            table.add_row(f"KV cache / token, {name}", format_bytes(model_stats(config, T, dtype_bytes=nb).kv_cache_bytes_per_token))
         for name, nb in (("fp32", 4), ("bf16", 2)):
-            table.add_row(f"KV cache, {T} tokens, {name}", _bytes(kv_cache_bytes(config, T, nb)))
+            table.add_row(f"KV cache, {T} tokens, {name}", format_bytes(kv_cache_bytes(config, T, nb)))
         console.print(table)
         return 0
 
@@ -151,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     for name, c in _variants(config):
         s = model_stats(c, seq_len=T, dtype_bytes=2)
         table.add_row(name, f"{s.params:,}", f"{s.non_embedding_params:,}", _flops(s.flops_per_token_forward),
-                      _bytes(s.kv_cache_bytes_per_token), _bytes(kv_cache_bytes(c, T, 2)))
+                      format_bytes(s.kv_cache_bytes_per_token), format_bytes(kv_cache_bytes(c, T, 2)))
     console.print(table)
     console.print("KV / token counts every layer; a windowed layer stops growing after `window` tokens.")
     return 0

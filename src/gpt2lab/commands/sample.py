@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading the model
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading the model
     prompt = _read_prompt(args)
     model, tokenizer = load_for_decoding(args, lambda device, dtype: load_model(args.init, device=device, dtype=dtype))
     ids = tokenizer.encode(prompt, allow_special=True)

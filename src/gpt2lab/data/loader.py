@@ -91,6 +91,11 @@ class TokenLoader:
             if not same_tokenizer(header["tokenizer"], meta["tokenizer"]):
                 raise UserError(f"{path} was written with another tokenizer than {self.data_dir / 'meta.json'}; "
                                 "re-run gpt2lab prepare with --overwrite")
+            # Every id is checked once, here (~10 GB/s): an id beyond the vocabulary would fail deep in a step.
+            if len(tokens) and self.vocab_size < 2 ** (8 * tokens.itemsize) and int(tokens.max()) >= self.vocab_size:
+                raise UserError(f"{path} holds token id {int(tokens.max())}, beyond the vocabulary of "
+                                f"{self.vocab_size} ids in {self.data_dir / 'meta.json'}; the files do not belong "
+                                "together: re-run gpt2lab prepare with --overwrite")
             self.shards.append(tokens)
         # starts[i] = position of shard i's first token in the split's stream
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])

@@ -37,8 +37,9 @@ import numpy as np
 from gpt2lab.console import ProgressDisplay
 from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
 from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, find_source, source_args
+from gpt2lab.devices import check_fits
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import write_atomic
+from gpt2lab.fileio import parse_json, write_atomic
 from gpt2lab.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
 FORMAT_VERSION = 1
@@ -161,7 +162,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             raise UserError(f"{data_dir} is a half-finished dataset; re-run the gpt2lab prepare command that made it")
         raise UserError(f"{data_dir} is not a prepared dataset (no {META_FILE}): run gpt2lab prepare SOURCE --out {data_dir}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is unreadable ({e}); re-run gpt2lab prepare with --overwrite") from None
     if meta.get("format_version") != FORMAT_VERSION:
@@ -480,6 +481,9 @@ def prepare(
         raise UserError(f"--val-fraction {val_fraction} must be between 0 and 1 (exclusive)")
     if shard_tokens is not None and shard_tokens < 1:
         raise UserError(f"--shard-tokens {shard_tokens} must be a positive number of tokens")
+    if shard_tokens is not None:  # a shard is gathered in memory: at least 2 bytes a token
+        check_fits(2 * shard_tokens, "cpu", f"--shard-tokens {shard_tokens:,} (the buffer of one shard)",
+                   "choose fewer tokens per shard")
     if tokenizer not in (None, "gpt2", "char"):
         raise UserError(f"--tokenizer {tokenizer}: use gpt2 or char")
     entry = find_source(source)

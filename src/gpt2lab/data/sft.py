@@ -45,7 +45,7 @@ from gpt2lab.config import SFTConfig, Truncation
 from gpt2lab.console import say
 from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import LineError, iter_jsonl, json_type, read_text, str_field_problem
+from gpt2lab.fileio import LineError, iter_jsonl, json_type, parse_json, read_text, str_field_problem
 
 if TYPE_CHECKING:  # torch is imported where batches are built, so config.py can import SFTConfig cheaply
     import torch
@@ -80,9 +80,16 @@ SKIP_HINT = "pass --data.sft.skip_invalid true to skip invalid records"
 def _template_fields(template: str) -> list[str]:
     """Placeholder names of a custom template, in order; it must contain `{output}`."""
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as e:
         raise UserError(f"data.sft.template {template!r} is not a valid format string: {e}") from None
+    names = [name for name, _, _ in parsed]
+    for name, spec, conversion in parsed:
+        if spec or conversion:  # "{instruction:d}" fails on text, "{instruction:>99999999}" fills the memory
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UserError(f"data.sft.template {template!r}: {shown} has a format spec or conversion; "
+                            f"placeholders are plain field names like {{{name}}}")
     if "{output}" not in template:
         raise UserError(
             f"data.sft.template {template!r} has no {{output}} placeholder; use 'alpaca', 'chat' or a string "
@@ -263,7 +270,6 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
     def line_of(pos: int) -> int:
         return bisect.bisect_left(newlines, pos) + 1
 
-    decoder = json.JSONDecoder()
     ws = " \t\r\n\ufeff"
     pos = text.index("[") + 1
     records: list[Record] = []
@@ -282,7 +288,7 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
             expect_value = True
             continue
         try:
-            data, end = decoder.raw_decode(text, pos)
+            data, end = parse_json(text, pos)
         except json.JSONDecodeError as e:
             raise LineError(path, e.lineno, f"record {len(records)}: invalid JSON at column {e.colno}: {e.msg}") from None
         records.append(Record(line_of(pos), len(records), data))

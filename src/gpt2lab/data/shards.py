@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import atomic_file
+from gpt2lab.fileio import atomic_file, parse_json
 
 MAGIC = b"GPT2LABT"
 VERSION = 1
@@ -106,7 +106,7 @@ def read_header(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise UserError(f"shard {path} does not exist; {hint}") from None
     try:
-        tokenizer = json.loads(tok_json.decode("utf-8"))
+        tokenizer = parse_json(tok_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{path} has a damaged header (tokenizer JSON unreadable); {hint}") from None
     dtype = DTYPES[code]

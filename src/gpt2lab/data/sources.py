@@ -214,6 +214,12 @@ def _local_documents(path: Path, text_field: str) -> tuple[Callable[[], Iterator
         files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise UserError(f"folder {path} has no .txt files; put the corpus in .txt files (UTF-8)")
+        for f in files:
+            if f.is_symlink() and not f.exists():
+                raise UserError(f"{f} in corpus folder {path} is a link to {os.readlink(f)}, which does not exist; "
+                                "remove the link or restore its target")
+            if not f.is_file():
+                raise UserError(f"{f} in corpus folder {path} is not a file; rename it or move it out of the folder")
         return (lambda: (read_text(f) for f in files)), len(files)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

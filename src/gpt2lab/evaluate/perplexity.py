@@ -49,6 +49,8 @@ def read_text(path: str | Path, hf_rows: bool = False) -> str:
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_target) of each window: input tokens [begin, end), targets [first_target, end)."""
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2 (a window of one token predicts nothing), got {max_length}")
     if not 0 < stride <= max_length:
         raise UserError(f"--stride must be between 1 and --max-length={max_length}, got {stride}")
     out, prev_end = [], 0
@@ -124,6 +126,14 @@ def evaluate(
     }
 
 
+def window_length(text: str) -> int:
+    """An argparse `type` for --max-length: a window of at least 2 tokens (one predicts the next)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a window needs at least 2 tokens (one to predict the other), got {text!r}")
+    return value
+
+
 class Perplexity(EvalTask):
     name = "perplexity"
     description = "sliding-window token perplexity (and per word / per byte) of a UTF-8 text file"
@@ -134,7 +144,7 @@ class Perplexity(EvalTask):
     training_metrics = ("ppl",)
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--max-length", type=positive_int,
+        parser.add_argument("--max-length", type=window_length,
                             help="window length in tokens (default: the model's block_size)")
         parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: max-length / 2)")
         parser.add_argument("--hf-rows", action="store_true",
@@ -142,7 +152,10 @@ class Perplexity(EvalTask):
                                  "WikiText text); default: score the file as it is")
 
     def load(self, path, options: argparse.Namespace) -> list[str]:
-        return [read_text(path, hf_rows=options.hf_rows)]
+        text = read_text(path, hf_rows=options.hf_rows)
+        if not text.split():  # perplexity per word would divide by zero words
+            raise UserError(f"{path} holds no words (only whitespace, or nothing): nothing to score")
+        return [text]
 
     def run(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence, options: argparse.Namespace,
             env: Any = None, batch_size: int | None = None, show_progress: bool = False) -> dict:

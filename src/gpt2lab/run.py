@@ -30,6 +30,7 @@ from gpt2lab.checkpoint import (
     checkpoint_problem,
     find_latest,
     intact_checkpoints,
+    is_checkpoint,
     list_checkpoints,
     load_sharded,
     model_state_for_save,
@@ -38,12 +39,12 @@ from gpt2lab.checkpoint import (
     save_sharded,
     step_dir,
 )
-from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, save_yaml, to_dict
+from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, to_dict, to_yaml
 from gpt2lab.console import say
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate.training import task_schedule
-from gpt2lab.fileio import LOCK_FILE, RunLock
-from gpt2lab.metrics import RunLogger, plot_run, truncate_metrics
+from gpt2lab.fileio import LOCK_FILE, RESOLVED_CONFIG_FILE, RunLock, write_atomic
+from gpt2lab.metrics import METRICS_FILE, PLOT_FILE, RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu, compute_dtype, muon_dtype
@@ -68,6 +69,7 @@ def train(cfg: RunConfig, started_at: float | None = None) -> TrainResult:
         if env.is_main:
             RunLock(run_dir).check_free()  # a live run's directory: say so, whatever else it holds
             resolve_resume(_resume_setting(cfg, env), run_dir, quiet=True)  # refuse before touching run_dir
+            check_own_files(cfg)
             check_writable(run_dir)
         with RunLock(run_dir) if env.is_main else contextlib.nullcontext():
             return _train(cfg, env, started_at)
@@ -83,6 +85,61 @@ def _resume_setting(cfg: RunConfig, env: Any) -> bool | str:
     """checkpoint.resume, except that a run restarted by torchrun (--max-restarts) after a failure
     continues from its newest checkpoint."""
     return True if env.restart_count > 0 and list_checkpoints(cfg.out_dir) else cfg.checkpoint.resume
+
+
+RESOLVED_CONFIG_HEADER = ("# gpt2lab: the config this run used, with every default filled in. gpt2lab rewrites "
+                          "this file; copy it elsewhere to edit it.\n")
+
+
+def write_resolved_config(cfg: RunConfig) -> None:
+    """<out_dir>/resolved_config.yaml: the config as the run uses it, marked as gpt2lab's by its first line."""
+    write_atomic(cfg.out_dir / RESOLVED_CONFIG_FILE, RESOLVED_CONFIG_HEADER + to_yaml(cfg))
+
+
+def check_own_files(cfg: RunConfig) -> None:
+    """Refuse, before any work, a run directory holding a file of the user's under a name the run
+    writes (the resolved config, metrics.jsonl, loss.png, a LoRA run's adapter/ and merged/): gpt2lab
+    never replaces, or appends to, a file it did not write. A `config.yaml` there is never touched."""
+    run_dir = cfg.out_dir
+    written = {RESOLVED_CONFIG_FILE: _is_resolved_config, METRICS_FILE: _is_metrics,
+               PLOT_FILE: lambda p: _is_metrics(run_dir / METRICS_FILE)}
+    if cfg.lora.r > 0:
+        written["adapter"] = _is_adapter
+        if cfg.lora.merge:
+            written["merged"] = is_checkpoint
+    for name, is_ours in written.items():
+        path = run_dir / name
+        if (path.exists() or path.is_symlink()) and not is_ours(path):
+            raise UserError(f"{path} was not written by gpt2lab, and a run writes its own {name} into its "
+                            "directory; move the file, or give the run another directory with --out")
+
+
+def _first_line(path: Path) -> bytes | None:
+    """The first line of a regular file (at most 4 KB of it), None for anything else."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    with open(path, "rb") as f:
+        return f.readline(4096)
+
+
+def _is_resolved_config(path: Path) -> bool:
+    return _first_line(path) == RESOLVED_CONFIG_HEADER.encode()
+
+
+def _is_metrics(path: Path) -> bool:
+    """A metrics.jsonl gpt2lab wrote: empty, or its first line one of its events (torn by a crash or not)."""
+    line = _first_line(path)
+    return line is not None and (not line.strip() or line.startswith(b'{"event": "'))
+
+
+def _is_adapter(path: Path) -> bool:
+    from gpt2lab.lora import read_adapter_config
+
+    try:
+        read_adapter_config(path)
+    except UserError:
+        return False
+    return True
 
 
 def _remove_if_unused(run_dir: Path) -> None:
@@ -163,7 +220,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
             open_steps, cfg.train.max_steps = cfg.train.max_steps, resume_state["time_plan"]["cap"]
         say(f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+        write_resolved_config(cfg)
         if resume_from is not None:
             truncate_metrics(run_dir, start_step)
     logger = RunLogger(run_dir, cfg.log, total_steps=cfg.train.max_steps, enabled=env.is_main,
@@ -228,11 +285,11 @@ def _adopt_time_plan(cfg: RunConfig, plan: dict | None) -> tuple[str | None, flo
 
 
 def _record_plan(cfg: RunConfig, plan: dict, run_dir: Path, logger: RunLogger, env: Any, said: dict) -> None:
-    """train.max_time chose the step count: record it in config.yaml (and so in later checkpoints) and
+    """train.max_time chose the step count: record it in the resolved config (and so in later checkpoints) and
     say so; `said` keeps the count last printed, so small revisions are recorded but not printed."""
     cfg.train.max_steps = plan["max_steps"]
     if env.is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+        write_resolved_config(cfg)
     if plan["previous_max_steps"] is not None:  # a later choice: said when it moves the count said last by > 5%
         if abs(plan["max_steps"] - said["max_steps"]) > 0.05 * said["max_steps"]:
             logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: steps now take {plan['step_s'] * 1e3:.1f} ms; "
@@ -245,7 +302,7 @@ def _record_plan(cfg: RunConfig, plan: dict, run_dir: Path, logger: RunLogger, e
     logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: {plan['max_steps']} steps fit "
                  f"({plan['step_s'] * 1e3:.1f} ms/step measured; each {extras or 'nothing else'}; "
                  f"{plan['remaining_s']:.1f} s left of {plan['budget_s']:.0f} s); recorded as train.max_steps "
-                 f"in {run_dir / 'config.yaml'}")
+                 f"in {run_dir / RESOLVED_CONFIG_FILE}")
 
 
 def _peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -287,7 +344,7 @@ def check_resume_changes(saved: dict | None, cfg: RunConfig, source: str) -> dic
     if changing and not cfg.checkpoint.allow_changes:
         raise UserError(f"resuming {source} with {shown} would change the run (the schedule, the data or the "
                         "numbers); pass --checkpoint.allow_changes true to continue that way, or resume with the "
-                        "run's own settings (its config.yaml)")
+                        f"run's own settings (its {RESOLVED_CONFIG_FILE})")
     for k, (a, b) in changes.items():
         kind = "changes the continuation" if k in changing else "keeps the continuation exact"
         say(f"gpt2lab: resume: {k} {a!s} -> {b!s} ({kind})")

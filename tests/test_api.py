@@ -38,7 +38,7 @@ def run_dir(data_dir, tmp_path_factory) -> Path:
                                             "checkpoint.out_dir": str(out)}, optim={"lr": 3e-3})
     assert result.step == 30 and result.checkpoint.name == "step_000030"
     assert result.train_loss < 3.5  # 103 characters: a uniform guess is ln(103) = 4.63
-    assert (out / "config.yaml").read_text().count("lr: 0.003") == 1
+    assert (out / "resolved_config.yaml").read_text().count("lr: 0.003") == 1
     return out
 
 

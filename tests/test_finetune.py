@@ -150,7 +150,7 @@ def test_finetune_reports_skipped_records_and_lengths(work, full_run):
             "Expecting property name enclosed in double quotes; line 201: field 'output' must be a string, got "
             "number)") in log
     assert f"{data} train: 288 records, kept " in log and f"{data} val: 32 records, kept " in log
-    assert "format: sft" in (full_run / "config.yaml").read_text()
+    assert "format: sft" in (full_run / "resolved_config.yaml").read_text()
 
 
 def test_chat_through_a_pipe(full_run):

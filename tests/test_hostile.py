@@ -12,10 +12,15 @@ counts them all.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -223,7 +228,416 @@ def test_size_cases_cover_three_families_and_every_model_command():
 # ==================================================================================================
 # Families 6, 7, 10: races, the user's own files, a real full disk
 
-RACE_CASES: list = []
+_TRAIN = ["train", "--data.dir", "DATA", "--data.prepare", "null", "--out", "exp",
+          *[a for k, v in TINY.items() if k != "log.progress" for a in (f"--{k}", str(v))]]
+_MORE_STEPS = ["--resume", "--train.max_steps", "3", "--checkpoint.allow_changes", "true"]
+_OURS = {"metrics.jsonl", "resolved_config.yaml", "loss.png", ".gpt2lab.lock"}  # what a run rewrites
+
+
+def _argv(argv: list[str], sandbox: Path) -> list[str]:
+    return [a.replace("DATA", str(sandbox / "data")).replace("SANDBOX", str(sandbox)) for a in argv]
+
+
+def _users_config(folder: Path, sandbox: Path) -> None:
+    (folder / "exp").mkdir()
+    (folder / "exp" / "config.yaml").write_text("# my experiment: keep these notes\ntrain:\n  max_steps: 2\n")
+
+
+def _trained_with_config(folder: Path, sandbox: Path) -> None:
+    _users_config(folder, sandbox)
+    assert run_cli(_argv([*_TRAIN, "--config", "exp/config.yaml"], sandbox), cwd=folder)[0] == 0
+
+
+def _trained(folder: Path, sandbox: Path) -> None:
+    assert run_cli(_argv(_TRAIN, sandbox), cwd=folder)[0] == 0
+
+
+def _run_of_an_earlier_gpt2lab(folder: Path, sandbox: Path) -> None:
+    """A run directory as gpt2lab wrote it before the resolved config had a name of its own."""
+    _trained(folder, sandbox)
+    resolved = folder / "exp" / "resolved_config.yaml"
+    (folder / "exp" / "config.yaml").write_text(resolved.read_text().split("\n", 1)[1])
+    resolved.unlink()
+
+
+def _users_file(name: str, content: bytes):
+    def setup(folder: Path, sandbox: Path) -> None:
+        (folder / "exp").mkdir()
+        (folder / "exp" / name).write_bytes(content)
+    return setup
+
+
+def _users_folder(name: str):
+    def setup(folder: Path, sandbox: Path) -> None:
+        (folder / "exp" / name).mkdir(parents=True)
+        (folder / "exp" / name / "keep.txt").write_text("keep me\n")
+    return setup
+
+
+def _link_to_users_file(name: str):
+    def setup(folder: Path, sandbox: Path) -> None:
+        (folder / "exp").mkdir()
+        (folder / "notes.jsonl").write_text('{"note": "mine"}\n')
+        (folder / "exp" / name).symlink_to("../notes.jsonl")
+    return setup
+
+
+# Family 7: the user's own files. (name, setup(folder, sandbox), argv run in the folder (DATA: the sandbox's
+# dataset, SANDBOX: the sandbox), exit code, text of the one line). A case that exits 0 leaves every file of
+# the user's byte-identical; one that exits 2 changes nothing at all.
+OWN_FILE_CASES = [
+    ("train --config DIR/config.yaml --out DIR", _users_config, [*_TRAIN, "--config", "exp/config.yaml"], 0, ""),
+    ("train --out DIR holding the user's config.yaml", _users_config, _TRAIN, 0, ""),
+    ("--resume with --config DIR/config.yaml --out DIR", _trained_with_config,
+     [*_TRAIN, "--config", "exp/config.yaml", *_MORE_STEPS], 0, ""),
+    ("--resume with the run's own resolved config as --config", _trained,
+     [*_TRAIN, "--config", "exp/resolved_config.yaml", *_MORE_STEPS], 0, ""),
+    ("--resume of a run an earlier gpt2lab wrote (its config.yaml)", _run_of_an_earlier_gpt2lab,
+     [*_TRAIN, *_MORE_STEPS], 0, ""),
+    ("the user's resolved_config.yaml in --out", _users_file("resolved_config.yaml", b"my: notes\n"), _TRAIN, 2,
+     "resolved_config.yaml was not written by gpt2lab"),
+    ("the user's metrics.jsonl in --out", _users_file("metrics.jsonl", b'{"accuracy": 0.9}\n'), _TRAIN, 2,
+     "metrics.jsonl was not written by gpt2lab"),
+    ("the user's loss.png in --out", _users_file("loss.png", b"\x89PNG\r\n\x1a\nmine"), _TRAIN, 2,
+     "loss.png was not written by gpt2lab"),
+    ("metrics.jsonl in --out links to the user's file", _link_to_users_file("metrics.jsonl"), _TRAIN, 2,
+     "metrics.jsonl was not written by gpt2lab"),
+    ("the user's adapter/ in a LoRA run's --out", _users_folder("adapter"),
+     [*_TRAIN, "--model.init", "SANDBOX/run", "--lora.r", "2"], 2, "adapter was not written by gpt2lab"),
+    ("the user's merged/ in a LoRA run's --out (lora.merge)", _users_folder("merged"),
+     [*_TRAIN, "--model.init", "SANDBOX/run", "--lora.r", "2", "--lora.merge", "true"], 2,
+     "merged was not written by gpt2lab"),
+    ("convert --out DIR holding the user's config.yaml", _users_config,
+     ["convert", "--init", "SANDBOX/run", "--out", "exp"], 2, "is not an earlier HF export"),
+    ("prepare --out DIR holding the user's config.yaml", _users_config, ["prepare", "default", "--out", "exp"], 2,
+     "holds files that are not a gpt2lab dataset"),
+]
+
+# Family 10: a real full disk, a small tmpfs. (name, free bytes left before the command from the pages of
+# the step-1 checkpoint's files, argv after `train ... --out disk/run --resume`, exit code, text of the line)
+_PAGE = os.sysconf("SC_PAGE_SIZE")  # a tmpfs counts space in pages
+FULL_DISK_CASES = [
+    ("the disk is full before the run starts", lambda pages: 0, [], 2, "no space left on device writing"),
+    ("full while writing model.safetensors", lambda pages: _PAGE * (pages["model"] // 2), [], 2, "step_000002"),
+    ("full while writing config.json", lambda pages: _PAGE * pages["model"], [], 2, "step_000002"),
+    ("full while torch.save writes train_state.pt", lambda pages: _PAGE * (pages["model"] + pages["config"]
+                                                                            + pages["state"] // 2), [], 2, "step_000002"),
+    ("full while appending to metrics.jsonl", lambda pages: _PAGE,
+     ["--train.max_steps", "60", "--checkpoint.every", "0", "--train.log_every", "1"], 2, "metrics.jsonl"),
+    ("full at the final plot", lambda pages: _PAGE * (pages["model"] + pages["config"] + pages["state"] + 1),
+     ["--checkpoint.keep_last", "0"], 0, "no plot: no space left on device writing"),
+    ("prepare into a full disk", lambda pages: 16 * _PAGE, None, 2, "no space left on device writing"),
+]
+
+
+def _race_prepare_threads(tmp_path: Path, sandbox: Path) -> None:
+    """Two prepares of different corpora into one folder at once, met where each writes its first
+    shard: one must be refused, never both told they succeeded."""
+    from gpt2lab.data import prepare as prep
+    from gpt2lab.errors import UserError
+
+    for name, text in (("a.txt", "abc def\n" * 4000), ("b.txt", "uvw xyz\n" * 4000)):
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "shared"
+    met = threading.Condition()
+    count = {"arrived": 0, "done": 0}
+    local = threading.local()
+    write_shard = prep.write_shard
+
+    def meeting_write_shard(*args, **kwargs):
+        if not getattr(local, "arrived", False):  # wait for the other prepare to get here, or to end
+            local.arrived = True
+            with met:
+                count["arrived"] += 1
+                met.notify_all()
+                met.wait_for(lambda: count["arrived"] + count["done"] >= 2, timeout=60)
+        return write_shard(*args, **kwargs)
+
+    results: dict = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = prep.prepare(str(tmp_path / name), out, progress=False)
+        except UserError as e:
+            results[name] = e
+        finally:
+            with met:
+                count["done"] += 1
+                met.notify_all()
+
+    prep.write_shard = meeting_write_shard
+    try:
+        threads = [threading.Thread(target=run, args=(name,)) for name in ("a.txt", "b.txt")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        prep.write_shard = write_shard
+    won = [name for name, r in results.items() if isinstance(r, dict)]
+    assert len(won) == 1, f"both prepares reported success: {results}"
+    lost = next(r for r in results.values() if not isinstance(r, dict))
+    assert "being written by another gpt2lab prepare" in str(lost), lost
+    assert json.loads((out / "meta.json").read_text())["source"]["path"].endswith(won[0])
+
+
+def _prepare_process(args: list[str], src: Path, new_group: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gpt2lab", "prepare", *args, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=new_group,
+                            env={**os.environ, "PYTHONPATH": str(src)})
+
+
+def _write_documents(path: Path, n: int, tag: str) -> None:
+    import random
+
+    rng = random.Random(tag)
+    words = f"{tag} the cat sat on a mat while dogs ran far away from home and came back again".split()
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) + "\n"
+                            for _ in range(n)))
+
+
+def _race_prepare_processes(tmp_path: Path, sandbox: Path) -> None:
+    """Two `gpt2lab prepare` processes of different corpora into one --out at once: one exits 0, the
+    other in one line, and the folder holds the dataset of the one that succeeded."""
+    for tag in ("a", "b"):
+        _write_documents(tmp_path / f"{tag}.jsonl", 1500, tag)
+    procs = {tag: _prepare_process([str(tmp_path / f"{tag}.jsonl"), "--out", str(tmp_path / "shared"),
+                                    "--tokenizer", "char", "--workers", "1"], _src()) for tag in ("a", "b")}
+    done = {tag: (p.wait(60), p.communicate()[1].decode()) for tag, p in procs.items()}
+    won = [tag for tag, (code, _) in done.items() if code == 0]
+    assert len(won) == 1, f"both prepares exited 0: {done}"
+    code, err = done[{"a": "b", "b": "a"}[won[0]]]
+    assert_one_line("the second prepare", code, err)
+    assert json.loads((tmp_path / "shared" / "meta.json").read_text())["source"]["path"].endswith(f"{won[0]}.jsonl")
+
+
+def _race_sample_while_training(tmp_path: Path, sandbox: Path) -> None:
+    """`sample --init RUN` again and again while RUN trains with a checkpoint every step and keep_last 1:
+    every sample reads the newest complete checkpoint, although rotation deletes the one it picked."""
+    from gpt2lab.config import load_config
+    from gpt2lab.run import train
+
+    run = tmp_path / "run"
+    cfg = load_config("quickstart", {**TINY, "data.dir": str(sandbox / "data"), "data.prepare": None,
+                                     "checkpoint.out_dir": str(run), "checkpoint.every": 1,
+                                     "checkpoint.keep_last": 1, "train.max_steps": 100_000,
+                                     "train.max_time": "8s"})
+    failure: list = []
+
+    def training() -> None:
+        try:
+            train(cfg)
+        except BaseException as e:  # noqa: BLE001 (reported by the test)
+            failure.append(e)
+
+    trainer = threading.Thread(target=training)
+    trainer.start()
+    samples = []
+    try:
+        while trainer.is_alive() and not list(run.glob("checkpoints/step_*")):
+            time.sleep(0.01)
+        while trainer.is_alive():
+            code, err = run_cli(["sample", "--init", str(run), "--prompt", "a", "--max-new-tokens", "2"], cwd=tmp_path)
+            samples.append(code)
+            assert code == 0 and "incomplete" not in err and "Traceback" not in err, \
+                f"sample {len(samples)} while training:\n{err}"
+    finally:
+        trainer.join()
+    assert not failure, failure
+    assert len(samples) >= 5, f"only {len(samples)} samples ran while the run trained"
+
+
+def _src() -> Path:
+    import gpt2lab
+
+    return Path(gpt2lab.__file__).parents[1]
+
+
+def _stop_prepare(sig: signal.Signals, group: bool, line: str):
+    def case(tmp_path: Path, sandbox: Path) -> None:
+        """A multi-worker `prepare` stopped by a signal to it (or to its whole process group, as a
+        terminal's Ctrl-C, systemd, Slurm or `timeout` send it) three times, each after a new shard: one
+        line and exit 128+signal each time, no worker traceback (BrokenPipeError), no hang; the rerun
+        finishes a dataset equal to an uninterrupted one."""
+        from gpt2lab.data.prepare import prepare
+
+        corpus, out = tmp_path / "docs.jsonl", tmp_path / "data"
+        _write_documents(corpus, 3000, "c")
+        args = [str(corpus), "--out", str(out), "--tokenizer", "gpt2", "--workers", "2", "--shard-tokens", "16384"]
+        progress, generation, stopped = out / "progress.json", 0, []
+        for attempt in range(3):
+            proc = _prepare_process(args, _src(), new_group=group)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if json.loads(progress.read_text())["generation"] > generation:
+                        break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.002)
+            assert proc.poll() is None, f"attempt {attempt}: prepare ended before it could be stopped"
+            generation = json.loads(progress.read_text())["generation"]
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            stopped.append((proc.communicate(timeout=60)[1].decode(), proc.returncode))
+        assert not [err for err, _ in stopped if "Traceback" in err or "Error" in err], stopped
+        assert stopped == [(line + "\n", 128 + sig)] * 3
+        proc = _prepare_process(args, _src())
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        reference = prepare(str(corpus), tmp_path / "reference", tokenizer="gpt2", workers=1, shard_tokens=16384,
+                            progress=False)
+        assert snapshot(out) == snapshot(reference["dir"])
+    return case
+
+
+_SLOW_SAVE = """
+import pathlib, sys, time
+import safetensors.torch
+save_file = safetensors.torch.save_file
+def slow_save_file(*args, **kwargs):  # the weights are written; the command is stopped before it ends
+    save_file(*args, **kwargs)
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(60)
+safetensors.torch.save_file = slow_save_file
+from gpt2lab.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _stop_convert_force(sig: signal.Signals, code: int, line: str):
+    def case(tmp_path: Path, sandbox: Path) -> None:
+        """`convert --force` stopped by a signal while it writes: its temporary folder is removed, the
+        earlier export stays as it was, one line."""
+        export = tmp_path / "export"
+        argv = ["convert", "--init", str(sandbox / "run"), "--out", str(export)]
+        assert run_cli(argv, cwd=tmp_path)[0] == 0
+        before = snapshot(tmp_path)
+        written = tmp_path / "written"
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(written), *argv, "--force"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(_src())})
+        deadline = time.monotonic() + 60
+        while not written.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(tmp_path.glob(".tmp-export-*")), "the export's temporary folder was not found"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        written.unlink()
+        assert proc.returncode == code and err.decode().strip() == line, (proc.returncode, err.decode())
+        assert snapshot(tmp_path) == before
+    return case
+
+
+# Family 6: concurrency and races, each run for real (threads or processes) as a whole. (name, test)
+CONCURRENT_CASES = [
+    ("two prepares of different corpora into one --out, met mid-write", _race_prepare_threads),
+    ("two prepare processes of different corpora into one --out", _race_prepare_processes),
+    ("sample --init RUN while RUN rotates its checkpoints", _race_sample_while_training),
+    ("SIGTERM during a multi-worker prepare, then the rerun",
+     _stop_prepare(signal.SIGTERM, False, "gpt2lab prepare: stopped by SIGTERM")),
+    ("SIGTERM to the process group of a multi-worker prepare, then the rerun",
+     _stop_prepare(signal.SIGTERM, True, "gpt2lab prepare: stopped by SIGTERM")),
+    ("Ctrl-C to the process group of a multi-worker prepare, then the rerun",
+     _stop_prepare(signal.SIGINT, True, "gpt2lab prepare: interrupted")),
+    ("SIGTERM during convert --force", _stop_convert_force(signal.SIGTERM, 143, "gpt2lab convert: stopped by SIGTERM")),
+    ("Ctrl-C during convert --force", _stop_convert_force(signal.SIGINT, 130, "gpt2lab convert: interrupted")),
+]
+
+RACE_CASES: list = [*OWN_FILE_CASES, *FULL_DISK_CASES, *CONCURRENT_CASES]
+
+
+@pytest.mark.parametrize("name,setup,argv,code,text", OWN_FILE_CASES, ids=[c[0] for c in OWN_FILE_CASES])
+def test_the_users_own_files(name, setup, argv, code, text, tmp_path, sandbox):
+    setup(tmp_path, sandbox)
+    before = snapshot(tmp_path)
+    got, err = run_cli(_argv(argv, sandbox), cwd=tmp_path)
+    if code == 2:
+        assert text in assert_one_line(name, got, err)
+        assert snapshot(tmp_path) == before
+        return
+    assert got == 0 and "Traceback" not in err, f"{name}: exit {got}\n{err}"
+    after = snapshot(tmp_path)
+    users = {k: v for k, v in before.items() if "checkpoints" not in Path(k).parts and Path(k).name not in _OURS}
+    assert {k: after.get(k) for k in users} == users, f"{name}: a file of the user's changed"
+    from gpt2lab.config import load_config
+    from gpt2lab.run import RESOLVED_CONFIG_HEADER
+
+    resolved = tmp_path / "exp" / "resolved_config.yaml"
+    assert resolved.read_text().startswith(RESOLVED_CONFIG_HEADER)
+    assert load_config(str(resolved)).train.max_steps == (3 if "--resume" in argv else 2)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs (a real file system that fills up), mounted for the test; skipped where this
+    process cannot mount one (not root, or no mount permission in its container)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # a file a failed case left open
+
+
+@pytest.fixture(scope="module")
+def step1_run(tmp_path_factory, sandbox) -> Path:
+    """A run stopped at step 1 with its checkpoint (the one a full disk must leave intact)."""
+    folder = tmp_path_factory.mktemp("step1")
+    code, err = run_cli(_argv([*_TRAIN, "--train.max_steps", "1", "--checkpoint.every", "1"], sandbox), cwd=folder)
+    assert code == 0, err
+    return folder / "exp"
+
+
+@pytest.mark.parametrize("name,free,argv,code,text", FULL_DISK_CASES, ids=[c[0] for c in FULL_DISK_CASES])
+def test_a_real_full_disk(name, free, argv, code, text, small_disk, step1_run, sandbox, tmp_path):
+    from gpt2lab.checkpoint import checkpoint_problem, find_latest
+
+    ckpt = step1_run / "checkpoints" / "step_000001"
+    pages = {key: -(-(ckpt / f).stat().st_size // _PAGE) for key, f in
+             (("model", "model.safetensors"), ("config", "config.json"), ("state", "train_state.pt"))}
+    run = small_disk / "run"
+    if argv is None:  # prepare: into a new folder of the full disk
+        command = ["prepare", "default", "--out", str(small_disk / "data")]
+    else:
+        shutil.copytree(step1_run, run, symlinks=True)
+        step2 = ["--resume", "--train.max_steps", "2", "--checkpoint.allow_changes", "true"]
+        command = [str(run) if a == "exp" else a for a in _argv([*_TRAIN, *step2, *argv], sandbox)]
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - free(pages)))
+    before = snapshot(small_disk)
+    got, err = run_cli(command, cwd=tmp_path)
+    assert got == code and "Traceback" not in err, f"{name}: exit {got}\n{err}"
+    last = err.strip().splitlines()[-1]  # a run that had begun said so first
+    if code == 2:
+        assert "error: no space left on device writing" in last and err.count("error") == 1, err
+    assert text in last, err
+    after = snapshot(small_disk)
+    leftovers = [k for k in after if Path(k).name.startswith((".tmp-", ".old-")) or k.endswith(".tmp")]
+    assert not leftovers, f"{name}: left behind {leftovers}"
+    if argv is None:
+        assert after == before
+        return
+    kept = [k for k in before if k.startswith("run/checkpoints/step_000001") or k == "run/loss.png"]
+    assert {k: after.get(k) for k in kept} == {k: before[k] for k in kept}
+    assert checkpoint_problem(run / "checkpoints" / "step_000001") is None
+    if code == 2:  # with space again, the run continues from the checkpoint the full disk left
+        filler.unlink()
+        got, err = run_cli(command, cwd=tmp_path)
+        assert got == 0, err
+        newest = find_latest(run)
+        assert newest.name != "step_000001" and checkpoint_problem(newest) is None
+
+
+@pytest.mark.parametrize("name,case", CONCURRENT_CASES, ids=[c[0] for c in CONCURRENT_CASES])
+def test_concurrency_and_races(name, case, tmp_path, sandbox):
+    case(tmp_path, sandbox)
 
 
 # ==================================================================================================

@@ -267,7 +267,7 @@ def test_time_budget_fixes_the_step_count_and_records_it(default_data, tmp_path)
     n = plan[-1]["max_steps"]
     assert result.step == n and CALIBRATION_STEPS < n < 100_000
     assert {"validation_s", "sample_s", "checkpoint_s", "step_s"} <= set(plan[0])
-    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    saved = yaml.safe_load((run / "resolved_config.yaml").read_text())["train"]
     assert saved["max_steps"] == n and saved["max_time"] == "5s"
     assert max(losses(run)) == n and list_checkpoints(run)[-1].name == f"step_{n:06d}"
     assert wall < 5.0 + 1.0  # the budget, plus what the plot reserve cannot see coming on a loaded machine
@@ -277,7 +277,7 @@ def test_a_time_budgeted_run_is_the_run_of_its_step_count_and_resumes_bitwise(de
     timed = tmp_path / "timed"
     over = {"checkpoint.every": 10, "train.max_time": "8s"}
     train(load_config("quickstart", tiny(default_data, timed, **over)))
-    n = yaml.safe_load((timed / "config.yaml").read_text())["train"]["max_steps"]
+    n = yaml.safe_load((timed / "resolved_config.yaml").read_text())["train"]["max_steps"]
     assert n > 30, "the 8 s budget should fit far more than 30 tiny steps"
 
     # The same run with that count given as max_steps: the timed steps fall in the warmup, and every

@@ -504,7 +504,7 @@ def test_train_prints_what_auto_chose(default_data, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "train.dtype" in line]
     assert len(lines) == 1 and lines[0].startswith("gpt2lab: train.dtype auto -> "), lines
     assert (" (bf16 matmuls " in lines[0] or " (bf16 training steps " in lines[0]) and "; measured in " in lines[0]
-    assert "dtype: auto" in (tmp_path / "run" / "config.yaml").read_text()  # the setting, not the choice
+    assert "dtype: auto" in (tmp_path / "run" / "resolved_config.yaml").read_text()  # the setting, not the choice
 
 
 def test_train_says_what_timing_its_steps_chose(default_data, tmp_path, capsys, fake_rates, simulated):

@@ -310,7 +310,7 @@ def test_quickstart_shortened_reaches_val_loss_bound(data_dir, tmp_path, capsys)
     assert result.step == QUICKSTART_STEPS
     assert result.val_loss < QUICKSTART_BOUND
     assert math.isfinite(result.train_loss)
-    assert (run / "loss.png").is_file() and (run / "config.yaml").is_file()
+    assert (run / "loss.png").is_file() and (run / "resolved_config.yaml").is_file()
     assert result.final["sample"].startswith("The ") and len(result.final["sample"]) > 20
     assert {"train", "eval"} <= {e["event"] for e in read_metrics(run)}
 
@@ -409,7 +409,7 @@ def test_resume_says_what_changed_and_needs_a_flag_for_what_changes_the_run(data
     assert "resume: train.max_steps 10 -> 20 (changes the continuation)" in err
     (event,) = [e for e in read_metrics(out) if e["event"] == "resume"]
     assert event["step"] == 10 and event["changed"]["train.max_steps"] == [10, 20]
-    assert "max_steps: 20" in (out / "config.yaml").read_text()
+    assert "max_steps: 20" in (out / "resolved_config.yaml").read_text()
     # the token count stays true across a change of tokens_per_step
     more = {**tiny(data_dir, out, **{"train.max_steps": 25, "train.tokens_per_step": 512}),
             "checkpoint.resume": True, "checkpoint.allow_changes": True}

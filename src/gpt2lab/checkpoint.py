@@ -22,8 +22,9 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,7 @@ TRAIN_STATE_FILE = "train_state.pt"
 DCP_DIR = "dcp"
 """Subdirectory of an FSDP checkpoint holding the sharded model and optimizer (torch.distributed.checkpoint)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+T = TypeVar("T")
 
 
 def write_checkpoint(
@@ -156,6 +158,41 @@ def find_latest(path: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def read_newest(path: str | Path, read: Callable[[Path], T], attempts: int = 20) -> T:
+    """`read(checkpoint)` for the checkpoint `path` names (see `find_latest`).
+
+    A live run rotates its checkpoints: it renames a new one into place, then deletes the older ones
+    (checkpoint.keep_last), so the checkpoint a reader picked can vanish under it (or be replaced
+    under the same name) while it reads. Such a read is started again on the checkpoint that is the
+    newest then: a run always holds one complete checkpoint, kept until a newer one is in place.
+    A read that fails on a checkpoint that is still there, unchanged, is the checkpoint's own problem
+    and raised as it is."""
+    path = Path(path)
+    ckpt = find_latest(path)
+    for _ in range(attempts):
+        if ckpt is None:
+            raise UserError(f"{path} holds no gpt2lab checkpoint (expected config.json or checkpoints/step_*/)")
+        before = _identity(ckpt)
+        try:
+            return read(ckpt)
+        except (UserError, OSError):
+            now = find_latest(path)
+            if now is None or (now == ckpt and _identity(now) == before):
+                raise
+            ckpt = now
+    raise UserError(f"{path}: its checkpoints were replaced faster than one could be read ({attempts} tries); "
+                    "load a checkpoint directory of it instead, or wait for the run to end")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path`: a directory replaced under the same name has another; None if gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def read_config(path: str | Path) -> dict:
     """The config.json of a checkpoint directory, validated."""
     return read_versioned_json(Path(path) / CONFIG_FILE, FORMAT, VERSION, "gpt2lab checkpoint")
@@ -204,18 +241,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     A LoRA run's checkpoint also holds lora_A/lora_B: load it through `gpt2lab.loading`, which
     applies and merges them; here such a checkpoint is an error."""
-    ckpt = find_latest(path)
-    if ckpt is None:
+    if find_latest(path) is None:
         if not Path(path).exists():
             raise UserError(f"checkpoint path {path} does not exist")
         raise UserError(f"{path} holds no gpt2lab checkpoint (expected config.json or checkpoints/step_*/)")
-    config = read_config(ckpt)
-    model = build_model(config, device)
-    if has_lora(config):
-        raise UserError(f"{ckpt} holds LoRA adapters; load it with gpt2lab.loading.load_model")
-    load_model_weights(model, load_weights(ckpt, device), str(ckpt))
-    config["path"] = str(ckpt)
-    return model, config
+
+    def read(ckpt: Path) -> tuple[GPT, dict]:
+        config = read_config(ckpt)
+        model = build_model(config, device)
+        if has_lora(config):
+            raise UserError(f"{ckpt} holds LoRA adapters; load it with gpt2lab.loading.load_model")
+        load_model_weights(model, load_weights(ckpt, device), str(ckpt))
+        config["path"] = str(ckpt)
+        return model, config
+
+    return read_newest(path, read)
 
 
 def build_model(config: dict, device: str | torch.device = "cpu") -> GPT:

@@ -14,9 +14,13 @@ Errors meant for users are raised as `gpt2lab.errors.UserError` and printed as o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import types
+from collections.abc import Iterator
 from typing import NoReturn
 
 from gpt2lab.console import say
@@ -94,14 +98,42 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2lab.errors import UserError
 
     try:
-        code = module.run(args)
+        with _sigterm_raises():
+            code = module.run(args)
     except UserError as e:
         say(f"gpt2lab {name}: error: {e}")  # rank 0's: under torchrun every rank fails alike
         return 2
     except KeyboardInterrupt:
         say(f"gpt2lab {name}: interrupted", all_ranks=True)
         return 130
+    except Terminated:
+        say(f"gpt2lab {name}: stopped by SIGTERM", all_ranks=True)
+        return 128 + signal.SIGTERM
     return int(code or 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. Raised where the command is, like KeyboardInterrupt for Ctrl-C, so what it
+    holds is cleaned up on the way out (temporary folders removed, worker pools stopped) instead of
+    the process vanishing mid-write; a BaseException, so no `except Exception` swallows it."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated for the block (the trainer sets its own handler while it trains: a
+    SIGTERM there finishes the step and saves); outside the main thread signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: types.FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

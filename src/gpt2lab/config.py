@@ -216,7 +216,7 @@ class TrainConfig:
     timed, then the number of steps is chosen (at most max_steps) so that the run, its validations,
     hooks, checkpoints and final plot end within it, and chosen again as the run goes while the
     schedule of the steps taken allows; it is printed and recorded as train.max_steps in the run's
-    config.yaml and checkpoints (so --resume continues exactly)."""
+    resolved_config.yaml and checkpoints (so --resume continues exactly)."""
     tokens_per_step: int = 65536
     """Global batch in tokens per optimizer step (all ranks, all micro-batches); must be a multiple of
     micro_batch_size * block_size * world_size (the quotient is the gradient accumulation)."""
@@ -297,7 +297,7 @@ class CheckpointConfig:
     """Run directory and checkpoints."""
 
     out_dir: str | None = None
-    """Run directory (config.yaml, metrics.jsonl, checkpoints/, loss.png); default out/<config name>."""
+    """Run directory (resolved_config.yaml, metrics.jsonl, checkpoints/, loss.png); default out/<config name>."""
     every: int = 500
     """Save a checkpoint every this many steps and at the end (0 = only at the end)."""
     keep_last: int = 3
@@ -308,8 +308,8 @@ class CheckpointConfig:
     from that checkpoint."""
     allow_changes: bool = False
     """With resume: accept settings that change the continuation ({result_changing}); each is logged and
-    recorded in metrics.jsonl and config.yaml. Settings that keep it exact (micro-batch size, eval, log and
-    checkpoint frequency, device, number of ranks) are always accepted and logged."""
+    recorded in metrics.jsonl and resolved_config.yaml. Settings that keep it exact (micro-batch size, eval, log
+    and checkpoint frequency, device, number of ranks) are always accepted and logged."""
 
     __doc_values__ = {"result_changing": ", ".join(k + "*" if k.endswith(".") else k for k in RESULT_CHANGING)}
 
@@ -490,7 +490,7 @@ def load_config(config: str | None = None, overrides: list[str] | dict[str, Any]
 
 
 def from_dict(d: dict) -> RunConfig:
-    """A RunConfig from `to_dict` output (e.g. a run's config.yaml)."""
+    """A RunConfig from `to_dict` output (e.g. a run's resolved_config.yaml)."""
     cfg = RunConfig()
     apply_dict(cfg, d, "saved config")
     return cfg

@@ -116,9 +116,11 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-# torch.save and safetensors report a failed write in their own words, not as OSError(ENOSPC).
-_WRITE_FAILURES = ("no space left", "storagefull", "file write failed", "errno 28", "os error 28",
-                   "permission denied", "read-only file system")
+# torch.save and safetensors report a failed write in their own words, not as OSError(ENOSPC): a full
+# disk under torch.save is "[enforce fail at inline_container.cc] unexpected pos N vs M" (its zip writer
+# found the file shorter than what it wrote), or "file write failed".
+_NO_SPACE = ("no space left", "storagefull", "file write failed", "unexpected pos", "errno 28", "os error 28")
+_WRITE_FAILURES = (*_NO_SPACE, "permission denied", "read-only file system")
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -132,7 +134,7 @@ def write_error(path: Path, exc: BaseException, written: int = 0) -> UserError:
     write had reached), no permission, or the OS's own words."""
     text = str(exc).lower()
     code = getattr(exc, "errno", None)
-    if code == errno.ENOSPC or code == errno.EDQUOT or any(m in text for m in _WRITE_FAILURES[:5]):
+    if code == errno.ENOSPC or code == errno.EDQUOT or any(m in text for m in _NO_SPACE):
         where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
         free = shutil.disk_usage(where).free
         need = f"; the write had reached {format_bytes(written)}" if written else ""
@@ -166,6 +168,9 @@ def _fsync_dir_contents(path: Path) -> None:
 # One writer per run directory
 
 LOCK_FILE = ".gpt2lab.lock"
+RESOLVED_CONFIG_FILE = "resolved_config.yaml"
+"""The config a run used, written by gpt2lab into its run directory under a name of its own, so a
+`config.yaml` of the user's there (`--config DIR/config.yaml --out DIR`) is never replaced."""
 
 
 class RunLock:
@@ -220,10 +225,33 @@ class RunLock:
             self._fh = None
 
 
+@contextlib.contextmanager
+def exclusive_dir(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on the existing directory `path` for the block; if another process (or
+    another open of it in this one) holds it, raise UserError(`busy`) at once.
+
+    The lock is a `fcntl.flock` on the directory itself, so nothing is written into it (a dataset
+    folder holds only its own files) and the OS drops it when its holder dies, however it dies.
+    A file system that cannot lock directories is written unlocked, as before."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
 # --------------------------------------------------------------------------------------------------
 # Output targets: never replace what gpt2lab did not write
 
-RUN_DIR_MARKERS = ("checkpoints", "metrics.jsonl", "config.yaml", LOCK_FILE)
+RUN_DIR_MARKERS = ("checkpoints", "metrics.jsonl", RESOLVED_CONFIG_FILE, LOCK_FILE)
 
 
 def is_run_dir(path: Path) -> bool:

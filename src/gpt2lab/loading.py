@@ -84,9 +84,8 @@ def load_config(init: str, flag: str = "--init") -> GPTConfig:
     if path.exists():
         if lora.is_adapter(path):
             return GPTConfig.from_dict(lora.read_adapter_config(path)["base"]["model"])
-        ckpt = checkpoint.find_latest(path)
-        if ckpt is not None:
-            return GPTConfig.from_dict(checkpoint.read_config(ckpt)["model"])
+        if checkpoint.find_latest(path) is not None:
+            return GPTConfig.from_dict(checkpoint.read_newest(path, checkpoint.read_config)["model"])
         if hf.is_hf_dir(path):
             return hf.config_from_hf(hf.read_hf_config(path), source=str(path / "config.json"))
         raise UserError(f"{flag} {init}: neither a gpt2lab checkpoint/run directory, a LoRA adapter, "
@@ -131,19 +130,22 @@ def _check_base_chain(adapter: str | Path, init: str) -> None:
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:
-    """A checkpoint's model; a LoRA run's checkpoint (base + lora_A/lora_B) gets its adapters merged."""
+    """A checkpoint's model; a LoRA run's checkpoint (base + lora_A/lora_B) gets its adapters merged.
+    A run's newest checkpoint is read even while the run rotates its checkpoints (`read_newest`)."""
     from gpt2lab.fileio import load_model_weights
     from gpt2lab.lora import LoraConfig, apply_lora, merge_lora
 
-    ckpt = checkpoint.find_latest(path)
-    config = checkpoint.read_config(ckpt)
-    if not checkpoint.has_lora(config):
-        return checkpoint.load_checkpoint(ckpt, device)
-    model = checkpoint.build_model(config, device)
-    apply_lora(model, LoraConfig.from_dict(config["lora"]))
-    load_model_weights(model, checkpoint.load_weights(ckpt, device), str(ckpt))
-    config["path"] = str(ckpt)
-    return merge_lora(model), config
+    def read(ckpt: Path) -> tuple[GPT, dict]:
+        config = checkpoint.read_config(ckpt)
+        if not checkpoint.has_lora(config):
+            return checkpoint.load_checkpoint(ckpt, device)
+        model = checkpoint.build_model(config, device)
+        apply_lora(model, LoraConfig.from_dict(config["lora"]))
+        load_model_weights(model, checkpoint.load_weights(ckpt, device), str(ckpt))
+        config["path"] = str(ckpt)
+        return merge_lora(model), config
+
+    return checkpoint.read_newest(path, read)
 
 
 def _random_model(preset: str, device: torch.device) -> GPT:

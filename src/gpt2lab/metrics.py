@@ -25,7 +25,7 @@ from typing import Any
 from gpt2lab.config import LogConfig
 from gpt2lab.console import ProgressDisplay, say
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import parse_json, write_atomic
+from gpt2lab.fileio import atomic_file, parse_json, write_atomic, write_error
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -107,6 +107,7 @@ class RunLogger:
         if not enabled:
             return
         self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._jsonl_error: UserError | None = None
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -142,8 +143,12 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as e:  # a full disk: one line, and close() does not fail again on the unwritten rest
+            self._jsonl_error = write_error(self.run_dir / METRICS_FILE, e)
+            raise self._jsonl_error from None
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for k, v in numbers.items():
@@ -189,8 +194,12 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-        self._jsonl.close()
         self.enabled = False
+        try:
+            self._jsonl.close()
+        except OSError as e:
+            if self._jsonl_error is None:
+                raise write_error(self.run_dir / METRICS_FILE, e) from None
 
 
 PLOT_X = ("step", "tokens")
@@ -283,8 +292,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step", log_
     ax_lr.grid(alpha=0.3)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     out = Path(out)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_file(out, "wb") as f:  # a full disk is one line, and never leaves half a picture
+            fig.savefig(f, format=out.suffix[1:].lower() or None, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -30,6 +30,7 @@ from gpt2lab.checkpoint import (
     checkpoint_problem,
     find_latest,
     intact_checkpoints,
+    is_checkpoint,
     list_checkpoints,
     load_sharded,
     model_state_for_save,
@@ -38,13 +39,13 @@ from gpt2lab.checkpoint import (
     save_sharded,
     step_dir,
 )
-from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, save_yaml, to_dict
+from gpt2lab.config import RESULT_CHANGING, ModelConfig, RunConfig, to_dict, to_yaml
 from gpt2lab.console import say
 from gpt2lab.dtype_choice import MuonIterations, TrainingSteps, resolve
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate.training import task_schedule
-from gpt2lab.fileio import LOCK_FILE, RunLock
-from gpt2lab.metrics import RunLogger, plot_run, truncate_metrics
+from gpt2lab.fileio import LOCK_FILE, RESOLVED_CONFIG_FILE, RunLock, write_atomic
+from gpt2lab.metrics import METRICS_FILE, PLOT_FILE, RunLogger, plot_run, truncate_metrics
 from gpt2lab.model import GPT, PRESETS, GPTConfig, check_memory, describe_size, model_stats
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu
@@ -69,6 +70,7 @@ def train(cfg: RunConfig, started_at: float | None = None) -> TrainResult:
         if env.is_main:
             RunLock(run_dir).check_free()  # a live run's directory: say so, whatever else it holds
             resolve_resume(_resume_setting(cfg, env), run_dir, quiet=True)  # refuse before touching run_dir
+            check_own_files(cfg)
             check_writable(run_dir)
         with RunLock(run_dir) if env.is_main else contextlib.nullcontext():
             return _train(cfg, env, started_at)
@@ -84,6 +86,61 @@ def _resume_setting(cfg: RunConfig, env: Any) -> bool | str:
     """checkpoint.resume, except that a run restarted by torchrun (--max-restarts) after a failure
     continues from its newest checkpoint."""
     return True if env.restart_count > 0 and list_checkpoints(cfg.out_dir) else cfg.checkpoint.resume
+
+
+RESOLVED_CONFIG_HEADER = ("# gpt2lab: the config this run used, with every default filled in. gpt2lab rewrites "
+                          "this file; copy it elsewhere to edit it.\n")
+
+
+def write_resolved_config(cfg: RunConfig) -> None:
+    """<out_dir>/resolved_config.yaml: the config as the run uses it, marked as gpt2lab's by its first line."""
+    write_atomic(cfg.out_dir / RESOLVED_CONFIG_FILE, RESOLVED_CONFIG_HEADER + to_yaml(cfg))
+
+
+def check_own_files(cfg: RunConfig) -> None:
+    """Refuse, before any work, a run directory holding a file of the user's under a name the run
+    writes (the resolved config, metrics.jsonl, loss.png, a LoRA run's adapter/ and merged/): gpt2lab
+    never replaces, or appends to, a file it did not write. A `config.yaml` there is never touched."""
+    run_dir = cfg.out_dir
+    written = {RESOLVED_CONFIG_FILE: _is_resolved_config, METRICS_FILE: _is_metrics,
+               PLOT_FILE: lambda p: _is_metrics(run_dir / METRICS_FILE)}
+    if cfg.lora.r > 0:
+        written["adapter"] = _is_adapter
+        if cfg.lora.merge:
+            written["merged"] = is_checkpoint
+    for name, is_ours in written.items():
+        path = run_dir / name
+        if (path.exists() or path.is_symlink()) and not is_ours(path):
+            raise UserError(f"{path} was not written by gpt2lab, and a run writes its own {name} into its "
+                            "directory; move the file, or give the run another directory with --out")
+
+
+def _first_line(path: Path) -> bytes | None:
+    """The first line of a regular file (at most 4 KB of it), None for anything else."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    with open(path, "rb") as f:
+        return f.readline(4096)
+
+
+def _is_resolved_config(path: Path) -> bool:
+    return _first_line(path) == RESOLVED_CONFIG_HEADER.encode()
+
+
+def _is_metrics(path: Path) -> bool:
+    """A metrics.jsonl gpt2lab wrote: empty, or its first line one of its events (torn by a crash or not)."""
+    line = _first_line(path)
+    return line is not None and (not line.strip() or line.startswith(b'{"event": "'))
+
+
+def _is_adapter(path: Path) -> bool:
+    from gpt2lab.lora import read_adapter_config
+
+    try:
+        read_adapter_config(path)
+    except UserError:
+        return False
+    return True
 
 
 def _remove_if_unused(run_dir: Path) -> None:
@@ -176,7 +233,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
         resume_changes = check_resume_changes(resume_state.get("config"), cfg, str(resume_from))
         say(f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+        write_resolved_config(cfg)
         if resume_from is not None:
             truncate_metrics(run_dir, start_step)
     logger = RunLogger(run_dir, cfg.log, total_steps=cfg.train.max_steps, enabled=env.is_main,
@@ -218,10 +275,10 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
 
 def _record_plan(cfg: RunConfig, planner: Planner, run_dir: Path | None = None) -> None:
     """The planner's step count is the run's train.max_steps: in its config, so in every checkpoint, and
-    in <run_dir>/config.yaml when `run_dir` is given."""
+    in <run_dir>/resolved_config.yaml when `run_dir` is given."""
     cfg.train.max_steps = planner.max_steps
     if run_dir is not None:
-        save_yaml(cfg, run_dir / "config.yaml")
+        write_resolved_config(cfg)
 
 
 def _say_choice(cfg: RunConfig, choice: Choice, run_dir: Path, logger: RunLogger) -> None:
@@ -235,7 +292,7 @@ def _say_choice(cfg: RunConfig, choice: Choice, run_dir: Path, logger: RunLogger
     logger.print(f"gpt2lab: train.max_time={cfg.train.max_time}: {choice.max_steps} steps fit "
                  f"({choice.step_s * 1e3:.1f} ms/step measured; each {extras or 'nothing else'}; "
                  f"{choice.remaining_s:.1f} s left of {choice.budget_s:.0f} s); recorded as train.max_steps "
-                 f"in {run_dir / 'config.yaml'}")
+                 f"in {run_dir / RESOLVED_CONFIG_FILE}")
 
 
 def _peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -277,7 +334,7 @@ def check_resume_changes(saved: dict | None, cfg: RunConfig, source: str) -> dic
     if changing and not cfg.checkpoint.allow_changes:
         raise UserError(f"resuming {source} with {shown} would change the run (the schedule, the data or the "
                         "numbers); pass --checkpoint.allow_changes true to continue that way, or resume with the "
-                        "run's own settings (its config.yaml)")
+                        f"run's own settings (its {RESOLVED_CONFIG_FILE})")
     for k, (a, b) in changes.items():
         kind = "changes the continuation" if k in changing else "keeps the continuation exact"
         say(f"gpt2lab: resume: {k} {a!s} -> {b!s} ({kind})")

@@ -22,15 +22,18 @@ from its corpus alone, with no per-source code:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import itertools
 import json
 import os
 import signal
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,8 +95,36 @@ def _remove_outputs(out_dir: Path) -> None:
             p.unlink()
 
 
-def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> str:
-    """Check `out_dir` against `config`; returns "done" (same dataset already there), "resume" or "fresh"."""
+def _one_writer(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """Run `fn` (prepare_documents, prepare_tokens) holding an exclusive lock on its `out_dir`.
+
+    Two prepares into one folder at once would each find it empty, write their shards over each
+    other's and both report success; the second is refused instead. A folder this call created and
+    left empty (a refusal, an empty corpus) is removed again."""
+    from gpt2lab.fileio import exclusive_dir
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs) -> dict:
+        out_dir = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
+        created = _check_out_dir(out_dir)
+        busy = (f"--out {out_dir} is being written by another gpt2lab prepare; wait for it to finish, "
+                "or choose another --out")
+        try:
+            with exclusive_dir(out_dir, busy):
+                return fn(*args, **kwargs)
+        except BaseException:
+            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            raise
+
+    return locked
+
+
+def _check_out_dir(out_dir: Path) -> bool:
+    """Refuse an `out_dir` that is a file, a run directory, a folder of other files or not writable;
+    create it; True if it was created now."""
     from gpt2lab.fileio import is_run_dir
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -110,10 +141,17 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> str:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {out_dir} is not writable ({parent} is read-only); choose another folder")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out_dir} ({e.strerror}); choose another folder") from None
+    return created
+
+
+def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> str:
+    """Check `out_dir` (checked by `_check_out_dir`, and locked) against `config`; returns "done" (same
+    dataset already there), "resume" or "fresh"."""
     if overwrite:
         _remove_outputs(out_dir)
         return "fresh"
@@ -246,10 +284,101 @@ def _init_worker(tokenizer_dict: dict) -> None:
     _worker_tokenizer = get_tokenizer(tokenizer_dict)
 
 
-def _init_pool_worker(tokenizer_dict: dict) -> None:
-    # Ctrl-C is the parent's to handle: a worker killed mid-task would leave the pool hanging
+class _TokenizerWorkers:
+    """Tokenizer processes, each with a pipe of its own: batches go to them in turn, so their token
+    arrays come back in order.
+
+    Not multiprocessing.Pool or ProcessPoolExecutor: their workers share one result pipe and its lock,
+    and a worker killed while it writes there (a SIGTERM sent to the whole process group) leaves the
+    parent waiting forever, or, when the parent dies first, the workers print BrokenPipeError
+    tracebacks. Here a worker that dies closes only its own pipe, and one whose parent is gone leaves
+    quietly."""
+
+    def __init__(self, n: int, tokenizer_dict: dict) -> None:
+        import multiprocessing
+
+        self.pipes, self.procs = [], []
+        self.sent = self.received = 0
+        for _ in range(n):
+            parent, child = multiprocessing.Pipe()
+            proc = multiprocessing.Process(target=_tokenizer_worker, args=(child, tokenizer_dict, os.getpid()),
+                                           daemon=True)
+            proc.start()
+            child.close()  # the worker holds the only other end: its death is an end of file here
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    @property
+    def pending(self) -> int:
+        return self.sent - self.received
+
+    def submit(self, docs: list[str]) -> None:
+        i = self.sent % len(self.pipes)
+        try:
+            self.pipes[i].send(docs)
+        except OSError:
+            raise self._stopped(i) from None
+        self.sent += 1
+
+    def next_result(self) -> list[np.ndarray]:
+        """The token arrays of the oldest batch submitted."""
+        i = self.received % len(self.pipes)
+        try:
+            ok, value = self.pipes[i].recv()
+        except (EOFError, OSError):
+            raise self._stopped(i) from None
+        self.received += 1
+        if not ok:
+            raise value
+        return value
+
+    def _stopped(self, i: int) -> UserError:
+        self.procs[i].join(timeout=1)
+        code = self.procs[i].exitcode
+        names = {s.value: s.name for s in signal.Signals}
+        how = f"killed by {names.get(-code, f'signal {-code}')}" if code and code < 0 else f"exit status {code}"
+        return UserError(f"a tokenizer process of gpt2lab prepare stopped ({how}); run the same command again "
+                         "to continue where it stopped")
+
+    def close(self, finished: bool) -> None:
+        """Stop the workers: idle ones are told to leave; after an error or a signal (`finished` False)
+        they are killed at once, with the batches they hold (a pipe of their own: nothing else breaks)."""
+        for pipe, proc in zip(self.pipes, self.procs):
+            if finished:
+                with contextlib.suppress(OSError):
+                    pipe.send(None)
+            else:
+                proc.kill()
+        for pipe, proc in zip(self.pipes, self.procs):
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            pipe.close()
+
+
+def _tokenizer_worker(conn: Any, tokenizer_dict: dict, parent_pid: int) -> None:
+    """A worker of `_TokenizerWorkers`: (True, token arrays) or (False, exception) back for each batch."""
+    # Ctrl-C is the parent's to handle; SIGTERM ends a worker at once and quietly (not through the
+    # parent's handler, inherited by fork, which raises)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(tokenizer_dict)
+    try:
+        while True:
+            while not conn.poll(1.0):
+                if os.getppid() != parent_pid:
+                    return  # the parent is gone
+            docs = conn.recv()
+            if docs is None:
+                return
+            try:
+                reply = (True, _tokenize_documents(docs))
+            except Exception as e:
+                reply = (False, e)
+            conn.send(reply)
+    except (EOFError, OSError):  # the parent closed its end or died: nothing to report to
+        return
 
 
 def _tokenize_documents(docs: list[str]) -> list[np.ndarray]:
@@ -261,21 +390,19 @@ def _tokenize_documents(docs: list[str]) -> list[np.ndarray]:
     return [np.array([tok.eot_id, *ids], dtype=dtype) for ids in tok.encode_batch(docs)]
 
 
-def _tokenized(batches: Iterator[list[str]], pool, workers: int) -> Iterator[list[np.ndarray]]:
-    """Token arrays of each batch, in order; with a pool, at most 2*workers batches in flight.
-
-    (`Pool.imap` would read the whole document stream into memory ahead of the workers.)
-    """
+def _tokenized(batches: Iterator[list[str]], pool: _TokenizerWorkers | None, workers: int
+               ) -> Iterator[list[np.ndarray]]:
+    """Token arrays of each batch, in order; with workers, at most 2*workers batches in flight (not the
+    whole document stream read into memory ahead of them)."""
     if pool is None:
         yield from map(_tokenize_documents, batches)
         return
-    pending: deque = deque()
     for batch in batches:
-        pending.append(pool.apply_async(_tokenize_documents, (batch,)))
-        if len(pending) >= 2 * workers:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+        pool.submit(batch)
+        if pool.pending >= 2 * workers:
+            yield pool.next_result()
+    while pool.pending:
+        yield pool.next_result()
 
 
 def _val_documents_rule(val_fraction: float) -> Callable[[int], bool]:
@@ -286,6 +413,7 @@ def _val_documents_rule(val_fraction: float) -> Callable[[int], bool]:
     return lambda i: (i + 1) * p // q > i * p // q
 
 
+@_one_writer
 def prepare_documents(
     documents: Iterable[str],
     out_dir: str | os.PathLike,
@@ -340,13 +468,10 @@ def prepare_documents(
 
     remaining = itertools.islice(iter(documents), n_docs, None)  # resume: skip documents already in shards
     batches = iter(lambda: list(itertools.islice(remaining, DOCS_PER_TASK)), [])
-    pool = None
-    if workers > 1:
-        import multiprocessing
-
-        pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(tok_dict,))
-    else:
+    pool = _TokenizerWorkers(workers, tok_dict) if workers > 1 else None
+    if pool is None:
         _init_worker(tok_dict)
+    finished = False
     try:
         with ProgressDisplay("tokens", total=total_tokens, description=out_dir.name, completed=stream_tokens,
                              enabled=progress) as bar:
@@ -363,10 +488,10 @@ def prepare_documents(
                     if finished:
                         save_progress()
                 bar.update(completed=stream_tokens)
+        finished = True
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close(finished)
 
     separator_tokens = 1 if tokenizer.eot_id is not None else len(CHAR_DOC_SEPARATOR)
     if stream_tokens == n_docs * separator_tokens:
@@ -387,6 +512,7 @@ def _check_split_size(name: str, tokens: int, block_size: int | None, out_dir: P
     check_min_tokens(tokens, block_size if block_size else 1, f"{name} split of {out_dir}")
 
 
+@_one_writer
 def prepare_tokens(
     splits: dict[str, np.ndarray],
     out_dir: str | os.PathLike,

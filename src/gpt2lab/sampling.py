@@ -61,7 +61,11 @@ def sample_next(
     temperature-scaled distribution restricted by top-k / top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # The largest logit is shifted to 0 and the temperature kept above float32's smallest normal number:
+    # a tiny temperature then scales the other logits to -inf (greedy), never to inf or NaN.
+    logits = logits.float()
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
@@ -69,7 +73,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     """UserError for sampling settings outside their range (callers check before loading a model)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1 (or unset), got {top_k}")

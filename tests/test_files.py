@@ -148,7 +148,7 @@ def test_damaged_checkpoints_are_named_and_skipped(tmp_path):
     newest = step_dir(run, 3)
     weights = newest / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
-    with pytest.raises(UserError, match=r"model.safetensors is truncated \("):
+    with pytest.raises(UserError, match=r"model.safetensors: truncated \("):
         load_weights(newest)
     (step_dir(run, 2) / TRAIN_STATE_FILE).write_bytes(b"PK\x03\x04 not a zip")
     ckpts, skipped = intact_checkpoints(run)
@@ -156,9 +156,9 @@ def test_damaged_checkpoints_are_named_and_skipped(tmp_path):
     assert skipped[0].startswith("skipped step_000003: ") and "truncated" in skipped[0]
     assert skipped[1].startswith("skipped step_000002: ") and "damaged or truncated" in skipped[1]
     (newest / "config.json").write_text('{"format": "gpt2lab-checkpoint", ')
-    assert "invalid JSON at line 1" in checkpoint_problem(newest)
+    assert "config.json:1: invalid JSON at column 34" in checkpoint_problem(newest)
     (step_dir(run, 1) / WEIGHTS_FILE).write_bytes(b"\xff" * 4096)  # random bytes, not safetensors
-    assert "model.safetensors is not a safetensors file" in checkpoint_problem(step_dir(run, 1))
+    assert "model.safetensors: not a safetensors file" in checkpoint_problem(step_dir(run, 1))
 
 
 class Payload:

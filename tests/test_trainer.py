@@ -383,7 +383,7 @@ def test_resume_skips_a_truncated_newest_checkpoint(data_dir, tmp_path):
                   + ["--resume"])
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert "gpt2lab: skipped step_000020: " in err and "model.safetensors is truncated" in err
+    assert "gpt2lab: skipped step_000020: " in err and "model.safetensors: truncated" in err
     assert "step_000010 (step 10)" in err
     assert losses(out)[30] > 0  # it went on to the end
 

@@ -4,6 +4,7 @@
     lm = gpt2lab.load("gpt2")                      # any --init: hub id, HF dir, run, checkpoint, adapter
     lm.generate("Hello, I'm a language model,", max_new_tokens=30)
     gpt2lab.train("quickstart", **{"train.max_steps": 200})
+    # a problem with the input (a file, an argument) raises gpt2lab.UserError, with a one-line message
 
     from gpt2lab import GPT, GPTConfig
     model = GPT(GPTConfig.from_preset("gpt2"))
@@ -18,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gpt2lab.api import LoadedModel, Score, load, train
     from gpt2lab.architecture import GPTConfig
+    from gpt2lab.errors import UserError
     from gpt2lab.model import GPT, KVCache
 
 # Public name -> the module that defines it (imported on first use).
 _EXPORTS = {"GPT": "gpt2lab.model", "GPTConfig": "gpt2lab.architecture", "KVCache": "gpt2lab.model",
-            "load": "gpt2lab.api", "train": "gpt2lab.api", "LoadedModel": "gpt2lab.api", "Score": "gpt2lab.api"}
-__all__ = ["GPT", "GPTConfig", "KVCache", "LoadedModel", "Score", "load", "train"]
+            "load": "gpt2lab.api", "train": "gpt2lab.api", "LoadedModel": "gpt2lab.api", "Score": "gpt2lab.api",
+            "UserError": "gpt2lab.errors"}
+__all__ = ["GPT", "GPTConfig", "KVCache", "LoadedModel", "Score", "UserError", "load", "train"]
 __version__ = "0.1.0"
 
 

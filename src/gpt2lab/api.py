@@ -15,9 +15,14 @@ Everything here goes through the same code as the commands: `gpt2lab.loading.loa
 from __future__ import annotations
 
 import math
+import operator
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from gpt2lab.errors import ArgumentError
+from gpt2lab.fileio import surrogate_problem
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,10 @@ class Score:
 
 
 class LoadedModel:
-    """A model and its tokenizer, with text in and text out. `.model` is the plain `gpt2lab.GPT`."""
+    """A model and its tokenizer, with text in and text out. `.model` is the plain `gpt2lab.GPT`.
+
+    A text or token id it cannot use (not a str, a lone surrogate, an id outside the vocabulary) raises
+    `gpt2lab.errors.ArgumentError`, a `UserError` with a one-line message."""
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
@@ -46,11 +54,11 @@ class LoadedModel:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`."""
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(_text(text, "text"))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids."""
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(self._ids(ids))
 
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 100, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -60,7 +68,7 @@ class LoadedModel:
         tokenizer's end-of-text or at a `stop` string (not included)."""
         from gpt2lab.generate import stream_text
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts, stop = _texts(prompt, "prompt"), _texts(stop, "stop")
         texts = []
         for p in prompts:  # one prompt at a time: the same text `gpt2lab sample` gives for it
             pieces = stream_text(self.model, self.tokenizer, self._prompt_ids(p), max_new_tokens=max_new_tokens,
@@ -72,8 +80,9 @@ class LoadedModel:
         """The text generated after `prompt`, piece by piece as it is decoded (arguments of `generate`)."""
         from gpt2lab.generate import stream_text
 
-        stop = kwargs.pop("stop", ())
-        yield from stream_text(self.model, self.tokenizer, self._prompt_ids(prompt), max_new_tokens=max_new_tokens,
+        stop = _texts(kwargs.pop("stop", ()), "stop")
+        yield from stream_text(self.model, self.tokenizer, self._prompt_ids(_text(prompt, "prompt")),
+                               max_new_tokens=max_new_tokens,
                                stop_strings=stop, **kwargs)
 
     def score(self, text: str | Sequence[str], *, max_length: int | None = None,
@@ -82,14 +91,26 @@ class LoadedModel:
         sliding windows of `gpt2lab eval perplexity` (defaults: block_size, stride half of it)."""
         from gpt2lab.evaluate.perplexity import sliding_window_nll
 
-        texts = [text] if isinstance(text, str) else list(text)
-        max_length = max_length or self.model.config.block_size
-        stride = stride or max(max_length // 2, 1)
+        texts = _texts(text, "text")
+        max_length = _count(max_length, "max_length") or self.model.config.block_size
+        stride = _count(stride, "stride") or max(max_length // 2, 1)
         scores = []
         for t in texts:
             nll, count = sliding_window_nll(self.model, self.tokenizer.encode(t), max_length, stride)
             scores.append(Score(loglikelihood=-nll, tokens=count, perplexity=math.exp(nll / count)))
         return scores[0] if isinstance(text, str) else scores
+
+    def _ids(self, ids: Any) -> list[int]:
+        """`ids` as a list of ints of the tokenizer's vocabulary (ArgumentError otherwise)."""
+        n, name = self.tokenizer.vocab_size, self.tokenizer.name
+        try:
+            out = [operator.index(i) for i in ids]
+        except TypeError:
+            raise ArgumentError(f"token ids must be a sequence of integers, got {_kind(ids)}") from None
+        bad = next((i for i in out if not 0 <= i < n), None)
+        if bad is not None:
+            raise ArgumentError(f"token id {bad} is outside the {name} tokenizer's vocabulary (0 to {n - 1})")
+        return out
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt)
@@ -97,7 +118,46 @@ class LoadedModel:
         return ids if ids else ([eot] if eot is not None else [0])  # an empty prompt starts a document
 
 
-def load(init: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def _kind(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        inner = next((v for v in value if not isinstance(v, int)), None)
+        return f"a {type(value).__name__} holding {type(inner).__name__}" if inner is not None else type(value).__name__
+    return type(value).__name__
+
+
+def _text(value: Any, what: str) -> str:
+    """`value` if it is a str of whole characters; ArgumentError otherwise."""
+    if not isinstance(value, str):
+        raise ArgumentError(f"{what} must be a str, got {_kind(value)}")
+    problem = surrogate_problem(value)
+    if problem is not None:
+        raise ArgumentError(f"{what}: {problem}")
+    return value
+
+
+def _texts(value: Any, what: str) -> list[str]:
+    """A str or a sequence of str, as a list of checked texts."""
+    if isinstance(value, str):
+        return [_text(value, what)]
+    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)):
+        raise ArgumentError(f"{what} must be a str or a list of str, got {_kind(value)}")
+    return [_text(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+
+def _count(value: Any, what: str) -> int | None:
+    """None, or `value` as a positive int."""
+    if value is None:
+        return None
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ArgumentError(f"{what} must be a positive integer or None, got {_kind(value)}") from None
+    if value < 1:
+        raise ArgumentError(f"{what} must be a positive integer or None, got {value}")
+    return value
+
+
+def load(init: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """The model `init` names, as `--init` does on the command line: a preset or hub id (`gpt2`,
     `distilgpt2`, `random:gpt2-tiny`), a Hugging Face directory, a gpt2lab run or checkpoint directory,
     or a LoRA adapter directory (merged into its base). device: auto|cpu|cuda|cuda:N|mps.
@@ -105,6 +165,9 @@ def load(init: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     from gpt2lab.devices import canonical_dtype, check_device_name, resolve_device
     from gpt2lab.loading import load_model
 
+    init = os.fspath(init) if isinstance(init, os.PathLike) else init
+    if not isinstance(init, str):
+        raise ArgumentError(f"init must be a model name or a path (str or os.PathLike), got {_kind(init)}")
     check_device_name(device)
     dtype = canonical_dtype(dtype)
     model, tokenizer = load_model(init, device=resolve_device(device), dtype=None if dtype == "auto" else dtype)

@@ -30,10 +30,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gpt2lab.config import LoraConfig
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import atomic_dir, clean_state_dict, load_model_weights, parse_json, read_versioned_json
+from gpt2lab.fileio import (
+    atomic_dir,
+    check_safetensors,
+    clean_state_dict,
+    in_file,
+    load_model_weights,
+    read_json,
+    read_safetensors,
+    read_versioned_json,
+)
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.parallel import barrier, is_fsdp, unwrap
+from gpt2lab.tokenizer import TOKENIZER_SHAPE
 
 FORMAT = "gpt2lab-checkpoint"
 VERSION = 1
@@ -44,6 +55,11 @@ DCP_DIR = "dcp"
 """Subdirectory of an FSDP checkpoint holding the sharded model and optimizer (torch.distributed.checkpoint)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 T = TypeVar("T")
+
+CONFIG_SHAPE = {"format": str, "version": int, "model": GPTConfig, "tokenizer?": (TOKENIZER_SHAPE, None),
+                "step?": (int, None), "lora?": (LoraConfig, None)}
+"""What config.json holds (see `fileio.shape_problem`); callers may add entries of their own."""
+FIX = "restore it or use another checkpoint"
 
 
 def write_checkpoint(
@@ -93,11 +109,9 @@ def is_checkpoint(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        return parse_json(p.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return read_json(p, dict).get("format") == FORMAT
+    except UserError:
         return bool(_STEP_DIR.match(Path(path).name))
-    except OSError:
-        return False
 
 
 def _step_dirs(run_dir: Path) -> list[Path]:
@@ -119,7 +133,7 @@ def checkpoint_problem(path: Path) -> str | None:
     Reads every header; the train state is memory-mapped, so its tensors are not read."""
     try:
         read_config(path)
-        _check_safetensors(path / WEIGHTS_FILE)
+        check_safetensors(path / WEIGHTS_FILE, FIX)
         if (path / TRAIN_STATE_FILE).exists():
             load_train_state(path, mmap=True)
     except UserError as e:
@@ -194,46 +208,17 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def read_config(path: str | Path) -> dict:
-    """The config.json of a checkpoint directory, validated."""
-    return read_versioned_json(Path(path) / CONFIG_FILE, FORMAT, VERSION, "gpt2lab checkpoint")
-
-
-def _check_safetensors(f: Path) -> None:
-    """UserError naming `f` if it is missing, not safetensors, or shorter than its header says."""
-    import struct
-
-    if not f.is_file():
-        raise UserError(f"{f.parent} has no {f.name}; the checkpoint is incomplete")
-    size = f.stat().st_size
-    n, header = 0, None
-    try:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = parse_json(fh.read(n).decode("utf-8")) if 0 < n <= size - 8 else None
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError):
-        header = None
-    if header is None and size - 8 < n < 100_000_000:  # a plausible header length past the end of the file
-        raise UserError(f"{f} is truncated ({size:,} bytes, its header alone is {n + 8:,}); restore it or use "
-                        "another checkpoint")
-    if not isinstance(header, dict):
-        raise UserError(f"{f} is not a safetensors file (damaged or overwritten); restore it or use another "
-                        "checkpoint")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise UserError(f"{f} is truncated ({size:,} of {8 + n + end:,} bytes); restore it or use another checkpoint")
+    """The config.json of a checkpoint directory, checked against CONFIG_SHAPE and the model's own rules."""
+    file = Path(path) / CONFIG_FILE
+    config = read_versioned_json(file, FORMAT, VERSION, "gpt2lab checkpoint", CONFIG_SHAPE, FIX)
+    with in_file(file, FIX):
+        GPTConfig.from_dict(config["model"])
+    return config
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The safetensors weights of a checkpoint (no pickle involved); a damaged file is a one-line error."""
-    from safetensors.torch import load_file
-
-    f = Path(path) / WEIGHTS_FILE
-    _check_safetensors(f)
-    try:
-        return load_file(str(f), device=str(device))
-    except Exception as e:  # safetensors' own error for a corrupt body
-        raise UserError(f"{f} cannot be read ({' '.join(str(e).split())[:120]}); restore it or use another "
-                        "checkpoint") from None
+    return read_safetensors(Path(path) / WEIGHTS_FILE, FIX, device=str(device))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

@@ -35,8 +35,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from gpt2lab.errors import UserError
-from gpt2lab.fileio import write_atomic
+from gpt2lab.errors import FileError, UserError
+from gpt2lab.fileio import lone_surrogate, read_text, write_atomic
 
 # --------------------------------------------------------------------------------------------------
 # Field docs and types
@@ -391,21 +391,19 @@ def load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     """A YAML mapping and the 1-based line of each dotted key; UserError naming file:line on errors."""
     import yaml
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read config {path} ({e.strerror})") from None
+    text = read_text(path)  # unreadable or not UTF-8: one line naming the file
     try:
         data, node = read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
+        raise FileError(path, f"invalid YAML: {problem}", line=mark.line + 1 if mark is not None else None) from None
+    except RecursionError:
+        raise FileError(path, "invalid YAML: nested too deeply to read") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}:1: a config file must be a mapping of sections (model:, train:, ...)")
+        raise FileError(path, "a config file must be a mapping of sections (model:, train:, ...)", line=1)
     lines: dict[str, int] = {}
 
     def walk(n: Any, prefix: str) -> None:
@@ -416,6 +414,9 @@ def load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
                 walk(v, key + ".")
 
     walk(node, "")
+    surrogate = lone_surrogate(data, text)  # YAML's "\\udc80" escape makes half a character, as JSON's does
+    if surrogate is not None:
+        raise FileError(path, surrogate[1], line=lines.get(surrogate[0]), field=surrogate[0])
     return data, lines
 
 

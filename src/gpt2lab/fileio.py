@@ -2,10 +2,14 @@
 
     iter_jsonl / iter_lines   records of a JSONL or text file, one message format for bad lines
     read_text / str_field     a whole UTF-8 file; a checked string field of a record
+    read_json / check_shape   a JSON file (or value) checked against its declared shape: every file
+                              gpt2lab reads reports a problem as "FILE[:LINE]: FIELD: what; how to fix"
+    read_versioned_json       a JSON config that names its format and version, and its shape
+    inside                    a file name read from a file, refused if it leads outside its directory
+    read_safetensors          weights, their header checked first (truncated, hostile, malformed)
     atomic_dir                a directory written under a temporary name and renamed into place
     atomic_file / write_atomic  the same for one file
     parse_json                JSON decoding, with nesting too deep for Python's decoder an ordinary error
-    read_versioned_json       a JSON config that names its format and version
     clean_state_dict          a state dict with wrapper prefixes stripped, ready to save
 
 Imports torch only where a function needs it; the modules above (checkpoint, hf, lora, data,
@@ -15,16 +19,20 @@ evaluate) build their formats from these pieces.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from gpt2lab.errors import UserError
+from gpt2lab.errors import FileError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -339,28 +347,6 @@ def _deep_point(text: str, start: int, depth_limit: int = 100) -> int:
     return start
 
 
-# --------------------------------------------------------------------------------------------------
-# Versioned JSON
-
-
-def read_versioned_json(file: Path, fmt: str, version: int, what: str) -> dict:
-    """A JSON config that names its `format` and `version` (checkpoint and adapter configs), validated;
-    `what` says what the directory should be ("gpt2lab checkpoint", "LoRA adapter")."""
-    if not file.is_file():
-        raise UserError(f"{file.parent} is not a {what}: {file.name} is missing")
-    try:
-        config = parse_json(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    found = config.get("format") if isinstance(config, dict) else None
-    if found != fmt:
-        raise UserError(f"{file} is not a {what} config (format={found!r})")
-    if config.get("version", 0) > version:
-        raise UserError(f"{file} has {what} version {config['version']}; this gpt2lab reads up to {version}")
-    return config
-
-
-# --------------------------------------------------------------------------------------------------
 # State dicts
 
 
@@ -396,6 +382,59 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     model.load_state_dict(state, strict=False)
 
 
+_SAFETENSORS_ENTRY = {"dtype": str, "shape": [int], "data_offsets": [int]}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's length
+
+
+def check_safetensors(f: Path, fix: str) -> None:
+    """FileError naming `f` (with `fix`) if it is missing, not a safetensors file, its header is malformed,
+    or it is shorter than its header says. Reads the header only."""
+    import struct
+
+    if not f.is_file():
+        raise FileError(f, "missing", fix=fix)
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8)) if size >= 8 else (0,)
+            raw = fh.read(n) if 0 < n <= min(size - 8, _MAX_HEADER) else None
+    except OSError as e:
+        raise FileError(f, f"cannot be read ({e.strerror or e})", fix=fix) from None
+    if raw is None:
+        if size - 8 < n <= _MAX_HEADER:  # a plausible header length past the end of the file
+            raise FileError(f, f"truncated ({size:,} bytes, its header alone is {n + 8:,})", fix=fix)
+        raise FileError(f, f"not a safetensors file (damaged or overwritten: header length {n:,})", fix=fix)
+    try:
+        header = parse_json(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise FileError(f, "not a safetensors file (damaged or overwritten: its header is not JSON)", fix=fix) from None
+    check_shape(header, dict, f, field="header", fix=fix)
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            check_shape(entry, Map(str), f, field="header.__metadata__", fix=fix)
+            continue
+        check_shape(entry, _SAFETENSORS_ENTRY, f, field=_key("header", name), fix=fix)
+        offsets = entry["data_offsets"]
+        if len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+            raise FileError(f, f"data_offsets {offsets} is not [begin, end]", field=_key("header", name), fix=fix)
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise FileError(f, f"truncated ({size:,} of {8 + n + end:,} bytes)", fix=fix)
+
+
+def read_safetensors(f: Path, fix: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file `f` (no pickle involved), its header checked first by
+    `check_safetensors`; whatever else the reader refuses is a FileError naming `f` too."""
+    from safetensors.torch import load_file
+
+    check_safetensors(f, fix)
+    try:
+        return load_file(str(f), device=str(device))
+    except Exception as e:  # safetensors' own error for a corrupt body (dtype, shape and offsets disagree)
+        raise FileError(f, f"cannot be read ({' '.join(str(e).split())[:120]})", fix=fix) from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Line records: JSONL and text files, every problem reported as "FILE:LINE: what is wrong; how to fix it"
 
@@ -404,12 +443,11 @@ _JSON_TYPES = {str: "string", bool: "boolean", int: "number", float: "number", l
                type(None): "null"}
 
 
-class LineError(UserError):
-    """A problem at one line of a file: str() is "FILE:LINE: problem"; `problem` is the part after the line."""
+class LineError(FileError):
+    """A problem at one line of a file: str() is "FILE:LINE: [FIELD: ]PROBLEM[; FIX]"."""
 
-    def __init__(self, path: str | os.PathLike, line: int, problem: str) -> None:
-        super().__init__(f"{path}:{line}: {problem}")
-        self.path, self.line, self.problem = path, line, problem
+    def __init__(self, path: str | os.PathLike, line: int, problem: str, *, field: str = "", fix: str = "") -> None:
+        super().__init__(path, problem, line=line, field=field, fix=fix)
 
 
 def _not_utf8(path: str | os.PathLike, line: int, offset: int) -> LineError:
@@ -452,28 +490,27 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             yield number, line.removesuffix("\n").removesuffix("\r")
 
 
-def iter_jsonl(path: str | os.PathLike,
-               invalid: Callable[[LineError], None] | None = None) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | os.PathLike, invalid: Callable[[LineError], None] | None = None, *,
+               shape: Any = dict, fix: str = "") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file.
 
-    A line that is not JSON, or not a JSON object, raises LineError; with `invalid`, the error is passed
-    to it instead and the line skipped (so a caller can report every bad line at once).
+    A line that is not JSON, not a JSON object, holds a lone surrogate (see `read_json`) or does not fit
+    `shape` (an object shape, see `shape_problem`) raises LineError "FILE:LINE: [FIELD: ]problem[; fix]";
+    with `invalid`, the error is passed to it instead and the line skipped (so a caller can report every
+    bad line at once).
     """
     for number, line in iter_lines(path):
         if not line.strip(JSON_WHITESPACE):
             continue
-        try:
-            record = parse_json(line)
-        except json.JSONDecodeError as e:
-            problem = f"invalid JSON at column {e.colno}: {e.msg}"
-        else:
-            if isinstance(record, dict):
-                yield number, record
-                continue
-            problem = f"expected a JSON object, got {json_type(record)}"
+        record, problem = _decode(line, shape)
+        if problem is None:
+            yield number, record
+            continue
+        _, field, what = problem
+        error = LineError(path, number, what, field=field, fix=fix)
         if invalid is None:
-            raise LineError(path, number, problem)
-        invalid(LineError(path, number, problem))
+            raise error
+        invalid(error)
 
 
 def json_type(value: Any) -> str:
@@ -498,5 +535,260 @@ def str_field(record: dict, name: str, path: str | os.PathLike, line: int, fix: 
     """`record[name]`, a string; anything else raises LineError "FILE:LINE: problem; fix"."""
     problem = str_field_problem(record, name)
     if problem is not None:
-        raise LineError(path, line, f"{problem}; {fix}" if fix else problem)
+        raise LineError(path, line, problem, fix=fix)
     return record[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes: what a JSON file must hold, declared next to its format and checked once where it is read.
+# Every problem is one FileError: "FILE[:LINE]: FIELD: what is wrong; how to fix".
+#
+#     str, int, float, bool, None      a value of that JSON type (an integer is a number; true is neither)
+#     object / dict / list             any value / any JSON object / any JSON array
+#     {"a": shape, "b?": shape}        an object with key a, and b if present ("?"); other keys are allowed
+#     [shape]                          an array of values of `shape`
+#     Map(shape)                       an object of any keys whose values all have `shape`
+#     {"x", "y"} (a set)               one of these values
+#     (shape, shape, ...)              any one of these shapes
+#     Tagged("kind", {"a": {...}})     an object whose "kind" says which object shape it has
+#     a dataclass                      an object of its fields, typed by their annotations; others are errors
+
+
+class Map:
+    """Shape of a JSON object with any keys, whose values all have `shape`."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
+
+
+class Tagged:
+    """Shape of a JSON object whose `tag` field names its kind; `shapes` maps each kind to its object shape."""
+
+    def __init__(self, tag: str, shapes: dict[str, dict]) -> None:
+        self.tag, self.shapes = tag, shapes
+
+
+_EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null",
+             dict: "a JSON object", list: "a JSON array"}
+
+
+def show_json(value: Any) -> str:
+    """A decoded JSON value for a message: `string "abc"`, `number 2.5`, `array`, `null`, ..."""
+    if isinstance(value, (dict, list)):
+        return json_type(value)
+    text = json.dumps(value)  # escapes quotes, newlines and surrogates: the message stays one line
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{json_type(value)} {text}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else text
+
+
+def _key(field: str, key: Any) -> str:
+    key = str(key)
+    shown = key if key.isprintable() and len(key) <= 60 else json.dumps(key[:60])
+    return f"{field}.{shown}" if field else shown
+
+
+def _expected(shape: Any) -> str:
+    if shape is None:
+        shape = type(None)
+    if isinstance(shape, tuple):
+        return " or ".join(_expected(s) for s in shape)
+    if isinstance(shape, (set, frozenset)):
+        return "one of " + ", ".join(json.dumps(v) for v in sorted(shape, key=str))
+    if isinstance(shape, list):
+        return "a JSON array"
+    if isinstance(shape, (dict, Map, Tagged)) or dataclasses.is_dataclass(shape):
+        return "a JSON object"
+    return _EXPECTED.get(shape, "a value")
+
+
+def shape_problem(value: Any, shape: Any, field: str = "") -> tuple[str, str] | None:
+    """(FIELD, what is wrong) for the first part of decoded JSON `value` that does not fit `shape`
+    (see the table above), or None when all of it fits. FIELD is a dotted path ("model.n_embd",
+    "splits.train.shards[0]"); "" is the value itself."""
+    if shape is object:
+        return None
+    if isinstance(shape, tuple):
+        problems = [shape_problem(value, s, field) for s in shape]
+        if any(p is None for p in problems):
+            return None
+        inner = [p for p in problems if p[0] != field]  # the value had the right type for one of them
+        return inner[0] if len(inner) == 1 else (field, f"expected {_expected(shape)}, got {show_json(value)}")
+    if isinstance(shape, (set, frozenset)):
+        if any(type(value) is type(v) and value == v for v in shape):
+            return None
+        return field, f"expected {_expected(shape)}, got {show_json(value)}"
+    if dataclasses.is_dataclass(shape):
+        return _fields_problem(value, shape, field)
+    if isinstance(shape, (dict, Map, Tagged)):
+        if not isinstance(value, dict):
+            return field, f"expected a JSON object, got {show_json(value)}"
+        if isinstance(shape, Map):
+            return next(filter(None, (shape_problem(v, shape.shape, _key(field, k)) for k, v in value.items())), None)
+        if isinstance(shape, Tagged):
+            tag_field, kinds = _key(field, shape.tag), set(shape.shapes)
+            problem = shape_problem(value[shape.tag], kinds, tag_field) if shape.tag in value else (tag_field, "missing")
+            return problem or shape_problem(value, shape.shapes[value[shape.tag]], field)
+        for key, sub in shape.items():
+            name = key.removesuffix("?")
+            if name not in value:
+                if name == key:
+                    return _key(field, name), "missing"
+                continue
+            problem = shape_problem(value[name], sub, _key(field, name))
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return field, f"expected a JSON array, got {show_json(value)}"
+        return next(filter(None, (shape_problem(v, shape[0], f"{field}[{i}]") for i, v in enumerate(value))), None)
+    if shape is None:
+        shape = type(None)
+    if shape is float:
+        fits = type(value) in (int, float)
+    elif shape in (dict, list):
+        fits = isinstance(value, shape)
+    else:
+        fits = type(value) is shape
+    return None if fits else (field, f"expected {_expected(shape)}, got {show_json(value)}")
+
+
+@functools.cache
+def _dataclass_shape(cls: type) -> dict[str, Any]:
+    """The object shape of a dataclass: each field's annotation as a shape; fields without a default are required."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out[f.name if required else f.name + "?"] = _hint_shape(hints[f.name])
+    return out
+
+
+def _hint_shape(hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return frozenset(args)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(_hint_shape(a) for a in args)
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
+        return [_hint_shape(args[0])] if args else list
+    if origin is dict:
+        return Map(_hint_shape(args[1])) if args else dict
+    if hint in (str, int, float, bool, type(None)) or dataclasses.is_dataclass(hint):
+        return hint
+    return object
+
+
+def _fields_problem(value: Any, cls: type, field: str) -> tuple[str, str] | None:
+    import difflib
+
+    if not isinstance(value, dict):
+        return field, f"expected a JSON object, got {show_json(value)}"
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            return _key(field, key), "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return shape_problem(value, _dataclass_shape(cls), field)
+
+
+def surrogate_problem(text: str) -> str | None:
+    """What is wrong with a str that holds a lone surrogate ("\\udc80", half a character, which no UTF-8
+    file or tokenizer can hold: only a JSON escape or Python's surrogateescape makes one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"\\u{ord(text[e.start]):04x} at character {e.start} is half of a UTF-16 surrogate pair, "
+                "not a character; remove it or write the whole character")
+    return None
+
+
+def lone_surrogate(value: Any, text: str) -> tuple[str, str] | None:
+    """(FIELD, problem) for the first string of `value` (decoded from JSON or YAML `text`) holding a lone
+    surrogate. Only a "\\ud800"-style escape makes one: a text without such an escape is never walked."""
+    if "\\ud" not in text and "\\uD" not in text and "\\U" not in text:  # YAML also has \U0000DC80
+        return None
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        field, v = stack.pop()
+        for s in (v, *(v if isinstance(v, dict) else ())):
+            problem = surrogate_problem(s) if isinstance(s, str) else None
+            if problem is not None:
+                return field, problem
+        if isinstance(v, dict):
+            stack += [(_key(field, k), x) for k, x in reversed(v.items())]
+        elif isinstance(v, list):
+            stack += [(f"{field}[{i}]", x) for i, x in reversed(list(enumerate(v)))]
+    return None
+
+
+def _decode(text: str, shape: Any) -> tuple[Any, tuple[int | None, str, str] | None]:
+    """(decoded JSON, None), or (None, (LINE within `text` or None, FIELD, problem)): not JSON, a lone
+    surrogate, or not `shape`."""
+    try:
+        value = parse_json(text)
+    except json.JSONDecodeError as e:
+        return None, (e.lineno, "", f"invalid JSON at column {e.colno}: {e.msg}")
+    except RecursionError:
+        return None, (None, "", "JSON nested too deeply to read")
+    problem = lone_surrogate(value, text) or shape_problem(value, shape)
+    return value, None if problem is None else (None, *problem)
+
+
+def check_shape(value: Any, shape: Any, path: str | os.PathLike, *, field: str = "", fix: str = "") -> Any:
+    """`value` (decoded from file `path`, at `field`) if it fits `shape`; FileError otherwise."""
+    problem = shape_problem(value, shape, field)
+    if problem is not None:
+        raise FileError(path, problem[1], field=problem[0], fix=fix)
+    return value
+
+
+def read_json(path: str | os.PathLike, shape: Any = object, *, fix: str = "") -> Any:
+    """The decoded JSON of file `path`, checked against `shape`. Every problem is one FileError naming the
+    file (and line or field) with `fix`: unreadable, not UTF-8, invalid JSON, a string holding a lone
+    surrogate ("\\ud800": half a character, which no UTF-8 file or tokenizer can hold), a value that does
+    not fit the shape."""
+    value, problem = _decode(read_text(path).removeprefix("\ufeff"), shape)
+    if problem is not None:
+        line, field, what = problem
+        raise FileError(path, what, line=line, field=field, fix=fix)
+    return value
+
+
+def read_versioned_json(file: Path, fmt: str, version: int, what: str, shape: Any = dict, fix: str = "") -> dict:
+    """A JSON config that names its `format` and `version` (checkpoint and adapter configs), checked against
+    `shape`; `what` says what the directory should be ("gpt2lab checkpoint", "LoRA adapter")."""
+    if not file.is_file():
+        raise UserError(f"{file.parent} is not a {what}: {file.name} is missing")
+    config = read_json(file, dict, fix=fix)
+    if config.get("format") != fmt:
+        raise FileError(file, f"expected {json.dumps(fmt)}, got {show_json(config.get('format'))}", field="format",
+                        fix=f"it is not a {what} config")
+    check_shape(config.get("version", 0), int, file, field="version", fix=fix)
+    if config.get("version", 0) > version:
+        raise FileError(file, f"{what} version {config['version']}; this gpt2lab reads up to {version}",
+                        field="version", fix="upgrade gpt2lab")
+    return check_shape(config, shape, file, fix=fix)
+
+
+@contextlib.contextmanager
+def in_file(path: str | os.PathLike, fix: str = "") -> Iterator[None]:
+    """Report a UserError raised inside the block (a config's own validation, e.g. `GPTConfig`) as a
+    FileError of `path`, so the message names the file the values came from."""
+    try:
+        yield
+    except FileError:
+        raise
+    except UserError as e:
+        raise FileError(path, str(e), fix=fix) from None
+
+
+def inside(base: Path, name: str, file: str | os.PathLike, field: str, fix: str = "") -> Path:
+    """`base / name` for a file name read from `file` (at `field`); a name that could reach outside `base`
+    (absolute, "..", a drive) is a FileError and is never opened. Links inside `base` are followed
+    as they are (a Hugging Face cache links every file to its blob)."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or ":" in name.split("/")[0]:
+        raise FileError(file, f"{json.dumps(name)} is not a file name inside {base}; gpt2lab reads no file "
+                        "outside a model or dataset directory", field=field, fix=fix)
+    return base / name

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.errors import UserError
-from gpt2lab.fileio import parse_json
+from gpt2lab.errors import FileError, UserError
+from gpt2lab.fileio import Map, in_file, inside, read_json, read_safetensors
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import Tokenizer
 
@@ -32,6 +32,15 @@ _BUFFER_KEY = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh-approximated GELU, as in our MLP
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name", as the hub allows
 _WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+CONFIG_SHAPE = {"model_type": str, "vocab_size?": int, "n_positions?": int, "n_ctx?": int, "n_embd?": int,
+                "n_layer?": int, "n_head?": int, "n_inner?": (int, None), "layer_norm_epsilon?": float,
+                "activation_function?": str, "scale_attn_by_inverse_layer_idx?": bool,
+                "reorder_and_upcast_attn?": bool, "scale_attn_weights?": bool, "add_cross_attention?": bool,
+                "tie_word_embeddings?": bool}
+"""The entries of an HF GPT-2 config.json that gpt2lab reads (see `fileio.shape_problem`); others are ignored."""
+INDEX_SHAPE = {"weight_map": Map(str)}
+TOKENIZER_JSON_SHAPE = {"model?": {"type?": str}}
+FIX = "download the model again or re-export it"
 
 
 def is_hub_name(name: str) -> bool:
@@ -50,8 +59,8 @@ def is_hf_dir(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        return "model_type" in parse_json(p.read_text())
-    except (json.JSONDecodeError, OSError, TypeError):
+        return "model_type" in read_json(p, dict)
+    except UserError:
         return False
 
 
@@ -134,10 +143,7 @@ def read_hf_config(path: str | Path) -> dict:
         raise UserError(f"HF model directory {path} does not exist")
     if not f.is_file():
         raise UserError(f"{path} has no config.json; it is not a Hugging Face model directory")
-    try:
-        return parse_json(f.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return read_json(f, CONFIG_SHAPE, fix=FIX)
 
 
 def config_from_hf(hf: dict, dropout: float = 0.0, source: str = "config.json") -> GPTConfig:
@@ -178,8 +184,9 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return _load_safetensors([path / "model.safetensors"])
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return _load_safetensors([path / s for s in shards])
+        weight_map = read_json(index, INDEX_SHAPE, fix=FIX)["weight_map"]
+        shards = {name: inside(path, name, index, f"weight_map.{key}", FIX) for key, name in weight_map.items()}
+        return _load_safetensors(sorted(set(shards.values())))
     if (path / "pytorch_model.bin").is_file():
         try:
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -192,13 +199,11 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
-            raise UserError(f"weight shard {f} is missing")
-        state.update(load_file(str(f)))
+            raise FileError(f, "missing (a weight shard the index lists)", fix=FIX)
+        state.update(read_safetensors(f, FIX))
     return state
 
 
@@ -420,11 +425,9 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
 
     f = Path(path) / "tokenizer.json"
     if f.is_file():
-        try:
-            model = parse_json(f.read_text(encoding="utf-8")).get("model", {})
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{f}: not valid JSON ({e})") from None
+        model = read_json(f, TOKENIZER_JSON_SHAPE, fix=FIX).get("model", {})
         vocab = model.get("vocab") if model.get("type") == "WordLevel" else None
-        if isinstance(vocab, dict) and vocab and all(len(k) == 1 for k in vocab):
-            return CharTokenizer("".join(sorted(vocab, key=vocab.get)))
+        if isinstance(vocab, dict) and vocab and all(len(k) == 1 and type(i) is int for k, i in vocab.items()):
+            with in_file(f, FIX):
+                return CharTokenizer("".join(sorted(vocab, key=vocab.get)))
     return get_tokenizer("gpt2")

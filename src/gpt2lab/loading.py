@@ -22,7 +22,8 @@ import torch
 
 from gpt2lab import checkpoint, hf, lora
 from gpt2lab.devices import resolve_device, torch_dtype
-from gpt2lab.errors import UserError
+from gpt2lab.errors import FileError, UserError
+from gpt2lab.fileio import read_json
 from gpt2lab.model import GPT, PRESETS, GPTConfig
 from gpt2lab.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
@@ -57,10 +58,7 @@ def load_model(init: str, device: str | torch.device = "cpu",
         elif hf.is_hf_dir(path):
             model, tokenizer = hf.load_hf_model(path, device), hf.read_hf_tokenizer(path)
         else:
-            raise UserError(
-                f"{flag} {init}: neither a gpt2lab checkpoint/run directory (config.json or checkpoints/step_*/), "
-                "a LoRA adapter, nor a Hugging Face GPT-2 directory (config.json + model.safetensors)"
-            )
+            raise _not_a_model(path, flag)
     elif hf.is_hub_name(init):
         model, tokenizer = hf.load_hf_model(init, device, flag=flag), get_tokenizer("gpt2")
     else:
@@ -88,12 +86,25 @@ def load_config(init: str, flag: str = "--init") -> GPTConfig:
             return GPTConfig.from_dict(checkpoint.read_newest(path, checkpoint.read_config)["model"])
         if hf.is_hf_dir(path):
             return hf.config_from_hf(hf.read_hf_config(path), source=str(path / "config.json"))
-        raise UserError(f"{flag} {init}: neither a gpt2lab checkpoint/run directory, a LoRA adapter, "
-                        "nor a Hugging Face GPT-2 directory")
+        raise _not_a_model(path, flag)
     if hf.is_hub_name(init):
         hub_dir = hf.download_hf_model(init, config_only=True, flag=flag)
         return hf.config_from_hf(hf.read_hf_config(hub_dir), source=f"{init}/config.json")
     raise UserError(_not_found(init, flag))
+
+
+def _not_a_model(path: Path, flag: str) -> UserError:
+    """Why existing `path` is no model: its config.json's own problem when it has one, else what was expected."""
+    config = path / checkpoint.CONFIG_FILE
+    if config.is_file():
+        fix = (f"{flag} takes a gpt2lab checkpoint or run directory, a LoRA adapter or a Hugging Face GPT-2 "
+               "directory; restore the file or pass another")
+        read_json(config, dict, fix=fix)  # invalid JSON, not UTF-8 or not an object: said here
+        return FileError(config, f'has neither "format": "{checkpoint.FORMAT}" nor a Hugging Face "model_type"',
+                         fix=fix)
+    return UserError(f"{flag} {path}: neither a gpt2lab checkpoint/run directory (config.json or "
+                     "checkpoints/step_*/), a LoRA adapter, nor a Hugging Face GPT-2 directory "
+                     "(config.json + model.safetensors)")
 
 
 def _not_found(init: str, flag: str) -> str:

@@ -25,14 +25,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2lab.architecture import GPTConfig
 from gpt2lab.config import LoraConfig
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import parse_json
+from gpt2lab.fileio import in_file, read_json, read_safetensors, read_versioned_json
+from gpt2lab.tokenizer import TOKENIZER_SHAPE
 
 ADAPTER_FORMAT = "gpt2lab-lora-adapter"
 ADAPTER_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SHAPE = {"format": str, "version": int, "r": int, "alpha": float, "dropout?": float, "targets?": [str],
+                 "modules?": [str], "base": {"init": (str, None), "config_sha256": str, "wte_sha256": str,
+                                             "model": GPTConfig},
+                 "tokenizer?": (TOKENIZER_SHAPE, None)}
+"""What adapter_config.json holds (see `fileio.shape_problem`)."""
+FIX = "save the adapter again or use another one"
 
 
 class LoRALinear(nn.Module):
@@ -186,34 +194,35 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def read_adapter_config(path: str | Path) -> dict:
-    """The adapter_config.json of an adapter directory, validated."""
-    from gpt2lab.fileio import read_versioned_json
-
-    return read_versioned_json(Path(path) / ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_VERSION, "gpt2lab LoRA adapter")
+    """The adapter_config.json of an adapter directory, checked against ADAPTER_SHAPE and the base model's rules."""
+    file = Path(path) / ADAPTER_CONFIG
+    config = read_versioned_json(file, ADAPTER_FORMAT, ADAPTER_VERSION, "gpt2lab LoRA adapter", ADAPTER_SHAPE, FIX)
+    with in_file(file, FIX):
+        GPTConfig.from_dict(config["base"]["model"])
+    return config
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> dict:
     """Apply the adapter saved in `path` to `model` (its base) and load A and B; returns the adapter
     config. A base with a different architecture is an error; different embedding weights, a warning."""
-    from safetensors.torch import load_file
-
     config = read_adapter_config(path)
     ident = base_identity(model)
-    base = config.get("base", {})
-    if base.get("config_sha256") != ident["config_sha256"]:
+    base = config["base"]
+    if base["config_sha256"] != ident["config_sha256"]:
         raise UserError(
             f"{path}: adapter was trained on base '{base.get('init')}' whose model config differs from this "
-            f"model's (config hash {base.get('config_sha256')} vs {ident['config_sha256']}); pass that base with --init"
+            f"model's (config hash {base['config_sha256']} vs {ident['config_sha256']}); pass that base with --init"
         )
-    if base.get("wte_sha256") != ident["wte_sha256"]:
+    if base["wte_sha256"] != ident["wte_sha256"]:
         warnings.warn(f"{path}: this base's weights differ from those of '{base.get('init')}', which the adapter "
                       "was trained on", stacklevel=2)
-    apply_lora(model, LoraConfig(r=config["r"], alpha=config["alpha"], dropout=config.get("dropout", 0.0),
-                                 targets=config.get("modules") or config.get("targets")))
+    with in_file(Path(path) / ADAPTER_CONFIG, FIX):
+        apply_lora(model, LoraConfig(r=config["r"], alpha=config["alpha"], dropout=config.get("dropout", 0.0),
+                                     targets=config.get("modules") or config.get("targets")))
     f = Path(path) / ADAPTER_WEIGHTS
     if not f.is_file():
         raise UserError(f"{path} has no {ADAPTER_WEIGHTS}; the adapter is incomplete")
-    weights = load_file(str(f))
+    weights = read_safetensors(f, FIX)
     expected = {f"{name}.{ab}": m for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
     if set(weights) != set(expected):
         missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -239,8 +248,8 @@ def is_peft_export(path: str | Path) -> bool:
     """True for a directory that holds only a PEFT LoRA adapter (an earlier `save_peft_adapter`)."""
     path, config = Path(path), Path(path) / "adapter_config.json"
     try:
-        peft = parse_json(config.read_text()).get("peft_type") == "LORA"
-    except (OSError, json.JSONDecodeError, AttributeError):
+        peft = config.is_file() and read_json(config, dict).get("peft_type") == "LORA"
+    except UserError:
         return False
     return peft and {p.name for p in path.iterdir()} <= {"adapter_config.json", PEFT_WEIGHTS, "README.md"}
 

@@ -25,9 +25,11 @@ from typing import Any
 from gpt2lab.config import LogConfig
 from gpt2lab.console import ProgressDisplay, say
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import atomic_file, parse_json, write_atomic, write_error
+from gpt2lab.fileio import atomic_file, iter_jsonl, write_atomic, write_error
 
 METRICS_FILE = "metrics.jsonl"
+EVENT_SHAPE = {"event": str, "step": int, "loss?": float, "val_loss?": float, "lr?": float, "tokens?": int}
+"""What each line of metrics.jsonl holds (see `fileio.shape_problem`): the fields the plot and resume read."""
 PLOT_FILE = "loss.png"
 
 
@@ -68,17 +70,31 @@ def format_progress_info(m: dict[str, Any]) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The events of a run's metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
+    """The events of a run's metrics.jsonl. A last line cut short by a crash mid-write (no newline after
+    it) is skipped; any other line that is not an event (EVENT_SHAPE) is an error naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {METRICS_FILE}: is it a gpt2lab run directory?")
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(parse_json(line))
-        except json.JSONDecodeError:
-            continue
+    events, damaged = [], []
+
+    def invalid(error: UserError) -> None:
+        if damaged:  # a damaged line with more after it was not cut short by a crash
+            raise damaged[0]
+        damaged.append(error)
+
+    for _, event in iter_jsonl(path, invalid, shape=EVENT_SHAPE, fix="remove the line or move the file away"):
+        if damaged:
+            raise damaged[0]
+        events.append(event)
+    if damaged and _ends_with_newline(path):
+        raise damaged[0]
     return events
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:

@@ -63,7 +63,11 @@ def sample_next(
     temperature-scaled distribution restricted by top-k / top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # The largest logit is shifted to 0 and the temperature kept above float32's smallest normal number:
+    # a tiny temperature then scales the other logits to -inf (greedy), never to inf or NaN.
+    logits = logits.float()
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 

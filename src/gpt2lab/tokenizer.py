@@ -24,6 +24,7 @@ from importlib import resources
 from typing import Protocol, runtime_checkable
 
 from gpt2lab.errors import UserError
+from gpt2lab.fileio import Tagged
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_RANKS_FILE = "gpt2.tiktoken"
@@ -31,6 +32,8 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 EOT_TEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
+TOKENIZER_SHAPE = Tagged("kind", {"gpt2": {}, "char": {"chars": str}})
+"""A tokenizer's `to_dict()` as files store it (dataset meta, shard headers, checkpoints, adapters)."""
 
 
 @runtime_checkable

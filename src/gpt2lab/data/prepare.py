@@ -41,9 +41,9 @@ from gpt2lab.console import ProgressDisplay
 from gpt2lab.data.shards import open_shard, shard_is_complete, token_dtype, write_shard
 from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, find_source, source_args
 from gpt2lab.devices import check_fits
-from gpt2lab.errors import UserError
-from gpt2lab.fileio import parse_json, write_atomic
-from gpt2lab.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
+from gpt2lab.errors import FileError, UserError
+from gpt2lab.fileio import Map, inside, read_json, write_atomic
+from gpt2lab.tokenizer import TOKENIZER_SHAPE, CharTokenizer, Tokenizer, get_tokenizer
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -52,6 +52,13 @@ SPLITS = ("train", "val")
 CHAR_DOC_SEPARATOR = "\n\n"  # the char tokenizer has no <|endoftext|>: documents end with a blank line
 MIN_VAL_DOCUMENTS = 10  # below this many val documents, split the token stream instead
 DOCS_PER_TASK = 256  # documents per worker task: large enough to amortise pickling
+META_SHAPE = {"format_version": int, "tokenizer": TOKENIZER_SHAPE, "vocab_size": int,
+              "splits": Map({"shards": [str], "tokens": int}), "source?": object, "settings?": object}
+"""What meta.json holds (see `fileio.shape_problem`)."""
+_PROGRESS_SPLIT = {"shards": [str], "tokens": int, "partial": (str, None)}
+PROGRESS_SHAPE = {"tokenizer": TOKENIZER_SHAPE, "source?": object, "settings?": object, "documents": int,
+                  "stream_tokens": int, "generation": int, "splits": {s: _PROGRESS_SPLIT for s in SPLITS}}
+"""What progress.json holds: the state an interrupted `prepare` resumes from."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -74,7 +81,7 @@ def check_min_tokens(tokens: int, block_size: int, what: str) -> None:
 
 
 def _settings_summary(config: dict) -> str:
-    return json.dumps({k: config[k] for k in ("source", "settings")}, sort_keys=True)
+    return json.dumps({k: config.get(k) for k in ("source", "settings")}, sort_keys=True)
 
 
 def _tokenizer_label(d: dict) -> str:
@@ -159,10 +166,8 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> str:
         path = out_dir / fname
         if not path.exists():
             continue
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"{path} is unreadable; pass --overwrite to prepare {out_dir} again") from None
+        old = read_json(path, META_SHAPE if fname == META_FILE else PROGRESS_SHAPE,
+                        fix=f"pass --overwrite to prepare {out_dir} again")
         if old.get("tokenizer") != config["tokenizer"]:
             raise UserError(
                 f"{out_dir} already holds a dataset with the {_tokenizer_label(old.get('tokenizer') or {})} tokenizer, "
@@ -199,24 +204,19 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         if (data_dir / PROGRESS_FILE).exists():
             raise UserError(f"{data_dir} is a half-finished dataset; re-run the gpt2lab prepare command that made it")
         raise UserError(f"{data_dir} is not a prepared dataset (no {META_FILE}): run gpt2lab prepare SOURCE --out {data_dir}")
-    try:
-        meta = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); re-run gpt2lab prepare with --overwrite") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has format_version {meta.get('format_version')!r}, this gpt2lab reads {FORMAT_VERSION}; "
-            "re-run gpt2lab prepare with --overwrite"
-        )
-    for key in ("tokenizer", "vocab_size", "splits"):
-        if key not in meta:
-            raise UserError(f"{path} has no '{key}' field; re-run gpt2lab prepare with --overwrite")
+    fix = "re-run gpt2lab prepare with --overwrite"
+    meta = read_json(path, META_SHAPE, fix=fix)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise FileError(path, f"{meta['format_version']}, this gpt2lab reads {FORMAT_VERSION}",
+                        field="format_version", fix=fix)
     meta["dir"] = data_dir
     for name, split in meta["splits"].items():
-        split["paths"] = [data_dir / s for s in split["shards"]]
-        for p in split["paths"]:
-            if not p.is_file():
-                raise UserError(f"{path} lists {p.name} ({name} split) but it is missing; re-run gpt2lab prepare with --overwrite")
+        split["paths"] = []
+        for i, shard in enumerate(split["shards"]):
+            field = f"splits.{name}.shards[{i}]"
+            split["paths"].append(inside(data_dir, shard, path, field, fix))
+            if not split["paths"][-1].is_file():
+                raise FileError(path, f"{shard} is missing from {data_dir}", field=field, fix=fix)
     return meta
 
 
@@ -446,7 +446,12 @@ def prepare_documents(
     writers = {s: _SplitWriter(out_dir, s, tok_dict, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
     n_docs, stream_tokens, generation = 0, 0, 0
     if state == "resume":
-        progress_state = json.loads((out_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+        progress_file = out_dir / PROGRESS_FILE
+        fix = f"pass --overwrite to prepare {out_dir} again"
+        progress_state = read_json(progress_file, PROGRESS_SHAPE, fix=fix)
+        for name, split in progress_state["splits"].items():
+            for i, shard in enumerate([*split["shards"], *([split["partial"]] if split["partial"] else [])]):
+                inside(out_dir, shard, progress_file, f"splits.{name}.shards[{i}]", fix)
         n_docs, stream_tokens = progress_state["documents"], progress_state["stream_tokens"]
         generation = progress_state["generation"]
         for name, w in writers.items():

@@ -45,7 +45,16 @@ from gpt2lab.config import SFTConfig, Truncation
 from gpt2lab.console import say
 from gpt2lab.download import cache_dir, download
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import LineError, iter_jsonl, json_type, parse_json, read_text, str_field_problem
+from gpt2lab.fileio import (
+    LineError,
+    iter_jsonl,
+    json_type,
+    lone_surrogate,
+    parse_json,
+    read_text,
+    show_json,
+    str_field_problem,
+)
 
 if TYPE_CHECKING:  # torch is imported where batches are built, so config.py can import SFTConfig cheaply
     import torch
@@ -249,14 +258,15 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 class _ParseError(str):
-    """A JSONL line that is not a JSON object (the message says why)."""
+    """A record unusable as read: not JSON, not a JSON object, a lone surrogate (the message says why)."""
 
 
 def _read_jsonl(path: Path) -> list[Record]:
     records: list[Record] = []
 
     def invalid(error: LineError) -> None:  # kept in line order, to be reported or skipped with the rest
-        records.append(Record(error.line, None, _ParseError(error.problem)))
+        records.append(Record(error.line, None, _ParseError(f"{error.field}: {error.problem}" if error.field
+                                                            else error.problem)))
 
     for line, data in iter_jsonl(path, invalid):
         records.append(Record(line, None, data))
@@ -291,6 +301,9 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
             data, end = parse_json(text, pos)
         except json.JSONDecodeError as e:
             raise LineError(path, e.lineno, f"record {len(records)}: invalid JSON at column {e.colno}: {e.msg}") from None
+        surrogate = lone_surrogate(data, text[pos:end])
+        if surrogate is not None:  # reported (or skipped) with the other invalid records
+            data = _ParseError(f"{surrogate[0]}: {surrogate[1]}" if surrogate[0] else surrogate[1])
         records.append(Record(line_of(pos), len(records), data))
         pos, expect_value = end, False
     rest = text[pos + 1:].strip()
@@ -327,8 +340,8 @@ def _messages_problem(data: dict) -> str | None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return f"field 'messages[{i}]' must be an object with 'role' and 'content'"
-        if m.get("role") not in CHAT_HEADERS:
-            return f"field 'messages[{i}].role' must be 'system', 'user' or 'assistant', got {m.get('role')!r}"
+        if not isinstance(m.get("role"), str) or m["role"] not in CHAT_HEADERS:
+            return f"field 'messages[{i}].role' must be 'system', 'user' or 'assistant', got {show_json(m.get('role'))}"
         if m["role"] == "system" and i:
             return f"field 'messages[{i}].role': a 'system' message may only come first"
         if not isinstance(m.get("content"), str):

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import atomic_file, parse_json
+from gpt2lab.fileio import atomic_file, check_shape, parse_json
+from gpt2lab.tokenizer import TOKENIZER_SHAPE
 
 MAGIC = b"GPT2LABT"
 VERSION = 1
@@ -109,6 +110,7 @@ def read_header(path: str | os.PathLike) -> dict:
         tokenizer = parse_json(tok_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{path} has a damaged header (tokenizer JSON unreadable); {hint}") from None
+    check_shape(tokenizer, TOKENIZER_SHAPE, path, field="header.tokenizer", fix=hint)
     dtype = DTYPES[code]
     held = (size - header_bytes) // dtype.itemsize if size >= header_bytes else 0
     if size != header_bytes + count * dtype.itemsize:

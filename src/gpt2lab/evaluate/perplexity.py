@@ -83,6 +83,8 @@ def sliding_window_nll(
     block_size = unwrap(model).config.block_size
     if max_length > block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's block_size={block_size}")
+    if max_length < 2:  # a window of one token has no context to score a token with
+        raise UserError(f"--max-length must be at least 2, got {max_length}")
     if len(ids) < 2:
         raise UserError("the text is shorter than 2 tokens: nothing to score")
     rows = []

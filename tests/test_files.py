@@ -50,6 +50,26 @@ def test_atomic_dir_modes_follow_the_umask(tmp_path):
     assert (tmp_path / "out" / "f.txt").stat().st_mode & 0o777 == 0o644
 
 
+def test_weights_files_follow_the_umask_too(tmp_path):
+    """safetensors writes its files owner-only; a checkpoint, an HF export and an adapter follow the umask
+    like every other file gpt2lab writes."""
+    from gpt2lab.hf import save_hf_model
+    from gpt2lab.lora import LoraConfig, apply_lora, save_adapter
+
+    old = os.umask(0o022)
+    try:
+        model = tiny()
+        save_checkpoint(tmp_path / "ckpt", model, model.config, {"kind": "gpt2"}, step=1)
+        save_hf_model(model, tmp_path / "hf")
+        apply_lora(model, LoraConfig(r=2))
+        save_adapter(tmp_path / "adapter", model, LoraConfig(r=2), base_init="gpt2", tokenizer={"kind": "gpt2"})
+    finally:
+        os.umask(old)
+    weights = list(tmp_path.rglob("*.safetensors"))
+    assert len(weights) == 3
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in weights), {str(p): oct(p.stat().st_mode) for p in weights}
+
+
 def test_disk_full_mid_write_is_one_line_and_keeps_the_previous_version(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f.txt").write_text("first")

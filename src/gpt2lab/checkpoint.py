@@ -41,6 +41,7 @@ from gpt2lab.fileio import (
     read_json,
     read_safetensors,
     read_versioned_json,
+    save_safetensors,
 )
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.parallel import barrier, is_fsdp, unwrap
@@ -73,12 +74,10 @@ def write_checkpoint(
     extra: dict | None = None,
 ) -> None:
     """Write the files of a checkpoint into an existing `directory` (not atomic: wrap it in `atomic_dir`)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     config = {"format": FORMAT, "version": VERSION, "model": model_config.to_dict(), "tokenizer": tokenizer,
               "step": step, **(extra or {})}
-    save_file(clean_state_dict(model_state), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(clean_state_dict(model_state), directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE_FILE)

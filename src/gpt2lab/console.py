@@ -189,3 +189,12 @@ class ProgressDisplay:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for people: "512 B", "1.5 MiB", "3.2 TiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -21,6 +21,7 @@ import platform
 import re
 from typing import TYPE_CHECKING, Literal
 
+from gpt2lab.console import format_bytes
 from gpt2lab.errors import UserError
 
 if TYPE_CHECKING:
@@ -164,15 +165,6 @@ def available_memory(device: torch.device | str = "cpu") -> tuple[int, str] | No
     except (ImportError, OSError, ValueError):
         pass
     return min(figures) if figures else None
-
-
-def format_bytes(n: float) -> str:
-    """A byte count for people: "512 B", "1.5 MiB", "3.2 TiB"."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def check_fits(nbytes: int, device: torch.device | str, what: str, fix: str) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from gpt2lab.console import format_bytes
 from gpt2lab.errors import FileError, UserError
 
 if TYPE_CHECKING:
@@ -114,6 +115,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         f.write(data)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write `tensors` to `path` in the safetensors format, with the mode a plain open() would give
+    (safetensors itself makes the file owner-only, whatever the umask)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -154,15 +164,6 @@ def write_error(path: Path, exc: BaseException, written: int = 0) -> UserError:
         return UserError(f"cannot write {path}: the file system is read-only; choose another output directory")
     reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160]
     return UserError(f"cannot write {path} ({reason})")
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KB', 3.2e9 -> '3.2 GB'."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _fsync_dir_contents(path: Path) -> None:

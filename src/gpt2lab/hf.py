@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab.errors import FileError, UserError
-from gpt2lab.fileio import Map, in_file, inside, read_json, read_safetensors
+from gpt2lab.fileio import Map, in_file, inside, read_json, read_safetensors, save_safetensors
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import Tokenizer
 
@@ -306,8 +306,6 @@ def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None =
     loads unchanged, plus tokenizer files `AutoTokenizer` loads: GPT-2's vocab.json/merges.txt, or a
     tokenizer.json for a character-level model. Variants HF GPT-2 cannot express (RoPE, GQA/MQA,
     sliding windows) raise UserError."""
-    from safetensors.torch import save_file
-
     from gpt2lab.fileio import atomic_dir
 
     config = hf_config(model.config, tokenizer)
@@ -315,7 +313,7 @@ def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None =
     config["torch_dtype"] = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
     out = Path(out_dir)
     with atomic_dir(out) as tmp:  # an earlier export is replaced whole, or not at all
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         kind = tokenizer.to_dict().get("kind") if tokenizer is not None else None
         if kind == "gpt2":

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from gpt2lab.architecture import GPTConfig
 from gpt2lab.config import LoraConfig
 from gpt2lab.errors import UserError
-from gpt2lab.fileio import in_file, read_json, read_safetensors, read_versioned_json
+from gpt2lab.fileio import in_file, read_json, read_safetensors, read_versioned_json, save_safetensors
 from gpt2lab.tokenizer import TOKENIZER_SHAPE
 
 ADAPTER_FORMAT = "gpt2lab-lora-adapter"
@@ -159,8 +159,6 @@ def save_adapter(path: str | Path, model: nn.Module, cfg: LoraConfig, base_init:
                  tokenizer: dict | None = None, extra: dict | None = None) -> Path:
     """Atomically write adapter.safetensors (A, B) and adapter_config.json (r, alpha, dropout,
     targets, adapted layer names, base init string and identity) into directory `path`."""
-    from safetensors.torch import save_file
-
     from gpt2lab.fileio import atomic_dir
 
     modules = lora_modules(model)
@@ -183,7 +181,7 @@ def save_adapter(path: str | Path, model: nn.Module, cfg: LoraConfig, base_init:
     }
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(weights, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -260,8 +258,6 @@ def save_peft_adapter(path: str | Path, model: nn.Module, base_model_name_or_pat
 
     HF GPT-2's projections are Conv1D layers, hence `fan_in_fan_out`; A (r, in) and B (out, r) are
     stored as PEFT's lora_A / lora_B weights unchanged, and the scaling alpha / r is the same."""
-    from safetensors.torch import save_file
-
     from gpt2lab.fileio import atomic_dir
 
     modules = lora_modules(model)
@@ -289,6 +285,6 @@ def save_peft_adapter(path: str | Path, model: nn.Module, base_model_name_or_pat
     }
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(weights, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(weights, tmp / PEFT_WEIGHTS)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gpt2lab.devices import format_bytes
+    from gpt2lab.console import format_bytes
     from gpt2lab.model import ModelStats, kv_cache_bytes, model_stats
 
     base = _base_config(args)

@@ -343,6 +343,7 @@ SIZE_CASES: list = [
     ("train-lr-nan", "cli", [*TRAIN, "--optim.lr", "nan", "--out", "{o}"]),
     ("train-yaml-inf", "cli", [*TRAIN, "--config", "{h}/inf.yaml", "--out", "{o}"]),
     ("model-info-rope-theta-nan", "cli", ["model-info", "gpt2", "--model.rope_theta", "nan"]),
+    ("model-info-layers-past-any-index", "cli", ["model-info", "gpt2", "--model.n_layer", "1" + "0" * 30]),
     ("sample-temperature-nan", "cli", ["sample", "--init", "run", "--temperature", "nan"]),
     ("chat-temperature-inf", "cli<", ["chat", "--init", "base", "--temperature", "inf"]),
     ("sample-seed-1e23", "cli", ["sample", "--init", "run", "--seed", str(10**23)]),

@@ -20,6 +20,10 @@ PosEmb = Literal["learned", "rope"]
 """Position encodings: GPT-2's learned absolute table, or rotary embeddings."""
 
 
+MAX_SIZE = 2**31 - 1
+"""The largest value of an architecture size (layers, heads, widths, vocabulary, context)."""
+
+
 @dataclass
 class GPTConfig:
     """Architecture of a GPT model. Defaults are GPT-2 124M (`gpt2`)."""
@@ -66,6 +70,8 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+            if value > MAX_SIZE:  # tensor shapes and per-layer tables are indexed by machine integers
+                raise UserError(f"model.{name}={value:,} is larger than any model can be (at most {MAX_SIZE:,})")
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.n_kv_head:

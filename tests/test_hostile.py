@@ -919,5 +919,22 @@ def test_concurrency_and_races(name, case, tmp_path, sandbox):
 # ==================================================================================================
 
 
+def test_resume_with_damaged_metrics_is_one_line_and_writes_nothing(tmp_path, sandbox):
+    """metrics.jsonl is read (and checked) before the resumed run writes anything, its resolved config included."""
+    run = tmp_path / "run"
+    shutil.copytree(sandbox / "run", run)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    before = snapshot(tmp_path)
+    argv = ["train", "--data.dir", str(sandbox / "data"), "--data.prepare", "null", "--out", str(run), "--resume",
+            *[a for k, v in TINY.items() if k != "log.progress" for a in (f"--{k}", str(v))],
+            "--train.max_steps", "4", "--checkpoint.allow_changes", "true"]
+    code, err = run_cli(argv, tmp_path)  # the resume's own lines (what changes), then the one error
+    assert code == 2 and "Traceback" not in err, err
+    assert "error:" in err.splitlines()[-1] and "metrics.jsonl:2" in err.splitlines()[-1], err
+    lock = "run/.gpt2lab.lock"  # the run's lock names its holder: the one file a refused resume may touch
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != lock} == {k: v for k, v in before.items() if k != lock}
+
+
 def test_there_are_sixty_cases_across_the_ten_families():
     assert len(SHAPE_CASES) + len(SIZE_CASES) + len(RACE_CASES) >= 60

@@ -233,9 +233,9 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
         resume_changes = check_resume_changes(resume_state.get("config"), cfg, str(resume_from))
         say(f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
-        write_resolved_config(cfg)
-        if resume_from is not None:
+        if resume_from is not None:  # reads (and checks) metrics.jsonl before anything is written
             truncate_metrics(run_dir, start_step)
+        write_resolved_config(cfg)
     logger = RunLogger(run_dir, cfg.log, total_steps=cfg.train.max_steps, enabled=env.is_main,
                        config=to_dict(cfg), start_step=start_step)
     try:

@@ -27,6 +27,7 @@ torch.distributed rank 0 measures and every rank takes its choice.
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import time
@@ -127,13 +128,13 @@ def load_dtype(requested: str, device: torch.device) -> str:
 # What a run repeats
 
 
-class Work:
+class Work(abc.ABC):
     """What a run repeats, which decides its dtype on a CPU."""
 
+    @abc.abstractmethod
     def measure(self, low: torch.dtype = torch.bfloat16, *, threshold: float = THRESHOLD,
                 use_cache: bool = True) -> Choice:
         """fp32 or `low` for this work on this CPU (measured, cached or GPT2LAB_CPU_DTYPE's)."""
-        raise NotImplementedError
 
     def unmeasured(self, name: str, device: torch.device, fp16_without_bf16: bool) -> torch.dtype | None:
         """The dtype of the setting `name` where nothing is measured (a GPU, an explicit dtype)."""

@@ -184,6 +184,8 @@ def read_newest(path: str | Path, read: Callable[[Path], T], attempts: int = 20)
     ckpt = find_latest(path)
     for _ in range(attempts):
         if ckpt is None:
+            if not path.exists():
+                raise UserError(f"checkpoint path {path} does not exist")
             raise UserError(f"{path} holds no gpt2lab checkpoint (expected config.json or checkpoints/step_*/)")
         before = _identity(ckpt)
         try:
@@ -225,10 +227,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     A LoRA run's checkpoint also holds lora_A/lora_B: load it through `gpt2lab.loading`, which
     applies and merges them; here such a checkpoint is an error."""
-    if find_latest(path) is None:
-        if not Path(path).exists():
-            raise UserError(f"checkpoint path {path} does not exist")
-        raise UserError(f"{path} holds no gpt2lab checkpoint (expected config.json or checkpoints/step_*/)")
 
     def read(ckpt: Path) -> tuple[GPT, dict]:
         config = read_config(ckpt)

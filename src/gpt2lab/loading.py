@@ -93,6 +93,25 @@ def load_config(init: str, flag: str = "--init") -> GPTConfig:
     raise UserError(_not_found(init, flag))
 
 
+def load_tokenizer(init: str, flag: str = "--init") -> Tokenizer:
+    """Only the tokenizer of the model `init` names (no weights read), as `load_model` returns it."""
+    path = Path(init)
+    if init.startswith(RANDOM_PREFIX) or not path.exists():
+        load_config(init, flag)  # a bad name fails as it would in load_model
+        return get_tokenizer("gpt2")
+    if lora.is_adapter(path):
+        base = lora.read_adapter_config(path).get("base", {}).get("init")
+        if not base:
+            raise UserError(f"{path}: the adapter records no base model; pass it with --init")
+        _check_base_chain(path, base)
+        return load_tokenizer(base, flag)
+    if checkpoint.find_latest(path) is not None:
+        return checkpoint.read_newest(path, lambda ckpt: _checkpoint_tokenizer(checkpoint.read_config(ckpt)))
+    if hf.is_hf_dir(path):
+        return hf.read_hf_tokenizer(path)
+    raise _not_a_model(path, flag)
+
+
 def _not_a_model(path: Path, flag: str) -> UserError:
     """Why existing `path` is no model: its config.json's own problem when it has one, else what was expected."""
     config = path / checkpoint.CONFIG_FILE

@@ -26,21 +26,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOK = GPT2Tokenizer()
 LAYER_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
                "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-LOGITS_ATOL = 1e-3
-"""llama.cpp f32 against gpt2lab fp32: both compute in float32, in different orders (logits here span ~±10)."""
+LOGITS_RTOL, LOGITS_MEAN_ATOL = 3e-3, 2e-3
+"""llama.cpp f32 (KV cache in f32) against gpt2lab fp32: llama.cpp's CPU GELU reads a float16 table
+(its input rounded to 11 bits), so at each position the logits differ by up to ~1e-3 of the largest
+|logit| there (measured: 1.1e-3; the mean difference 5e-4 where |logits| reach ~120)."""
 Q8_AGREEMENT = 0.95
+GGML_TYPE_F32 = 0
 
 
 def peaked_model(bias: bool = True, seed: int = 0) -> GPT:
-    """A random GPT-2-tokenizer model with weights scaled up: its logits spread over ~±10, so the next
-    token is a clear choice that depends on the context (not the near-uniform logits of a fresh init),
-    and greedy / top-1 comparisons are well defined."""
+    """A random GPT-2-tokenizer model whose next token is a clear, context-dependent choice, as in a
+    trained model and unlike a fresh init: weights scaled up 3x, and token embeddings (the tied LM
+    head) given log-normal lengths (sigma 0.75), so logits are heavy-tailed with a top-1 that stands
+    out (median top-1 margin ~2-3 logits against ~0.2 for plain random weights, where q8_0's rounding
+    decides near-ties and top-1 agreement says little)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=128, vocab_size=TOK.vocab_size, n_layer=2, n_head=4, n_embd=64,
                           bias=bias)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
+        model.transformer.wte.weight.mul_(torch.exp(0.75 * torch.randn(model.config.padded_vocab_size, 1)))
     return model
 
 
@@ -197,11 +203,33 @@ def test_outtype_needs_gguf(tmp_path, capsys):
 # llama.cpp itself
 
 
+OPEN: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_llamas():
+    """Close every llama.cpp model at the end (left to the garbage collector at interpreter exit,
+    llama-cpp-python's destructor fails noisily)."""
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def llama(path, n_ctx: int = 128):
+    """llama.cpp (llama-cpp-python) with `path` loaded, one thread, logits of every position kept."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
                                     "llama-cpp-python: CI installs it)")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1,
-                           verbose=False, seed=0)
+    OPEN.append(llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1,
+                           verbose=False, seed=0, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32))
+    return OPEN[-1]
+
+
+def assert_logits_close(got: np.ndarray, want: np.ndarray) -> None:
+    """got, want (T, V): every position within LOGITS_RTOL of its largest |logit|, and close on average."""
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    worst = float((np.abs(got - want) / scale).max())
+    assert worst <= LOGITS_RTOL, f"a logit differs by {worst:.2e} of its position's largest"
+    assert float(np.abs(got - want).mean()) < LOGITS_MEAN_ATOL
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -231,7 +259,7 @@ def test_llama_cpp_f32_logits_and_greedy_text_equal_gpt2lab(model, exports):
     want = model(torch.tensor([ids]))[0][0].numpy()
     got = llama_logits(llm, ids)
     assert float(want.std()) > 2  # logits far from uniform
-    np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0)
+    assert_logits_close(got, want)
     ours = generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
     llm.reset()
     theirs = []
@@ -247,8 +275,8 @@ def test_llama_cpp_bias_free_model_logits_equal(tmp_path):
     model = peaked_model(bias=False, seed=1)
     llm = llama(save_gguf(model, TOK, tmp_path / "m.gguf"))
     ids = TOK.encode(TEXT)[:32]
-    np.testing.assert_allclose(llama_logits(llm, ids), model(torch.tensor([ids]))[0][0].numpy(),
-                               atol=LOGITS_ATOL, rtol=0)
+    got, want = llama_logits(llm, ids), model(torch.tensor([ids]))[0][0].numpy()
+    assert_logits_close(got, want)
 
 
 @torch.no_grad()
@@ -259,7 +287,7 @@ def test_llama_cpp_q8_0_picks_gpt2labs_next_token_on_wikitext(model, exports, sh
     from gpt2lab.evaluate import wikitext
 
     pages = wikitext.read_pages(shared_data / wikitext.SHARED_FILE)
-    ids = TOK.encode(wikitext.detokenize(pages[0]))[: 4 * 128]
+    ids = TOK.encode(wikitext.detokenize(pages[0]) + wikitext.detokenize(pages[1]))[: 8 * 128]
     llm = llama(exports["q8_0"])
     agree = total = 0
     top1 = set()
@@ -270,5 +298,5 @@ def test_llama_cpp_q8_0_picks_gpt2labs_next_token_on_wikitext(model, exports, sh
         agree += int((got == want).sum())
         total += len(window)
         top1 |= set(want.tolist())
-    assert total >= 256 and len(top1) >= 50
+    assert total == 1024 and len(top1) >= 30  # context decides the next token: not one frequent token
     assert agree / total >= Q8_AGREEMENT, f"q8_0 top-1 agreement {agree / total:.3f}"

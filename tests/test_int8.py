@@ -116,3 +116,25 @@ def test_int8_is_cpu_only():
     with pytest.raises(UserError, match="int8 decoding runs on the CPU only"):
         check_int8("cuda")
     check_int8("cpu")
+
+
+def test_eval_measures_int8_against_fp32(shared_data, tmp_path, monkeypatch, capsys):
+    """`gpt2lab eval wikitext --dtype int8` scores the int8 model (its cost in quality, next to fp32's)."""
+    import json
+
+    from gpt2lab.checkpoint import save_checkpoint
+    from gpt2lab.tokenizer import GPT2Tokenizer
+
+    monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(shared_data))
+    tok = GPT2Tokenizer()
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
+    save_checkpoint(tmp_path / "ckpt", model, model.config, tok.to_dict())
+    results = {}
+    for dtype in ("fp32", "int8"):
+        assert main(["eval", "wikitext", "--init", str(tmp_path / "ckpt"), "--limit", "1", "--device", "cpu",
+                     "--dtype", dtype, "--json", "-"]) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+    assert results["int8"]["dtype"] == "int8"
+    ratio = results["int8"]["word_perplexity"] / results["fp32"]["word_perplexity"]
+    assert ratio != 1.0 and abs(ratio - 1) < 0.01  # a different model, within 1%

@@ -34,14 +34,14 @@ Q8_AGREEMENT = 0.95
 GGML_TYPE_F32 = 0
 
 
-def peaked_model(bias: bool = True, seed: int = 0) -> GPT:
+def peaked_model(bias: bool = True, seed: int = 0, vocab_size: int = TOK.vocab_size) -> GPT:
     """A random GPT-2-tokenizer model whose next token is a clear, context-dependent choice, as in a
     trained model and unlike a fresh init: weights scaled up 3x, and token embeddings (the tied LM
     head) given log-normal lengths (sigma 0.75), so logits are heavy-tailed with a top-1 that stands
     out (median top-1 margin ~2-3 logits against ~0.2 for plain random weights, where q8_0's rounding
     decides near-ties and top-1 agreement says little)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=128, vocab_size=TOK.vocab_size, n_layer=2, n_head=4, n_embd=64,
+    model = GPT(GPTConfig(block_size=128, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64,
                           bias=bias)).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -129,12 +129,18 @@ def test_f16_and_q8_0_store_what_they_say(model, exports):
     assert exports["q8_0"].stat().st_size < exports["f16"].stat().st_size < exports["f32"].stat().st_size
 
 
-def test_bias_free_model_gets_zero_biases(tmp_path):
-    model = peaked_model(bias=False)
-    tensors, _ = read(save_gguf(model, TOK, tmp_path / "m.gguf"))
+def test_bias_free_model_gets_zero_biases_and_unused_ids_placeholders(tmp_path):
+    """A bias-free model with more ids than its tokenizer (nanoGPT's 50304): zero biases, and the ids
+    past the tokenizer's are unused placeholder tokens, so token_embd and the token list agree."""
+    model = peaked_model(bias=False, vocab_size=50304)
+    tensors, fields = read(save_gguf(model, TOK, tmp_path / "m.gguf"))
     biases = [n for n in tensors if n.endswith(".bias")]
     assert len(biases) == 6 * 2 + 1
     assert all(not np.any(np.asarray(tensors[n].data)) for n in biases)
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == list(tensors["token_embd.weight"].shape)[1] == 50304
+    assert tokens[50257:] == [f"[PAD{i}]" for i in range(50257, 50304)]
+    assert set(types[50257:]) == {gguf.TokenType.UNUSED}
 
 
 @pytest.mark.parametrize("change, said", [
@@ -271,8 +277,8 @@ def test_llama_cpp_f32_logits_and_greedy_text_equal_gpt2lab(model, exports):
 
 
 @torch.no_grad()
-def test_llama_cpp_bias_free_model_logits_equal(tmp_path):
-    model = peaked_model(bias=False, seed=1)
+def test_llama_cpp_bias_free_model_with_unused_ids_logits_equal(tmp_path):
+    model = peaked_model(bias=False, seed=1, vocab_size=50304)
     llm = llama(save_gguf(model, TOK, tmp_path / "m.gguf"))
     ids = TOK.encode(TEXT)[:32]
     got, want = llama_logits(llm, ids), model(torch.tensor([ids]))[0][0].numpy()

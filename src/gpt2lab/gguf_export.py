@@ -87,21 +87,18 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def tokenizer_entries(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str], ByteLevelBPE]:
-    """(tokens, token types, merges "a b", the BPE) of the GGUF tokenizer: ids the model has beyond
-    the tokenizer's become unused placeholder tokens."""
+def tokenizer_entries(bpe: ByteLevelBPE, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges "a b") of the GGUF tokenizer of `bpe` for a model of `vocab_size`
+    ids: ids the model has beyond the tokenizer's become unused placeholder tokens."""
     import gguf
 
-    bpe = byte_level_bpe(tokenizer)
-    if bpe is None:
-        raise UserError(f"the {tokenizer.name} tokenizer cannot be embedded in a GGUF file; use a BPE tokenizer")
     tokens = list(bpe.tokens)
     types = [int(gguf.TokenType.CONTROL if i in bpe.special_ids else gguf.TokenType.NORMAL)
              for i in range(len(tokens))]
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
         types.append(int(gguf.TokenType.UNUSED))
-    return tokens, types, [f"{a} {b}" for a, b in bpe.merges], bpe
+    return tokens, types, [f"{a} {b}" for a, b in bpe.merges]
 
 
 def save_gguf(model: GPT, tokenizer: Tokenizer, path: str | os.PathLike, outtype: str = "f32",
@@ -115,9 +112,11 @@ def save_gguf(model: GPT, tokenizer: Tokenizer, path: str | os.PathLike, outtype
         raise UserError(f"unknown GGUF outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     config = model.config
     check_gguf_compatible(config, tokenizer)
-    tokens, types, merges, bpe = tokenizer_entries(tokenizer, config.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}; "
+                        "they do not belong together")
+    bpe = byte_level_bpe(tokenizer)
+    tokens, types, merges = tokenizer_entries(bpe, config.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     with atomic_path(path) as tmp:

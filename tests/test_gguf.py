@@ -306,3 +306,13 @@ def test_llama_cpp_q8_0_picks_gpt2labs_next_token_on_wikitext(model, exports, sh
         top1 |= set(want.tolist())
     assert total == 1024 and len(top1) >= 30  # context decides the next token: not one frequent token
     assert agree / total >= Q8_AGREEMENT, f"q8_0 top-1 agreement {agree / total:.3f}"
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16,
+                                     b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x01" + b"\x00" * 7 + b"\xff" * 8,
+                                     b"not gguf at all"])
+def test_a_file_that_is_not_a_whole_gpt2lab_gguf_is_not_one(tmp_path, content):
+    """Truncated or hostile headers (a key claiming 2^64 bytes) are simply not gpt2lab's exports."""
+    f = tmp_path / "x.gguf"
+    f.write_bytes(content)
+    assert not is_gguf_export(f)

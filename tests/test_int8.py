@@ -138,3 +138,21 @@ def test_eval_measures_int8_against_fp32(shared_data, tmp_path, monkeypatch, cap
     assert results["int8"]["dtype"] == "int8"
     ratio = results["int8"]["word_perplexity"] / results["fp32"]["word_perplexity"]
     assert ratio != 1.0 and abs(ratio - 1) < 0.01  # a different model, within 1%
+
+
+def test_chat_with_int8(monkeypatch, capsys):
+    """`chat --dtype int8` answers with an int8 model (and `--dtype fp32` without one)."""
+    import io
+    import sys
+
+    import gpt2lab.int8
+
+    quantized = []
+    real = gpt2lab.int8.quantize_int8
+    monkeypatch.setattr(gpt2lab.int8, "quantize_int8", lambda model: quantized.append(real(model)) or quantized[-1])
+    for dtype in ("int8", "fp32"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Say hi.\n"))
+        assert main(["chat", "--init", "random:gpt2-tiny", "--dtype", dtype, "--device", "cpu", "--max-new-tokens",
+                     "6", "--temperature", "0", "--history", "0"]) == 0
+        assert capsys.readouterr().out.strip()
+        assert len(quantized) == 1 and is_int8(quantized[0])

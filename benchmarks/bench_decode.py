@@ -23,6 +23,7 @@ the same model exported by `gpt2lab.gguf_export`, each as a fraction of the memo
 bytes read per token (every weight matrix once, the tied head included, plus the KV cache at the mean
 context of the decode steps) over the read bandwidth measured in the same run (the sum of a
 --bandwidth-mb tensor, timed in turn with the rest). Without llama-cpp-python its columns are skipped.
+--compile adds gpt2lab's one-token step under torch.compile over a static cache (`generate(compile=True)`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def main() -> None:
                         help="also time gpt2lab (and transformers) with bf16 weights")
     parser.add_argument("--llama", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llama.cpp (llama-cpp-python) on the same weights: f32, f16, q8_0")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time gpt2lab's decode step under torch.compile (its first call compiles: minutes)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024,
                         help="size of the tensor read to measure memory bandwidth (MB)")
     args = parser.parse_args()
@@ -140,10 +143,10 @@ def main() -> None:
 
     steps_s: dict[str, float] = {}  # run name -> seconds of its last call after the first token
 
-    def ours(m: GPT, name: str):
+    def ours(m: GPT, name: str, compile: bool = False):
         def call() -> list[int]:  # `generate`'s loop, timing the decode steps apart from the prefill
             out = []
-            for step in stream(m, prompt.tolist(), max_new_tokens=n, temperature=0, stop_ids=()):
+            for step in stream(m, prompt.tolist(), max_new_tokens=n, temperature=0, stop_ids=(), compile=compile):
                 out.append(step[0])
                 if len(out) == 1:
                     first = time.perf_counter()
@@ -174,6 +177,9 @@ def main() -> None:
         runs["floor bf16"] = floor(model_bf16)
     models["gpt2lab int8"] = quantize_int8(copy(torch.float32))  # as `gpt2lab sample --dtype int8` decodes
     runs["gpt2lab int8"] = ours(models["gpt2lab int8"], "gpt2lab int8")
+    if args.compile:  # the one-token step under torch.compile, over a static cache (sampling.stream(compile=True))
+        for name in [name for name in models if name != "gpt2lab fp32 row-major"]:
+            runs[f"{name} compiled"] = ours(models[name], f"{name} compiled", compile=True)
     llama_note = ""
     if args.llama:
         try:
@@ -219,7 +225,7 @@ def main() -> None:
     for name in names:
         rates = [n / t for t in times[name]]
         floor_name = "floor bf16" if "bf16" in name else "floor fp32"
-        if "int8" in name or name.startswith("llama.cpp"):  # no kernel floor of theirs: see the table below
+        if "int8" in name or "compiled" in name or name.startswith("llama.cpp"):  # see the table below
             print(f"{name:<24} {rate[name]:>12.1f} {min(rates):>6.1f}..{max(rates):<6.1f} {'-':>9}")
             continue
         of_floor = statistics.median(f / t for f, t in zip(times[floor_name], times[name]))
@@ -228,7 +234,7 @@ def main() -> None:
           " rest; 'of floor' is the median over repetitions of floor time / call time within one repetition)")
     print(f"\ndecode steps only (the {n - 1} tokens after the first; no prefill):")
     for name, ts in step_times.items():
-        if name not in models or "int8" in name:
+        if name not in models or "int8" in name:  # int8, compiled steps and llama.cpp: see the table below
             continue
         floor_times = times["floor bf16" if "bf16" in name else "floor fp32"]
         of_floor = statistics.median(f * (n - 1) / n / t for f, t in zip(floor_times, ts))
@@ -241,6 +247,10 @@ def main() -> None:
     print(f"\ngpt2lab / transformers, fp32: {rate['gpt2lab fp32'] / rate['transformers fp32']:.2f}x")
     agree = sum(a == b for a, b in zip(outputs["gpt2lab fp32"], outputs["transformers fp32"]))
     print(f"greedy tokens equal to transformers fp32: {agree}/{n}")
+    for name in [name for name in outputs if name.endswith(" compiled")]:
+        base = name.removesuffix(" compiled")
+        agree = sum(a == b for a, b in zip(outputs[base], outputs[name]))
+        print(f"greedy tokens of {name} equal to {base}: {agree}/{n}")
     if "llama.cpp f32" in outputs:
         agree = sum(a == b for a, b in zip(outputs["gpt2lab fp32"], outputs["llama.cpp f32"]))
         print(f"greedy tokens of llama.cpp f32 equal to gpt2lab fp32: {agree}/{n}")
@@ -260,18 +270,18 @@ def report_bandwidth_floor(model: GPT, step_times: dict[str, list[float]], n: in
     print(f"{'':<24} {'tok/s':>8} {'MB/token':>9} {'floor tok/s':>12} {'of floor':>9}")
     rate = {}
     for ours_name, theirs_name in LLAMA_PAIRS:
-        for name in (ours_name, theirs_name):
+        for name in (ours_name, f"{ours_name} compiled", theirs_name):
             if name not in step_times:
                 continue
-            precision = name.split()[-1]
+            precision = name.removesuffix(" compiled").split()[-1]
             kv = KV_BYTES["llama.cpp" if name.startswith("llama.cpp") else precision]
             per_token = bytes_per_token(model, WEIGHT_BYTES[precision], kv, mean_context)
             rate[name] = statistics.median((n - 1) / t for t in step_times[name])
             floor_rate = bandwidth / per_token
             print(f"{name:<24} {rate[name]:>8.1f} {per_token / 1e6:>9.1f} {floor_rate:>12.1f} "
                   f"{rate[name] / floor_rate:>8.1%}")
-    pairs = [f"{a.split()[-1]} / {b.split()[-1]} {rate[a] / rate[b]:.2f}x" for a, b in LLAMA_PAIRS
-             if a in rate and b in rate]
+    pairs = [f"{a.split()[-1]}{c} / {b.split()[-1]} {rate[a + c] / rate[b]:.2f}x" for a, b in LLAMA_PAIRS
+             for c in ("", " compiled") if a + c in rate and b in rate]
     if pairs:
         print("gpt2lab / llama.cpp, decode steps: " + ", ".join(pairs))
     if "gpt2lab int8" in rate:

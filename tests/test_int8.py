@@ -156,3 +156,30 @@ def test_chat_with_int8(monkeypatch, capsys):
                      "6", "--temperature", "0", "--history", "0"]) == 0
         assert capsys.readouterr().out.strip()
         assert len(quantized) == 1 and is_int8(quantized[0])
+
+
+@pytest.mark.parametrize("bf16_rate, int8_rate, picked", [
+    (50.0, 200.0, "int8"),    # int8 2x fp32, bf16 slower: int8
+    (50.0, 110.0, "fp32"),    # int8 only 1.1x fp32: not worth its precision
+    (200.0, 220.0, "bf16"),   # int8 faster than fp32 but not 1.3x the bf16 auto takes
+    (200.0, 300.0, "int8"),   # 1.5x bf16: int8
+])
+def test_auto_picks_int8_only_where_it_measures_faster(bf16_rate, int8_rate, picked, monkeypatch, tmp_path, capsys):
+    """`--dtype auto` on a CPU times int8 decoding too (rates faked here: fp32 = 100 tokens/s) and takes
+    it only when 1.3x faster than fp32 and than bf16 where bf16 was taken, saying so."""
+    import argparse
+
+    from gpt2lab import dtype_choice
+    from gpt2lab.commands.sample import load_for_decoding
+    from gpt2lab.loading import load_model
+
+    monkeypatch.delenv("GPT2LAB_CPU_DTYPE", raising=False)
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(dtype_choice, "_compare_decoding",
+                        lambda model, twin: (100.0, int8_rate if is_int8(twin) else bf16_rate))
+    args = argparse.Namespace(device="cpu", dtype="auto")
+    model, _ = load_for_decoding(args, lambda device, dtype: load_model("random:gpt2-tiny", device, dtype))
+    got = "int8" if is_int8(model) else {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.lm_head.weight.dtype]
+    assert got == picked
+    err = capsys.readouterr().err
+    assert f"--dtype auto -> {picked} (" in err

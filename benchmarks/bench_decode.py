@@ -39,7 +39,7 @@ import torch
 
 from gpt2lab.bench import cpu_description, weight_read_pass
 from gpt2lab.devices import dtype_name
-from gpt2lab.dtype_choice import Decoding, resolve
+from gpt2lab.dtype_choice import Decoding, decoding_int8, resolve
 from gpt2lab.generate import optimize_for_decoding
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.int8 import quantize_int8
@@ -192,7 +192,8 @@ def main() -> None:
             runs.update(llama_runs(model, prompt[0].tolist(), n, torch.get_num_threads(), folder, steps_s))
     read, read_bytes = read_bandwidth(args.bandwidth_mb)
     runs[f"read {args.bandwidth_mb} MB"] = read
-    choice = resolve("auto", torch.device("cpu"), Decoding(copy(torch.float32))).choice  # as `gpt2lab sample` does
+    resolved = resolve("auto", torch.device("cpu"), Decoding(copy(torch.float32)))  # as `gpt2lab sample` does
+    choice = decoding_int8(copy(torch.float32), resolved) or resolved.choice
 
     print(f"{args.preset}, batch 1, prompt {args.prompt_len} tokens, {n} new tokens, greedy, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")

@@ -3,7 +3,7 @@
     gpt2lab convert --init runs/shakespeare --out hf_shakespeare
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf_shakespeare')"
     gpt2lab convert --init runs/ft/adapter --out ft_peft --format peft    # a LoRA adapter for peft
-    gpt2lab convert --init runs/shakespeare --out model.gguf --format gguf --outtype q8_0   # llama.cpp, Ollama
+    gpt2lab convert --init runs/gpt2 --out model.gguf --format gguf --outtype q8_0   # llama.cpp, Ollama
 
 `--out` must be new, empty or an earlier export of the same format (replaced only with --force):
 a file, a run directory, a checkpoint or any other directory is refused before any work. For gguf,

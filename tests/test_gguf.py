@@ -38,7 +38,8 @@ def peaked_model(bias: bool = True, seed: int = 0, vocab_size: int = TOK.vocab_s
     """A random GPT-2-tokenizer model whose next token is a clear, context-dependent choice, as in a
     trained model and unlike a fresh init: weights scaled up 3x, and token embeddings (the tied LM
     head) given log-normal lengths (sigma 0.75), so logits are heavy-tailed with a top-1 that stands
-    out (median top-1 margin ~2-3 logits against ~0.2 for plain random weights, where q8_0's rounding
+    out (median top-1 margin 6.2 logits on the WikiText-2 text of the q8_0 test, against ~0.2 for plain
+    random weights, where q8_0's rounding
     decides near-ties and top-1 agreement says little)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=128, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64,

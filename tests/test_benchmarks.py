@@ -47,7 +47,7 @@ def test_bench_train_table_says_why_bf16_is_not_timed(tmp_path, monkeypatch):
 
 def test_bench_decode_reports_the_floor_and_the_auto_choice(tmp_path):
     out = run_script("bench_decode.py", "--preset", "gpt2-tiny", "--new-tokens", "4", "--reps", "1",
-                     tmp_path=tmp_path)
+                     "--bandwidth-mb", "16", tmp_path=tmp_path)
     table = out.split("of floor", 1)[1]
     for name in ("gpt2lab fp32", "transformers fp32", "gpt2lab bf16", "floor fp32", "floor bf16"):
         assert any(line.startswith(name) and line.rstrip().endswith("%") for line in table.splitlines()), name
@@ -56,6 +56,19 @@ def test_bench_decode_reports_the_floor_and_the_auto_choice(tmp_path):
     steps = out.split("decode steps only", 1)[1].split("\n\n", 1)[0]
     for name in ("gpt2lab fp32", "gpt2lab bf16"):
         assert any(line.startswith(name) and line.rstrip().endswith("%") for line in steps.splitlines()), name
+    # gpt2lab next to llama.cpp at each precision, against the memory bandwidth measured in the same run
+    table = out.split("against the memory-bandwidth floor: read bandwidth", 1)[1].split("\n\n", 1)[0]
+    names = ["gpt2lab fp32", "gpt2lab bf16", "gpt2lab int8"]
+    try:
+        import llama_cpp  # noqa: F401
+
+        names += ["llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0"]
+        assert "gpt2lab / llama.cpp, decode steps: fp32 / f32" in table
+        assert "greedy tokens of llama.cpp f32 equal to gpt2lab fp32: " in out
+    except ImportError:
+        assert "llama.cpp not timed: llama-cpp-python is not installed" in table
+    for name in names:
+        assert any(line.startswith(name) and line.rstrip().endswith("%") for line in table.splitlines()), name
 
 
 def test_bench_precision_reports_both_dtypes_and_the_auto_choice(tmp_path):

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sampling",),
     ("model",),
     ("data", "optim", "parallel", "metrics"),
-    ("checkpoint", "hf", "lora"),
+    ("checkpoint", "hf", "lora", "gguf_export", "int8"),
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),
     ("dtype_choice",),

@@ -161,7 +161,8 @@ def load(init: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> 
     """The model `init` names, as `--init` does on the command line: a preset or hub id (`gpt2`,
     `distilgpt2`, `random:gpt2-tiny`), a Hugging Face directory, a gpt2lab run or checkpoint directory,
     or a LoRA adapter directory (merged into its base). device: auto|cpu|cuda|cuda:N|mps.
-    dtype: auto (as stored; `gpt2lab sample --dtype auto` measures instead) or fp32|bf16|fp16."""
+    dtype: auto (as stored; `gpt2lab sample --dtype auto` measures instead) or fp32|bf16|fp16, or int8
+    (CPU only: int8 linear layers for decoding, see `gpt2lab.int8`)."""
     from gpt2lab.devices import canonical_dtype, check_device_name, resolve_device
     from gpt2lab.loading import load_model
 
@@ -169,7 +170,7 @@ def load(init: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> 
     if not isinstance(init, str):
         raise ArgumentError(f"init must be a model name or a path (str or os.PathLike), got {_kind(init)}")
     check_device_name(device)
-    dtype = canonical_dtype(dtype)
+    dtype = dtype if dtype == "int8" else canonical_dtype(dtype)
     model, tokenizer = load_model(init, device=resolve_device(device), dtype=None if dtype == "auto" else dtype)
     return LoadedModel(model, tokenizer)
 

@@ -64,8 +64,10 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The short name of a torch dtype ("fp32", "bf16", "fp16"), or str(dtype) for any other."""
-    return _ALIASES.get(str(dtype).removeprefix("torch."), str(dtype))
+    """The short name of a torch dtype ("fp32", "bf16", "fp16"; "int8", which stands for int8 decoding),
+    or str(dtype) for any other."""
+    name = str(dtype).removeprefix("torch.")
+    return _ALIASES.get(name, name if name == "int8" else str(dtype))
 
 
 def resolve_dtype(name: str, device: torch.device, *, fp16_without_bf16: bool = True) -> torch.dtype:

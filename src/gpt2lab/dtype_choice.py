@@ -10,6 +10,7 @@ What a run repeats, the work it hands over:
     TrainingSteps(model, batch_size, seq_len)   forward + backward of a micro-batch, under autocast (train, bench)
     ForwardPasses(model, batch_size, seq_len)   forward passes with the weights converted (eval)
     Decoding(model)                             batch-1 one-token steps with the weights converted (sample, chat)
+    decoding_int8(model, resolved)              ... and with int8 linear layers: auto's third candidate (sample, chat)
     MuonIterations(n_embd)                      Muon's Newton-Schulz iterations (optim.muon_dtype)
 
 Off a CPU, "auto" is the device's (`devices.resolve_dtype`; eval and sample keep the stored weights).
@@ -44,6 +45,7 @@ from gpt2lab.config import MuonDtype
 from gpt2lab.devices import canonical_dtype, resolve_dtype, torch_dtype
 from gpt2lab.errors import UserError
 from gpt2lab.generate import optimize_for_decoding
+from gpt2lab.int8 import quantize_int8
 from gpt2lab.model import model_stats
 from gpt2lab.precision import (
     EARLY_STOP,
@@ -206,7 +208,8 @@ class Decoding(Work):
 
     def measure(self, low: torch.dtype = torch.bfloat16, *, threshold: float = THRESHOLD,
                 use_cache: bool = True) -> Choice:
-        """fp32 or `low` weights for decoding `model` (fp32 weights on the CPU), by timing decode steps.
+        """fp32 or `low` weights for decoding `model` (fp32 weights on the CPU), by timing decode steps;
+        `low` torch.int8 stands for int8 linear layers (`gpt2lab.int8.quantize_int8`).
 
         `layout(model)` is applied to the model in place (decoding needs it anyway; layouts are
         idempotent) and to a `low` copy, then `_compare_decoding` times them. Otherwise `model` is
@@ -225,7 +228,8 @@ class Decoding(Work):
             model.eval()  # no dropout: it would draw from the global RNG
             try:
                 with torch.no_grad():
-                    twin = _copy_in(model, low)  # before the fp32 layout: a straight conversion, no transpose
+                    # before the fp32 layout: a straight conversion, no transpose
+                    twin = quantize_int8(_copy_in(model, torch.float32)) if low == torch.int8 else _copy_in(model, low)
                     t0 = time.perf_counter()
                     self.layout(model)
                     start += time.perf_counter() - t0  # the caller's work, not the probe's
@@ -240,6 +244,24 @@ class Decoding(Work):
 
     def unmeasured(self, name: str, device: torch.device, fp16_without_bf16: bool) -> torch.dtype | None:
         return torch_dtype(name)  # auto off a CPU: the weights as stored
+
+
+def decoding_int8(model: nn.Module, resolved: Resolution) -> Choice | None:
+    """For `--dtype auto` on a CPU, after `resolve` chose fp32 or bf16 for decoding fp32 `model`: the
+    measured Choice of int8 linear layers when they decode THRESHOLD times faster than fp32 and than
+    the bf16 auto took (int8 costs more precision than bf16), else None. Cached like every probe;
+    GPT2LAB_CPU_DTYPE (fp32|bf16) rules int8 out; a model with unmerged LoRA layers is not measured."""
+    from gpt2lab.lora import lora_modules
+
+    if not hasattr(torch, "_weight_int8pack_mm") or lora_modules(model):
+        return None
+    choice = Decoding(model).measure(torch.int8)
+    if choice.dtype != torch.int8:
+        return None
+    taken = resolved.choice
+    if taken is not None and taken.dtype == torch.bfloat16 and choice.rates["int8"] < THRESHOLD * taken.rates["bf16"]:
+        return None  # rates of separate measurements, each timed in turns against fp32
+    return choice
 
 
 @dataclass

@@ -109,6 +109,31 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name beside `path`, for writers that open files by name (the GGUF writer):
+    once the block ends without error the file is synced and renamed to `path`, else removed and
+    `path` is untouched (as `atomic_file`; a full disk or a refused write is one line)."""
+    path = Path(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (write_error(path, e) if _is_write_failure(e) else e) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes it owner-only
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and _is_write_failure(e):
+            raise write_error(path, e) from None
+        raise
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Replace `path` with `data` (text in UTF-8, or bytes) atomically: see `atomic_file`."""
     with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as f:
@@ -295,6 +320,24 @@ def check_output_dir(path: str | os.PathLike, *, kind: str, is_same_kind: Callab
     if not os.access(parent, os.W_OK):
         raise UserError(f"permission denied writing {path}; choose a directory you can write to")
     return path
+
+
+def check_export_file(path: str | os.PathLike, *, kind: str, is_same_kind: Callable[[Path], bool],
+                      force: bool, flag: str = "--out") -> Path:
+    """Check, before any work, that file `path` may receive an export of `kind` ("GGUF file"): a new
+    file is fine (its folder is created); an earlier export of the same kind (`is_same_kind`) is
+    replaced only with --force; a directory or any other file is refused: gpt2lab never replaces what
+    it did not write."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name for the {kind}")
+    if path.exists() or path.is_symlink():
+        if not is_same_kind(path):
+            raise UserError(f"{flag} {path} exists and is not an earlier {kind} written by gpt2lab; choose a new "
+                            "file name")
+        if not force:
+            raise UserError(f"{flag} {path} holds an earlier {kind}; add --force to replace it")
+    return check_output_file(path, flag)
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:

@@ -337,56 +337,16 @@ def is_hf_export(path: str | Path) -> bool:
 # GPT-2 tokenizer files (vocab.json, merges.txt), derived offline from the BPE rank table
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes stand for
-    themselves, the other 68 bytes are shifted to code points 256, 257, ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The pair whose merge created `token`: run BPE on its bytes with the merges ranked before it
-    until two parts remain."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best = None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < rank and (best is None or r < best[0]):
-                best = (r, i)
-        if best is None:
-            raise ValueError(f"token {token!r} (rank {rank}) is not reachable by earlier merges")
-        i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts[0], parts[1]
-
-
 def write_gpt2_tokenizer_files(out_dir: str | Path, model_max_length: int = 1024) -> None:
     """Write vocab.json, merges.txt and tokenizer_config.json of the GPT-2 tokenizer, so
     `transformers.AutoTokenizer.from_pretrained(out_dir)` (and lm-eval-harness) work offline."""
-    from gpt2lab.tokenizer import EOT_TEXT, GPT2_EOT_ID, gpt2_encoding
+    from gpt2lab.tokenizer import EOT_TEXT, GPT2Tokenizer, byte_level_bpe
 
-    enc = gpt2_encoding()
-    tokens = [enc.decode_single_token_bytes(i) for i in range(GPT2_EOT_ID)]
-    ranks = {t: i for i, t in enumerate(tokens)}
-    to_uni = _byte_to_unicode()
-
-    def show(b: bytes) -> str:
-        return "".join(to_uni[x] for x in b)
-
-    vocab = {show(t): i for i, t in enumerate(tokens)}
-    vocab[EOT_TEXT] = GPT2_EOT_ID
-    merges = [_merge_parts(t, i, ranks) for i, t in enumerate(tokens) if len(t) > 1]
+    bpe = byte_level_bpe(GPT2Tokenizer())
     out = Path(out_dir)
+    vocab = {token: i for i, token in enumerate(bpe.tokens)}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{show(a)} {show(b)}" for a, b in merges]
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in bpe.merges]
     (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer",

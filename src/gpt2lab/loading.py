@@ -36,13 +36,20 @@ def load_model(init: str, device: str | torch.device = "cpu",
     """The model and tokenizer `init` names (see the module docstring), on `device`, in eval mode.
 
     device: a torch device or a name for `resolve_device` ("auto", "cpu", "cuda", ...).
-    dtype: parameter dtype or its name (default float32); e.g. torch.bfloat16 for faster decoding.
+    dtype: parameter dtype or its name (default float32); e.g. torch.bfloat16 for faster decoding;
+    "int8": float32 with every linear layer quantized to int8 for CPU decoding (`gpt2lab.int8`).
     merge_adapter: for a LoRA adapter directory, fold the adapter into the base weights (False keeps
     the LoRA layers, e.g. to export them).
     flag: the option `init` came from (`--init`, `--model.init`), named in error messages.
     """
-    dtype = torch_dtype(dtype)
     device = resolve_device(device) if isinstance(device, str) else device
+    if dtype == "int8":
+        from gpt2lab.int8 import check_int8, quantize_int8
+
+        check_int8(device)  # before any weight is read
+        model, tokenizer = load_model(init, device, "fp32", merge_adapter=True, flag=flag)
+        return quantize_int8(model), tokenizer
+    dtype = torch_dtype(dtype)
     if init.startswith(RANDOM_PREFIX):
         model, tokenizer = _random_model(init[len(RANDOM_PREFIX):], device), get_tokenizer("gpt2")
     elif Path(init).exists():
@@ -91,6 +98,25 @@ def load_config(init: str, flag: str = "--init") -> GPTConfig:
         hub_dir = hf.download_hf_model(init, config_only=True, flag=flag)
         return hf.config_from_hf(hf.read_hf_config(hub_dir), source=f"{init}/config.json")
     raise UserError(_not_found(init, flag))
+
+
+def load_tokenizer(init: str, flag: str = "--init") -> Tokenizer:
+    """Only the tokenizer of the model `init` names (no weights read), as `load_model` returns it."""
+    path = Path(init)
+    if init.startswith(RANDOM_PREFIX) or not path.exists():
+        load_config(init, flag)  # a bad name fails as it would in load_model
+        return get_tokenizer("gpt2")
+    if lora.is_adapter(path):
+        base = lora.read_adapter_config(path).get("base", {}).get("init")
+        if not base:
+            raise UserError(f"{path}: the adapter records no base model; pass it with --init")
+        _check_base_chain(path, base)
+        return load_tokenizer(base, flag)
+    if checkpoint.find_latest(path) is not None:
+        return checkpoint.read_newest(path, lambda ckpt: _checkpoint_tokenizer(checkpoint.read_config(ckpt)))
+    if hf.is_hf_dir(path):
+        return hf.read_hf_tokenizer(path)
+    raise _not_a_model(path, flag)
 
 
 def _not_a_model(path: Path, flag: str) -> UserError:

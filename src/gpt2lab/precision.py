@@ -136,7 +136,8 @@ class Choice:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Choice:
-        return cls(**{**d, "dtype": torch_dtype(d["dtype"])})
+        # "int8": int8 linear layers for decoding (gpt2lab.int8), a candidate that is no setting's dtype
+        return cls(**{**d, "dtype": torch.int8 if d["dtype"] == "int8" else torch_dtype(d["dtype"])})
 
 
 _MATMUL_KINDS = ("train", "forward", "muon")

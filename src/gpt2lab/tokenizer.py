@@ -20,6 +20,7 @@ import codecs
 import functools
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol, runtime_checkable
 
@@ -213,6 +214,81 @@ def _identity(t: str | dict | Tokenizer) -> dict:
 def same_tokenizer(a: str | dict | Tokenizer, b: str | dict | Tokenizer) -> bool:
     """True when `a` and `b` map text to the same ids (compared by identity dict, nothing is loaded)."""
     return _identity(a) == _identity(b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Byte-level BPE as vocabulary + merges (what HF's vocab.json/merges.txt and GGUF files hold)
+
+
+@dataclass(frozen=True)
+class ByteLevelBPE:
+    """A byte-level BPE tokenizer written as text: each token's bytes in GPT-2's printable-byte
+    alphabet (`bytes_to_unicode`), in id order, and the merges in rank order."""
+
+    tokens: list[str]
+    """The text of every id, 0 .. vocab_size - 1."""
+    merges: list[tuple[str, str]]
+    """The pairs merged, first merge first."""
+    special_ids: frozenset[int]
+    """Ids that are control tokens (end-of-text), never produced by merging bytes."""
+    pre_tokenizer: str = "gpt-2"
+    """llama.cpp's name of the regex that splits text before BPE ("gpt-2": `GPT2_PATTERN`)."""
+
+
+def byte_level_bpe(tokenizer: Tokenizer) -> ByteLevelBPE | None:
+    """The vocabulary and merges of a byte-level BPE tokenizer, or None for a tokenizer that is not
+    one (the char tokenizer). A new byte-level BPE kind is one more branch here; every export
+    (HF vocab.json/merges.txt, GGUF) then embeds it."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return _gpt2_bpe()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_bpe() -> ByteLevelBPE:
+    """GPT-2's vocabulary and merges, derived from the rank table (~1 s, then cached)."""
+    enc = gpt2_encoding()
+    pieces = [enc.decode_single_token_bytes(i) for i in range(GPT2_EOT_ID)]
+    ranks = {t: i for i, t in enumerate(pieces)}
+    to_uni = bytes_to_unicode()
+
+    def show(b: bytes) -> str:
+        return "".join(to_uni[x] for x in b)
+
+    merges = [tuple(map(show, _merge_parts(t, i, ranks))) for i, t in enumerate(pieces) if len(t) > 1]
+    return ByteLevelBPE(tokens=[show(t) for t in pieces] + [EOT_TEXT], merges=merges,
+                        special_ids=frozenset({GPT2_EOT_ID}))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes are shifted to code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair whose merge created `token`: run BPE on its bytes with the merges ranked before it
+    until two parts remain."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            raise ValueError(f"token {token!r} (rank {rank}) is not reachable by earlier merges")
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
 
 
 class StreamDecoder:

@@ -24,7 +24,7 @@ TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, init_required=True, init_help=INIT_HELP + ", or a LoRA adapter directory",
-                        dtype_help=DTYPE_HELP)
+                        dtype_help=DTYPE_HELP, int8=True)
     parser.add_argument("--base", metavar="INIT", help="base model of a LoRA adapter (default: the one it records)")
     parser.add_argument("--template", default="alpaca",
                         help="prompt template the model was finetuned with: alpaca, chat, or a custom "

@@ -56,18 +56,21 @@ def _coerced(tp: type) -> Callable[[str], object]:
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, init_default: str | None = None,
                         init_required: bool = False, init_help: str = INIT_HELP, device_default: str = "auto",
-                        dtype_default: str = "auto", dtype_help: str = "weight dtype") -> None:
+                        dtype_default: str = "auto", dtype_help: str = "weight dtype", int8: bool = False) -> None:
     """--init, --device and --dtype: how every model-loading command names its model and where it runs.
 
     --dtype takes auto|fp32|bf16|fp16 (float32|bfloat16|float16 as aliases) and stores the short name;
-    what "auto" means is the command's, stated in `dtype_help`.
+    what "auto" means is the command's, stated in `dtype_help`. `int8`: also int8 (weight-only int8
+    decoding on a CPU, for the commands that decode).
     """
     parser.add_argument("--init", default=init_default, required=init_required, metavar="MODEL",
                         help=init_help + ("" if init_default is None else " (default: %(default)s)"))
     parser.add_argument("--device", default=device_default, type=_checked(check_device_name),
                         metavar=DEVICE_CHOICES, help=DEVICE_HELP + " (default: %(default)s)")
-    parser.add_argument("--dtype", default=dtype_default, type=_checked(canonical_dtype),
-                        metavar="|".join(DTYPE_CHOICES), help=dtype_help + " (default: %(default)s)")
+    choices = (*DTYPE_CHOICES, "int8") if int8 else DTYPE_CHOICES
+    parser.add_argument("--dtype", default=dtype_default,
+                        type=_checked(lambda t: t if int8 and t == "int8" else canonical_dtype(t)),
+                        metavar="|".join(choices), help=dtype_help + " (default: %(default)s)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         dtype_help="weight dtype for evaluation (fp32 as published numbers are); auto = on CPU, "
                                    "bf16 where forward passes of the model with bf16 weights are >= 1.3x faster than "
                                    "fp32 (timed once, then cached; GPT2LAB_CPU_DTYPE=fp32|bf16 decides instead), else "
-                                   "fp32; on a GPU as stored")
+                                   "fp32; on a GPU as stored; int8 = int8 linear layers (CPU), to measure their cost",
+                        int8=True)
     common.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-' = stdout)")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     for task in all_tasks():
@@ -53,15 +54,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = task.resolve_data(args.data)
         examples = task.load(data, args)[: getattr(args, "limit", None)]
-        model, tokenizer = load_model(args.init, device=env.device, dtype=load_dtype(args.dtype, env.device))
-        model.eval()
-        # scoring is batched forward passes: on a CPU auto times them (rank 0's choice for all ranks)
-        resolved = resolve(args.dtype, env.device, ForwardPasses(model, args.batch_size, model.config.block_size))
-        if resolved.dtype is not None:
-            model.to(resolved.dtype)
-        dtype = args.dtype if resolved.dtype is None else dtype_name(resolved.dtype)
-        if resolved.line:
-            say(f"note: {resolved.line}")
+        if args.dtype == "int8":  # what int8 decoding costs in quality (gpt2lab.int8)
+            model, tokenizer = load_model(args.init, device=env.device, dtype="int8")
+            dtype = "int8"
+        else:
+            model, tokenizer = load_model(args.init, device=env.device, dtype=load_dtype(args.dtype, env.device))
+            model.eval()
+            # scoring is batched forward passes: on a CPU auto times them (rank 0's choice for all ranks)
+            resolved = resolve(args.dtype, env.device, ForwardPasses(model, args.batch_size, model.config.block_size))
+            if resolved.dtype is not None:
+                model.to(resolved.dtype)
+            dtype = args.dtype if resolved.dtype is None else dtype_name(resolved.dtype)
+            if resolved.line:
+                say(f"note: {resolved.line}")
         start = time.perf_counter()
         metrics = task.run(model, tokenizer, examples, args, env=env, batch_size=args.batch_size,
                            show_progress=True)

@@ -207,6 +207,13 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (R,) of every layer, in that order (a row may repeat): R rows then
+        continue from the same columns, e.g. several continuations of one context computed once."""
+        for layer in self.layers:
+            layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
+            layer.slot_pos = layer.slot_pos.index_select(0, index)
+
 
 # --------------------------------------------------------------------------------------------------
 # Attention

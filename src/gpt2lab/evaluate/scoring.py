@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -112,11 +113,13 @@ def score_continuations(
     """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
 
     A row longer than block_size + 1 tokens loses tokens from the left of its context, as in
-    lm-evaluation-harness. Pairs are sorted by length (less padding; scores come back in input
-    order) and up to `batch_size` of them share a batch, run through the model's KV cache in two
-    calls: the contexts, left-padded so that they all end in the same column, with logits for that
-    last column only (it predicts each continuation's first token); then the continuations but their
-    last tokens, right-padded, whose logits predict the rest. So the LM head, the largest matmul of a
+    lm-evaluation-harness. Pairs are sorted by length, pairs of one context next to each other (less
+    padding; scores come back in input order), and up to `batch_size` of them share a batch, run
+    through the model's KV cache in two calls: the batch's distinct contexts, each once, left-padded
+    so that they all end in the same column, with logits for that last column only (it predicts each
+    continuation's first token); then, the cache rows repeated for the continuations of each context
+    (a multiple-choice question's endings share its context), the continuations but their last
+    tokens, right-padded, whose logits predict the rest. So the LM head, the largest matmul of a
     small model, runs on continuation positions only, and padding is never attended (padding columns
     have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
 
@@ -138,7 +141,7 @@ def score_continuations(
                 f"a continuation of {len(continuation)} tokens does not fit the model's block_size={block_size}"
             )
         rows.append((list(context)[-(block_size + 1 - len(continuation)):], list(continuation)))
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][1]), len(rows[i][0])))
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), rows[i][0], len(rows[i][1])))
     batches = _pack([rows[i] for i in order], batch_size, block_size)
     # The cache path makes a second call when some continuation has more than one token.
     calls = sum(1 + (use_kv_cache and max(len(n) for _, n in b) > 1) for b in batches)
@@ -190,17 +193,25 @@ def _pack(rows: list[tuple[list[int], list[int]]], batch_size: int, block_size: 
 
 
 def _continuation_logits(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
-    """Logits (B, Ln, V) of a packed batch: column j of row i predicts continuation token j of row i."""
+    """Logits (B, Ln, V) of a packed batch: column j of row i predicts continuation token j of row i.
+    Each distinct context is computed once; its cache row is repeated for the rows that share it."""
     B = len(batch)
     Lc = max(len(c) for c, _ in batch)
     Ln = max(len(n) for _, n in batch)
-    idx = torch.zeros((B, Lc), dtype=torch.long)
-    pos = torch.full((B, Lc), -1, dtype=torch.long)
-    for i, (context, _) in enumerate(batch):
+    distinct: dict[tuple[int, ...], int] = {}
+    row_context = [distinct.setdefault(tuple(context), len(distinct)) for context, _ in batch]
+    idx = torch.zeros((len(distinct), Lc), dtype=torch.long)
+    pos = torch.full((len(distinct), Lc), -1, dtype=torch.long)
+    for i, context in enumerate(distinct):
         idx[i, Lc - len(context):] = torch.tensor(context)
         pos[i, Lc - len(context):] = torch.arange(len(context))
-    cache = model.new_cache(B, Lc + Ln - 1)
-    first, _ = model(idx.to(device), pos=pos.to(device), cache=cache, last_only=True)  # (B, 1, V)
+    cache = model.new_cache(len(distinct), Lc + Ln - 1)
+    first, _ = model(idx.to(device), pos=pos.to(device), cache=cache, last_only=True)  # (U, 1, V)
+    if len(distinct) < B:
+        rows = torch.tensor(row_context, device=device)
+        first = first.index_select(0, rows)  # (B, 1, V)
+        if Ln > 1:
+            cache.select_rows(rows)
     if Ln == 1:
         return first
     idx = torch.zeros((B, Ln - 1), dtype=torch.long)
@@ -274,13 +285,33 @@ def sum_target_nll(
     return nll, int(count)
 
 
-def _same_length_batches(rows: list, batch_size: int) -> list[list]:
-    """Consecutive rows in groups of `batch_size`, each group split so that a batch has one row length."""
+@torch.no_grad()
+def target_nll_per_row(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                       batch_size: int = 1) -> list[float]:
+    """The summed NLL (nats) of each row (input ids, target ids, -100 = not scored), as `sum_target_nll`
+    scores them but row by row, in one process. Rows are sorted by length and batched `batch_size` at
+    a time, one length per batch; the NLLs come back in input order."""
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out = [0.0] * len(rows)
+    for batch in _same_length_batches(order, batch_size, key=lambda i: len(rows[i][0])):
+        idx = torch.tensor([list(rows[i][0]) for i in batch], dtype=torch.long)  # (B, T)
+        targets = torch.tensor([list(rows[i][1]) for i in batch], dtype=torch.long)  # (B, T)
+        _, loss = model(idx.to(device), targets.to(device), loss_reduction="none")  # (B * T,)
+        for i, nll in zip(batch, loss.view(len(batch), -1).double().sum(dim=1).tolist()):
+            out[i] = nll
+    return out
+
+
+def _same_length_batches(rows: list, batch_size: int, key: Callable[[Any], int] = lambda row: len(row[0])) -> list[list]:
+    """Consecutive rows in groups of `batch_size`, each group split so that a batch has one row length
+    (`key(row)`, default: the length of its input ids)."""
     out = []
     for i in range(0, len(rows), batch_size):
         group = rows[i : i + batch_size]
-        for length in sorted({len(ids) for ids, _ in group}, reverse=True):
-            out.append([row for row in group if len(row[0]) == length])
+        for length in sorted({key(row) for row in group}, reverse=True):
+            out.append([row for row in group if key(row) == length])
     return out
 
 

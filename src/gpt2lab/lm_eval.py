@@ -42,7 +42,12 @@ class GPT2LabLM(HarnessLM):
         if unused:
             raise UserError(f"--model_args {', '.join(unused)}: unknown to --model gpt2lab; it takes init, "
                             "dtype and max_length")
+        import torch
+
         rows = _batch_size(batch_size, max_batch_size)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            say(f"note: --device {device} (lm-eval's default) but torch sees no CUDA GPU: running on the CPU")
+            device = "cpu"
         device = resolve_device(str(device) if device else "auto")
         model, tokenizer = load_model(str(init), device=device, dtype=load_dtype(str(dtype), device),
                                       merge_adapter=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -53,15 +54,27 @@ def batch_size_arg(text: str) -> int | None:
 # Tasks: names checked, data fetched, then evaluated
 
 
-def task_manager(include_path: Sequence[str] = ()) -> Any:
-    """lm-eval's TaskManager over its own tasks and the folders of `include_path` (each must exist)."""
+def task_manager(include_path: Sequence[str] = (), defaults: bool = True) -> Any:
+    """lm-eval's TaskManager over its own tasks (unless not `defaults`: tasks named by YAML paths need
+    no index) and the folders of `include_path` (each must exist). Built once per process and setting:
+    indexing lm-eval's thousands of task YAMLs takes seconds."""
     require_lm_eval()
     for folder in include_path:
         if not Path(folder).exists():
             raise UserError(f"--include-path {folder} does not exist; pass a folder of lm-eval task YAMLs")
+    return _task_manager(tuple(str(Path(f).resolve()) for f in include_path), defaults)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: tuple[str, ...], defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_path) or None)
+    return TaskManager(include_path=list(include_path) or None, include_defaults=defaults)
+
+
+def manager_for(names: Sequence[str], include_path: Sequence[str] = ()) -> Any:
+    """The TaskManager that resolves `names`: without lm-eval's index when every name is a YAML file."""
+    return task_manager(include_path, defaults=not all(Path(n).is_file() for n in names) or not names)
 
 
 def check_task_names(names: Sequence[str], manager: Any) -> None:
@@ -81,7 +94,7 @@ def fetch_task_data(names: Sequence[str], manager: Any) -> None:
     """Load each task (its dataset fetched into the datasets cache); a task that cannot is one line."""
     for name in names:
         try:
-            manager.load_task_or_group([name])
+            manager.load([name])
         except UserError:
             raise
         except Exception as e:
@@ -165,7 +178,7 @@ class LmEval(EvalTask):
     def load(self, path: Path, options: argparse.Namespace) -> list[str]:
         """The task names, checked and their data fetched (before the model loads)."""
         names = [t.strip() for t in str(path).split(",") if t.strip()]
-        manager = task_manager(getattr(options, "include_path", []))
+        manager = manager_for(names, getattr(options, "include_path", []))
         check_task_names(names, manager)
         fetch_task_data(names, manager)
         self._manager = manager
@@ -177,7 +190,7 @@ class LmEval(EvalTask):
 
         if env is not None and env.world_size > 1:
             raise UserError("lm-eval tasks run in one process; start `gpt2lab eval lm-eval` without torchrun")
-        manager = getattr(self, "_manager", None) or task_manager(getattr(options, "include_path", []))
+        manager = getattr(self, "_manager", None) or manager_for(list(examples), getattr(options, "include_path", []))
         lm = HarnessLM(model, tokenizer, batch_size=batch_size or self.default_batch_size)
         result = evaluate(lm, list(examples), manager, limit=getattr(options, "limit", None),
                           num_fewshot=getattr(options, "num_fewshot", None))
@@ -209,7 +222,7 @@ TASK = LmEval()
 # Local task YAMLs over the shared data folder
 
 
-def write_local_tasks(folder: str | Path, data_dir: str | Path | None = None) -> list[str]:
+def write_local_tasks(folder: str | Path, data_dir: str | Path | None = None, limit: int | None = None) -> list[str]:
     """Write lm-eval task YAMLs `hellaswag_local`, `lambada_openai_local` and `wikitext_local` into
     `folder` over the files of the shared data folder (`data_dir`, default $GPT2LAB_SHARED_DATA), so
     lm-eval runs them offline with --include-path `folder`; returns the task names.
@@ -217,11 +230,13 @@ def write_local_tasks(folder: str | Path, data_dir: str | Path | None = None) ->
     lambada_openai_local and wikitext_local include lm-eval's own task YAMLs and replace only the
     dataset (same prompts and metrics); hellaswag_local reads the llama.cpp-format HellaSwag file
     with gpt2lab's parser (its contexts have no ctx_a/ctx_b for lm-eval's preprocessing): each ending
-    scored after " ", acc and acc_norm as lm-eval's hellaswag."""
+    scored after " ", acc and acc_norm as lm-eval's hellaswag. `limit`: only the first N documents of
+    each (smaller files to convert, for tests)."""
     require_lm_eval()
     import lm_eval
 
     from gpt2lab.evaluate import hellaswag, lambada, wikitext
+    from gpt2lab.fileio import read_text
 
     data = Path(data_dir) if data_dir is not None else shared_data_dir()
     if data is None:
@@ -230,9 +245,15 @@ def write_local_tasks(folder: str | Path, data_dir: str | Path | None = None) ->
     folder.mkdir(parents=True, exist_ok=True)
     builtin = Path(lm_eval.__file__).parent / "tasks"
     records = [{"query": t.context, "choices": list(t.endings), "label": t.label}
-               for t in hellaswag.load_tasks(data / hellaswag.SHARED_FILE)]
+               for t in hellaswag.load_tasks(data / hellaswag.SHARED_FILE)[:limit]]
     _write_jsonl(folder / "hellaswag_local.jsonl", records)
-    _write_jsonl(folder / "wikitext_local.jsonl", [{"page": p} for p in wikitext.read_pages(data / wikitext.SHARED_FILE)])
+    pages = wikitext.read_pages(data / wikitext.SHARED_FILE)[:limit]
+    _write_jsonl(folder / "wikitext_local.jsonl", [{"page": p} for p in pages])
+    lambada_file = data / lambada.SHARED_FILE
+    if limit is not None:
+        lambada_file = folder / "lambada_openai_local.jsonl"
+        lines = [line for line in read_text(data / lambada.SHARED_FILE).splitlines() if line.strip()]
+        lambada_file.write_text("".join(line + "\n" for line in lines[:limit]), encoding="utf-8")
 
     def data_files(path: Path) -> str:
         return f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(path))}\n"
@@ -245,7 +266,7 @@ def write_local_tasks(folder: str | Path, data_dir: str | Path | None = None) ->
         encoding="utf-8")
     (folder / "lambada_openai_local.yaml").write_text(
         f"include: {json.dumps(str(builtin / 'lambada' / 'lambada_openai.yaml'))}\ntask: lambada_openai_local\ntag: []\n"
-        + data_files((data / lambada.SHARED_FILE).resolve()), encoding="utf-8")
+        + data_files(lambada_file.resolve()), encoding="utf-8")
     (folder / "wikitext_local.yaml").write_text(
         f"include: {json.dumps(str(builtin / 'wikitext' / 'wikitext.yaml'))}\ntask: wikitext_local\n"
         "training_split: null\nvalidation_split: null\n" + data_files((folder / "wikitext_local.jsonl").resolve()),

@@ -186,7 +186,11 @@ class LmEval(EvalTask):
 
     def run(self, model: Any, tokenizer: Any, examples: Sequence, options: argparse.Namespace, env: Any = None,
             batch_size: int | None = None, show_progress: bool = False) -> dict:
+        import logging
+
         from gpt2lab.evaluate.harness import HarnessLM
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the table below says what matters
 
         if env is not None and env.world_size > 1:
             raise UserError("lm-eval tasks run in one process; start `gpt2lab eval lm-eval` without torchrun")

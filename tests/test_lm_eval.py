@@ -322,3 +322,45 @@ def test_without_lm_eval_installed_one_line_says_how(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(UserError, match=r'pip install "gpt2lab\[eval\]"'):
         le.require_lm_eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The multiple-choice room
+
+
+def test_a_multiple_choice_task_is_a_parser(tmp_path, gpt2_tiny):
+    """A PIQA-like task (two or three choices per question) is a `load` on MultipleChoiceTask: its numbers
+    are the argmax of each choice's log-likelihood, scored pair by pair."""
+    from gpt2lab.evaluate.multiple_choice import MultipleChoiceTask, Question
+    from gpt2lab.fileio import iter_jsonl
+
+    class Piqa(MultipleChoiceTask):
+        name = "piqa"
+        description = "PIQA-like"
+        data_help = "a jsonl of {goal, sols, label}"
+
+        def load(self, path, options):
+            return [Question(r["goal"], tuple(r["sols"]), r["label"]) for _, r in iter_jsonl(path)]
+
+    records = [{"goal": "To open a jar,", "sols": ["twist the lid.", "hit it with a fish."], "label": 0},
+               {"goal": "To dry wet hair,", "sols": ["use a towel.", "pour water on it.", "sing."], "label": 0},
+               {"goal": "To boil water,", "sols": ["freeze it.", "heat it on a stove."], "label": 1}]
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    task = Piqa()
+    assert not task.has_default_data() and task.find_data() is None
+    questions = task.load(tmp_path / "piqa.jsonl", task.default_options())
+    model, tokenizer = load_model(str(gpt2_tiny[0]))
+    result = task.run(model, tokenizer, questions, task.default_options(), batch_size=2)
+    correct = 0
+    for q in questions:
+        lls = [s.logprob for s in score_continuations(model, [lm_pair(tokenizer, q.context, " " + c) for c in q.choices],
+                                                      batch_size=1, use_kv_cache=False)]
+        correct += max(range(len(lls)), key=lls.__getitem__) == q.label
+    assert result["n"] == 3 and result["acc"] == correct / 3
+    assert [row.metric for row in task.rows(result)] == ["acc", "acc_norm", "acc_token_mean", "n"]
+
+
+def lm_pair(tokenizer, context, continuation):
+    from gpt2lab.evaluate.scoring import encode_pair
+
+    return encode_pair(tokenizer, context, continuation)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import shared_data_dir
+from gpt2lab.evaluate import find_data_file
 from gpt2lab.evaluate.task import EvalTask, MetricRow, positive_int
 from gpt2lab.fileio import read_text
 
@@ -158,8 +158,7 @@ class WikiText(EvalTask):
                             help="rolling window length in tokens (default: the model's block_size)")
 
     def find_data(self, download: bool = True) -> Path | None:
-        shared = shared_data_dir()
-        return shared / SHARED_FILE if shared is not None and (shared / SHARED_FILE).is_file() else None
+        return find_data_file(SHARED_FILE)
 
     def load(self, path: Path, options: argparse.Namespace) -> list[str]:
         return read_pages(path)

@@ -13,10 +13,16 @@ PTH = "gpt2lab_lm_eval.pth"
 class BuildWithPth(build_py):
     def run(self) -> None:
         super().run()
-        self.copy_file(str(Path("src") / PTH), str(Path(self.build_lib) / PTH), preserve_mode=False)
+        self.copy_file(str(Path("src") / PTH), str(self._pth_dir() / PTH), preserve_mode=False)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
-        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / PTH)]
+        return [*super().get_outputs(include_bytecode), str(self._pth_dir() / PTH)]
+
+    def _pth_dir(self) -> Path:
+        # An editable install packs the wheel from the install folder, not from build_lib.
+        if getattr(self, "editable_mode", False):
+            return Path(self.get_finalized_command("install").install_lib)
+        return Path(self.build_lib)
 
 
 setup(cmdclass={"build_py": BuildWithPth})

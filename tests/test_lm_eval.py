@@ -276,9 +276,9 @@ def test_lm_eval_task_during_training(gpt2_tiny, tasks, shared_data):
     assert logged[f"{name}/acc"] == ours["acc"]
 
 
-def test_lm_eval_cli_resolves_model_gpt2lab(tmp_path):
-    """The installed .pth hook and the "lm_eval.models" entry point make --model gpt2lab known to lm-eval's
-    registry (as the `lm_eval` command resolves it), next to lm-eval's own backends."""
+def plugin_site(tmp_path: Path) -> Path:
+    """A site-packages folder as `pip install gpt2lab` leaves one: gpt2lab_lm_eval.pth and a distribution
+    whose entry points are pyproject.toml's "lm_eval.models" group (the code itself is on PYTHONPATH)."""
     site_dir = tmp_path / "site"
     dist = site_dir / "gpt2lab_probe-0.dist-info"
     dist.mkdir(parents=True)
@@ -287,12 +287,39 @@ def test_lm_eval_cli_resolves_model_gpt2lab(tmp_path):
     entry = [line for line in (REPO / "pyproject.toml").read_text().split("[project.entry-points.\"lm_eval.models\"]")[1]
              .splitlines() if line.strip()][0]
     (dist / "entry_points.txt").write_text("[lm_eval.models]\n" + entry.replace('"', "") + "\n")
+    return site_dir
+
+
+def test_lm_eval_registry_resolves_model_gpt2lab(tmp_path):
+    """The installed .pth hook and the "lm_eval.models" entry point make --model gpt2lab known to lm-eval's
+    registry (where the `lm_eval` command looks it up), next to lm-eval's own backends."""
     code = ("import site, sys; site.addsitedir(sys.argv[1]); from lm_eval.api.registry import get_model; "
             "print(get_model('gpt2lab').__module__, get_model('hf').__name__)")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-c", code, str(site_dir)], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, str(plugin_site(tmp_path))], capture_output=True, text=True,
+                          env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["gpt2lab.lm_eval", "HFLM"]
+
+
+@pytest.mark.slow
+def test_lm_eval_command_runs_model_gpt2lab(tmp_path, tasks, offline, gpt2_tiny, shared_data):
+    """`lm_eval --model gpt2lab --model_args init=...` (lm-eval's own command line, its main function run
+    after site-packages is read) scores a checkpoint with no code; the numbers are gpt2lab eval's."""
+    code = ("import site, sys; site.addsitedir(sys.argv.pop(1)); from lm_eval.__main__ import cli_evaluate; "
+            "sys.argv[0] = 'lm_eval'; cli_evaluate()")
+    out = tmp_path / "out"
+    args = ["--model", "gpt2lab", "--model_args", f"init={gpt2_tiny[0]},dtype=fp32", "--tasks", "lambada_openai_local",
+            "--include_path", str(tasks), "--limit", "5", "--batch_size", "8", "--device", "cpu",
+            "--output_path", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", code, str(plugin_site(tmp_path)), *args], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["lambada_openai_local"]
+    model, tokenizer = load_model(str(gpt2_tiny[0]))
+    ours = lambada.evaluate(model, tokenizer, lambada.read_passages(shared_data / lambada.SHARED_FILE)[:5])
+    assert results["perplexity,none"] == pytest.approx(ours["ppl"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

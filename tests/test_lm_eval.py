@@ -148,6 +148,33 @@ def test_backend_equals_hf_backend_and_gpt2lab_eval(gpt2_tiny, manager, shared_d
     assert_equal_to_native(merged, native(model, tokenizer, shared_data))
 
 
+def test_edge_requests_equal_hf_backend(gpt2_tiny, shared_data):
+    """An empty context, a context longer than the model's window, trailing spaces, a greedy
+    continuation and a rolling text longer than one window: equal to the hf backend."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from gpt2lab.sampling import generate
+
+    ckpt, export = gpt2_tiny
+    model, tokenizer = load_model(str(ckpt))
+    ours = HarnessLM(model, tokenizer, batch_size=4)
+    hf = HFLM(pretrained=str(export), batch_size=4, device="cpu", dtype="float32")
+    long = " ".join(lambada.read_passages(shared_data / lambada.SHARED_FILE)[:3])
+    assert len(tokenizer.encode(long)) > 2 * model.config.block_size
+    greedy = tokenizer.decode(generate(model, [tokenizer.encode("The cat")], max_new_tokens=3, temperature=0.0)[0])
+    pairs = [("", "Hello world"), (long, " the end"), ("The cat  ", "sat on the mat"), ("The cat", greedy),
+             ("The cat", " sat")]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    a, b = ours.loglikelihood(reqs), hf.loglikelihood(reqs, disable_tqdm=True)
+    for x, y in zip(a, b):
+        assert x[0] == pytest.approx(y[0], abs=1e-4) and x[1] == y[1]
+    assert a[3][1] is True  # the greedy continuation is greedy for both
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate([long, "Short text."])]
+    for x, y in zip(ours.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling, disable_tqdm=True)):
+        assert x == pytest.approx(y, rel=1e-7, abs=1e-4)
+
+
 def test_shared_contexts_score_like_separate_forwards():
     """score_continuations computes a context once for its continuations: the numbers are those of one
     plain forward per pair, with continuations of several tokens and of different lengths."""

@@ -109,3 +109,13 @@ def test_the_speedrun_replaces_only_its_own_runs(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="is a file"):
         speedrun.claim_out(tmp_path / "file")
+
+
+@pytest.mark.slow
+def test_bench_lm_eval_reports_both_backends(tmp_path):
+    pytest.importorskip("lm_eval")
+    out = run_script("bench_lm_eval.py", "--limit", "4", "--preset", "gpt2-tiny", "--json", tmp_path=tmp_path)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert set(record["seconds"]) == {"gpt2lab", "hf"} and record["ratio"] > 0
+    assert record["metrics_equal"] and record["max_loglikelihood_diff"] < 1e-4
+    assert "x faster; metrics equal" in out

@@ -14,7 +14,7 @@ PACKAGE = Path(gpt2lab.__file__).parent
 
 # Bottom to top. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "console"),
+    ("errors", "console", "lm_eval_plugin"),
     ("losses", "download", "devices", "fileio", "timing"),
     ("configparse", "tokenizer", "timebudget", "architecture", "precision"),
     ("config",),
@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),
     ("dtype_choice",),
-    ("run",),
+    ("run", "lm_eval"),
     ("commands", "api"),
     ("cli",),
     ("__main__", ""),  # "" = the package's own __init__ (the public API, exported lazily)

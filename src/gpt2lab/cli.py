@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("gpt2lab.commands.prepare", "tokenize a corpus into token shards for training"),
     "sample": ("gpt2lab.commands.sample", "generate text from a checkpoint, HF directory or OpenAI preset"),
     "chat": ("gpt2lab.commands.chat", "talk to an instruction-finetuned model"),
-    "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, lambada, wikitext, perplexity"),
+    "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, lambada, wikitext, perplexity, lm-eval"),
     "bench": ("gpt2lab.commands.bench", "measure training/decoding speed, MFU and memory"),
     "convert": ("gpt2lab.commands.convert", "export a checkpoint to a Hugging Face GPT-2 directory"),
     "merge-lora": ("gpt2lab.commands.merge_lora", "merge a LoRA adapter into its base and save a plain checkpoint"),

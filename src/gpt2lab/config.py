@@ -333,7 +333,8 @@ class EvalConfig:
     """Eval tasks run during training (those of `gpt2lab eval`, at their default options)."""
 
     tasks: list[str] = field(default_factory=list)
-    """Tasks run every eval.every steps, by their `gpt2lab eval` names, e.g. hellaswag,lambada,wikitext."""
+    """Tasks run every eval.every steps, by their `gpt2lab eval` names, e.g. hellaswag,lambada,wikitext; lm-eval:TASK
+    runs lm-evaluation-harness's task TASK (a name, or the path of a task YAML)."""
     every: int = 0
     """Run eval.tasks every this many steps (0 = off)."""
     limit: int | None = None

@@ -93,6 +93,17 @@ class LayerKVCache(nn.Module):
         self.static = False
         self.padded = False
 
+    def fork(self, index: torch.Tensor) -> LayerKVCache:
+        """A copy holding the rows `index` (R,) of this layer's keys, values and positions (`KVCache.fork`)."""
+        new = LayerKVCache.__new__(LayerKVCache)
+        nn.Module.__init__(new)
+        for name in ("k", "v", "slot_pos"):
+            new.register_buffer(name, getattr(self, name).index_select(0, index), persistent=False)
+        new.register_buffer("col", self.col.clone(), persistent=False)
+        new.size, new.window, new.next_col = self.size, self.window, self.next_col
+        new.static, new.padded = self.static, self.padded
+        return new
+
     def sees_every_slot(self, T: int) -> bool:
         """Whether one new query (T == 1) may attend over every key `update` returns, so attention
         needs no mask: no padding was stored and no empty slot is returned (a ring only once full).
@@ -206,6 +217,15 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+    def fork(self, index: torch.Tensor) -> KVCache:
+        """A new cache of R rows, copies of this cache's rows `index` (R,) (a row may repeat), filled to
+        the same column; this cache is unchanged. E.g. the continuations of one context computed once."""
+        new = KVCache.__new__(KVCache)
+        nn.Module.__init__(new)
+        new.max_len = self.max_len
+        new.layers = nn.ModuleList(layer.fork(index) for layer in self.layers)
+        return new
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     gpt2lab eval wikitext --init gpt2                                        # word/byte perplexity
     gpt2lab eval perplexity --init gpt2-large --data wiki.test.raw --hf-rows --stride 512
     gpt2lab eval lambada --init gpt2
+    gpt2lab eval lm-eval --init out/run --tasks arc_easy,piqa --limit 100      # any lm-evaluation-harness task
     torchrun --nproc_per_node=8 -m gpt2lab eval hellaswag --init gpt2-xl     # items split over ranks
 
 The tasks, their options and their table rows come from gpt2lab.evaluate.registry; this module has
@@ -53,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     env = parallel.init_distributed(args.device)
     try:
         data = task.resolve_data(args.data)
-        examples = task.load(data, args)[: getattr(args, "limit", None)]
+        examples = task.load(data, args)
+        if task.unit is not None:
+            examples = examples[: args.limit]
+        batch_size = args.batch_size or task.default_batch_size  # None: --batch-size auto
         if args.dtype == "int8":  # what int8 decoding costs in quality (gpt2lab.int8)
             model, tokenizer = load_model(args.init, device=env.device, dtype="int8")
             dtype = "int8"
@@ -61,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer = load_model(args.init, device=env.device, dtype=load_dtype(args.dtype, env.device))
             model.eval()
             # scoring is batched forward passes: on a CPU auto times them (rank 0's choice for all ranks)
-            resolved = resolve(args.dtype, env.device, ForwardPasses(model, args.batch_size, model.config.block_size))
+            resolved = resolve(args.dtype, env.device, ForwardPasses(model, batch_size, model.config.block_size))
             if resolved.dtype is not None:
                 model.to(resolved.dtype)
             dtype = args.dtype if resolved.dtype is None else dtype_name(resolved.dtype)
             if resolved.line:
                 say(f"note: {resolved.line}")
         start = time.perf_counter()
-        metrics = task.run(model, tokenizer, examples, args, env=env, batch_size=args.batch_size,
+        metrics = task.run(model, tokenizer, examples, args, env=env, batch_size=batch_size,
                            show_progress=True)
         result = {
             "task": task.name, **metrics, "model": args.init, "data": str(data),

@@ -10,10 +10,12 @@
     registry.py   task name -> module; `gpt2lab eval`, --json and in-training eval all go through it
     training.py   EvalConfig (the run config's `eval` section) and the trainer's eval-task hook
     scoring.py    the torch side the tasks share: continuation scoring, rank sharding
+    multiple_choice.py   MultipleChoiceTask: a multiple-choice task is a parser on it
     hellaswag.py  lambada.py  perplexity.py  wikitext.py   the tasks
+    lm_eval_task.py  harness.py   any lm-evaluation-harness task (`lm-eval`), gpt2lab as lm-eval's backend
 
 Here, without torch (parsers import this package): the shared data folder, the download cache,
-and `fetch` (a public data file, sha256-checked).
+`fetch` (a public data file, sha256-checked) and `find_data_file` (shared folder, cache, download).
 """
 
 from __future__ import annotations
@@ -61,6 +63,22 @@ def cached_path(remote: RemoteFile) -> Path | None:
     """The cached copy of `remote`, if one was downloaded before."""
     path = cache_dir() / remote.name
     return path if path.is_file() else None
+
+
+def find_data_file(shared_name: str | None, remote: RemoteFile | None = None, download: bool = True,
+                   validate: Callable[[Path], None] | None = None) -> Path | None:
+    """A task's data file when --data is not given: `shared_name` in the shared data folder if present,
+    else the cached copy of `remote`, else (when `download`) `remote` fetched now (checked by `validate`);
+    None when there is none."""
+    shared = shared_data_dir()
+    if shared_name is not None and shared is not None and (shared / shared_name).is_file():
+        return shared / shared_name
+    if remote is None:
+        return None
+    cached = cached_path(remote)
+    if cached is not None or not download:
+        return cached
+    return fetch(remote, validate=validate)
 
 
 def fetch(remote: RemoteFile, validate: Callable[[Path], None] | None = None, timeout: float = 60.0) -> Path:

@@ -37,10 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt2lab.console import ProgressDisplay
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import RemoteFile, cached_path, fetch, shared_data_dir
-from gpt2lab.evaluate.task import EvalTask, MetricRow
+from gpt2lab.evaluate import RemoteFile, multiple_choice
+from gpt2lab.evaluate import find_data_file as find_task_data
+from gpt2lab.evaluate.multiple_choice import METRICS as METRICS
+from gpt2lab.evaluate.multiple_choice import MultipleChoiceTask
+from gpt2lab.evaluate.task import MetricRow
 from gpt2lab.fileio import LineError, iter_jsonl, iter_lines
 
 if TYPE_CHECKING:
@@ -50,11 +52,6 @@ HELLASWAG_VAL = RemoteFile("https://raw.githubusercontent.com/rowanz/hellaswag/m
 N_VAL_TASKS = 10042
 SHARED_FILE = "hellaswag/hellaswag_val_full.txt"
 CONTEXT_STYLES = ("llamacpp", "harness")
-METRICS = {
-    "acc": "argmax of summed log-likelihood of the ending tokens (lm-evaluation-harness acc)",
-    "acc_norm": "summed log-likelihood / ending length in characters (lm-evaluation-harness acc_norm)",
-    "acc_token_mean": "mean log-likelihood per ending token (build-nanogpt's acc_norm)",
-}
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,11 @@ class Task:
     context: str
     endings: tuple[str, ...]
     label: int
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The endings, as `multiple_choice` calls a question's candidates."""
+        return self.endings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,13 +175,7 @@ def _validate_official(path: Path) -> None:
 def find_data_file(download: bool = True) -> Path | None:
     """The HellaSwag validation file to use when none is given: the shared text file if present,
     else the cached official jsonl, else (when `download`) the official jsonl fetched now."""
-    shared = shared_data_dir()
-    if shared is not None and (shared / SHARED_FILE).is_file():
-        return shared / SHARED_FILE
-    cached = cached_path(HELLASWAG_VAL)
-    if cached is not None or not download:
-        return cached
-    return fetch(HELLASWAG_VAL, validate=_validate_official)
+    return find_task_data(SHARED_FILE, HELLASWAG_VAL, download, _validate_official)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,98 +184,54 @@ def find_data_file(download: bool = True) -> Path | None:
 
 def encode_task(tokenizer, task: Task) -> list[tuple[list[int], list[int]]]:
     """The four (context ids, " " + ending ids) pairs of a task."""
-    from gpt2lab.evaluate.scoring import encode_pair
-
-    return [encode_pair(tokenizer, task.context, " " + ending) for ending in task.endings]
-
-
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)  # first of equal maxima, like numpy
+    return multiple_choice.encode_question(tokenizer, task)
 
 
 def predictions(task: Task, logprobs: list[float], n_tokens: list[int]) -> dict[str, int]:
     """The ending each metric picks, given the four summed log-likelihoods and token counts."""
-    return {
-        "acc": _argmax(logprobs),
-        "acc_norm": _argmax([lp / max(len(e), 1) for lp, e in zip(logprobs, task.endings)]),
-        "acc_token_mean": _argmax([lp / n for lp, n in zip(logprobs, n_tokens)]),
-    }
+    return multiple_choice.predictions(task.endings, logprobs, n_tokens)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    tasks: list[Task],
-    batch_size: int = 8,
-    env=None,
-    show_progress: bool = False,
-) -> dict:
-    """Accuracies of `model` on `tasks` (every rank gets the same dict).
-
-    `batch_size` tasks (4 rows each) go through the model at once. Under torchrun each rank scores
-    the tasks i with i % world_size == rank and the counts are summed over ranks.
-    """
-    from gpt2lab.evaluate import scoring
-
-    # Every rank tokenizes every task, so a tokenizer error is raised on all ranks alike, before any collective.
-    encoded = [encode_task(tokenizer, task) for task in tasks]
-    mine_idx = scoring.shard(range(len(tasks)), env)
-    mine = [tasks[i] for i in mine_idx]
-    pairs = [pair for i in mine_idx for pair in encoded[i]]
-    with ProgressDisplay("items", total=len(pairs) // 4, description="hellaswag", enabled=show_progress) as bar:
-        scores = scoring.score_continuations(
-            model, pairs, batch_size=4 * batch_size, env=env,
-            on_batch=lambda rows: bar.advance(rows // 4),
-        )
-    correct = dict.fromkeys(METRICS, 0)
-    for i, task in enumerate(mine):
-        four = scores[4 * i : 4 * i + 4]
-        picked = predictions(task, [s.logprob for s in four], [s.n_tokens for s in four])
-        for metric, choice in picked.items():
-            correct[metric] += int(choice == task.label)
-    totals = scoring.all_reduce_sum([*correct.values(), len(mine)], env)
-    n = int(totals[-1])
-    result: dict = {"n": n}
-    for metric, count in zip(correct, totals):
-        result[metric] = count / n
-        result[f"{metric}_stderr"] = scoring.stderr_of_mean(count / n, n)
-    return result
+def evaluate(model: torch.nn.Module, tokenizer, tasks: list[Task], batch_size: int = 8, env=None,
+             show_progress: bool = False) -> dict:
+    """Accuracies of `model` on `tasks` (every rank gets the same dict); `batch_size` tasks (4 rows each)
+    per forward pass; under torchrun the tasks are split over ranks (`multiple_choice.evaluate`)."""
+    return multiple_choice.evaluate(model, tokenizer, tasks, batch_size=batch_size, env=env,
+                                    show_progress=show_progress, description="hellaswag")
 
 
 # --------------------------------------------------------------------------------------------------
 # The task
 
 
-class HellaSwag(EvalTask):
+class HellaSwag(MultipleChoiceTask):
     name = "hellaswag"
     description = "zero-shot HellaSwag validation accuracy (acc, acc_norm, acc_token_mean)"
     data_help = ("hellaswag_val.jsonl or a llama.cpp-format text file (default: "
                  "$GPT2LAB_SHARED_DATA/hellaswag/hellaswag_val_full.txt if present, else the official jsonl, "
                  "downloaded and cached)")
     unit = batch_unit = "tasks"
-    default_batch_size = 8
-    training_metrics = ("acc", "acc_norm")
+    shared_file = SHARED_FILE
+    remote = HELLASWAG_VAL
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--context-style", choices=CONTEXT_STYLES, default="llamacpp",
                             help="llamacpp: the same tasks from either file format (default); harness: "
                                  "lm-evaluation-harness's context, official jsonl only")
 
-    def find_data(self, download: bool = True) -> Path | None:
-        return find_data_file(download)
+    def validate_download(self, path: Path) -> None:
+        _validate_official(path)
 
     def load(self, path: Path, options: argparse.Namespace) -> list[Task]:
         return load_tasks(path, options.context_style)
 
     def run(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence, options: argparse.Namespace,
             env: Any = None, batch_size: int | None = None, show_progress: bool = False) -> dict:
-        result = evaluate(model, tokenizer, list(examples), batch_size=batch_size or self.default_batch_size,
-                          env=env, show_progress=show_progress)
-        return {**result, "context_style": options.context_style}
+        return {**super().run(model, tokenizer, examples, options, env, batch_size, show_progress),
+                "context_style": options.context_style}
 
     def rows(self, result: dict) -> list[MetricRow]:
-        rows = [MetricRow(metric, f"{result[metric]:.4f} ± {result[metric + '_stderr']:.4f}", meaning)
-                for metric, meaning in METRICS.items()]
+        *rows, _ = super().rows(result)
         return [*rows, MetricRow("n", str(result["n"]), f"tasks (context style {result['context_style']})")]
 
 

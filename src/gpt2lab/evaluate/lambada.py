@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2lab.console import ProgressDisplay
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import RemoteFile, cached_path, fetch, shared_data_dir
+from gpt2lab.evaluate import RemoteFile
+from gpt2lab.evaluate import find_data_file as find_task_data
 from gpt2lab.evaluate.task import EvalTask, MetricRow
 from gpt2lab.fileio import LineError, iter_jsonl, str_field
 
@@ -69,12 +70,7 @@ def split_passage(tokenizer, text: str) -> tuple[list[int], list[int]]:
 
 def find_data_file(download: bool = True) -> Path | None:
     """The shared lambada_test.jsonl if present, else the cached (or, when `download`, a fresh) OpenAI copy."""
-    shared = shared_data_dir()
-    if shared is not None and (shared / SHARED_FILE).is_file():
-        return shared / SHARED_FILE
-    if not download:
-        return cached_path(LAMBADA_TEST)
-    return fetch(LAMBADA_TEST)
+    return find_task_data(SHARED_FILE, LAMBADA_TEST, download)
 
 
 def evaluate(

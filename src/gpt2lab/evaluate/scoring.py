@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -112,13 +113,15 @@ def score_continuations(
     """Score each (context ids, continuation ids) pair: log p(continuation | context), token by token.
 
     A row longer than block_size + 1 tokens loses tokens from the left of its context, as in
-    lm-evaluation-harness. Pairs are sorted by length (less padding; scores come back in input
-    order) and up to `batch_size` of them share a batch, run through the model's KV cache in two
-    calls: the contexts, left-padded so that they all end in the same column, with logits for that
-    last column only (it predicts each continuation's first token); then the continuations but their
-    last tokens, right-padded, whose logits predict the rest. So the LM head, the largest matmul of a
-    small model, runs on continuation positions only, and padding is never attended (padding columns
-    have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
+    lm-evaluation-harness. Pairs are sorted by length, pairs of one context next to each other (less
+    padding; scores come back in input order), and up to `batch_size` of them share a batch, run
+    through the model's KV cache: one call for the batch's distinct contexts, each once, left-padded
+    so that they all end in the same column, with logits for that last column only (it predicts each
+    continuation's first token); then, in chunks of similar length, the cache rows of their contexts
+    forked for the continuations (a multiple-choice question's endings share its context), the
+    continuations but their last tokens, right-padded, whose logits predict the rest. So the LM head,
+    the largest matmul of a small model, runs on continuation positions only, little of it on
+    padding, and padding is never attended (padding columns have position -1). Every rank must call this; `on_batch(k)` follows each batch of k pairs.
 
     `use_kv_cache=False` runs one plain forward over context + continuation instead (same numbers,
     logits at every position). That is the default for FSDP-sharded models, whose mixed-precision
@@ -138,32 +141,21 @@ def score_continuations(
                 f"a continuation of {len(continuation)} tokens does not fit the model's block_size={block_size}"
             )
         rows.append((list(context)[-(block_size + 1 - len(continuation)):], list(continuation)))
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][1]), len(rows[i][0])))
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), rows[i][0], len(rows[i][1])))
     batches = _pack([rows[i] for i in order], batch_size, block_size)
-    # The cache path makes a second call when some continuation has more than one token.
-    calls = sum(1 + (use_kv_cache and max(len(n) for _, n in b) > 1) for b in batches)
+    # The cache path makes one call for the contexts and one per chunk of continuations longer than a token.
+    calls = sum(1 + (len(_chunks(b)) if use_kv_cache else 0) for b in batches)
     most = most_forward_calls(calls, env)
     scores: list[ContinuationScore] = []
     for batch in batches:
-        if use_kv_cache:
-            logits = _continuation_logits(model, batch, device)  # (B, Ln, V): column j predicts continuation[j]
-        else:
-            logits = _continuation_logits_full(model, batch, device)
-        lengths = torch.tensor([len(c) for _, c in batch])
-        valid = torch.arange(logits.shape[1])[None, :] < lengths[:, None]  # (B, Ln)
-        targets = torch.zeros(valid.shape, dtype=torch.long)
-        for i, (_, c) in enumerate(batch):
-            targets[i, : len(c)] = torch.tensor(c)
-        picked = logits[valid.to(device)].float()  # (N, V), row-major: row i's tokens in order
-        flat = targets[valid].to(device)
-        token_logprob = F.log_softmax(picked, dim=-1).gather(1, flat[:, None]).squeeze(1)
-        token_greedy = (picked.argmax(dim=-1) == flat).float()
-        row_of = torch.arange(len(batch))[:, None].expand_as(valid)[valid].to(device)
-        sums = torch.zeros(len(batch), device=device, dtype=torch.float64)
-        sums.index_add_(0, row_of, token_logprob.double())
-        hits = torch.zeros(len(batch), device=device).index_add_(0, row_of, token_greedy)
-        for n, s, h in zip(lengths.tolist(), sums.tolist(), hits.tolist()):
-            scores.append(ContinuationScore(logprob=s, n_tokens=n, greedy=round(h) == n))
+        logprob, hits = [0.0] * len(batch), [0] * len(batch)
+        parts = _continuation_parts(model, batch, device) if use_kv_cache else _continuation_parts_full(model, batch, device)
+        for rows_of_part, logits, targets in parts:
+            for i, lp, h in zip(rows_of_part, *_token_scores(logits, targets)):
+                logprob[i] += lp
+                hits[i] += h
+        for (_, c), lp, h in zip(batch, logprob, hits):
+            scores.append(ContinuationScore(logprob=lp, n_tokens=len(c), greedy=h == len(c)))
         if on_batch is not None:
             on_batch(len(batch))
     dummy_forward_calls(model, most - calls)
@@ -189,32 +181,76 @@ def _pack(rows: list[tuple[list[int], list[int]]], batch_size: int, block_size: 
     return batches
 
 
-def _continuation_logits(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
-    """Logits (B, Ln, V) of a packed batch: column j of row i predicts continuation token j of row i."""
-    B = len(batch)
-    Lc = max(len(c) for c, _ in batch)
-    Ln = max(len(n) for _, n in batch)
-    idx = torch.zeros((B, Lc), dtype=torch.long)
-    pos = torch.full((B, Lc), -1, dtype=torch.long)
-    for i, (context, _) in enumerate(batch):
+CHUNK_SLACK = 1.15
+"""Continuations of a batch run in chunks of similar lengths: a chunk takes the next-longest row while
+its rows x longest length stays within CHUNK_SLACK x their tokens (padding costs what tokens cost)."""
+
+
+def _chunks(batch: list) -> list[list[int]]:
+    """The rows of `batch` whose continuations have more than one token, longest first, in chunks of
+    similar length (see CHUNK_SLACK); one forward call each."""
+    rows = sorted((i for i, (_, n) in enumerate(batch) if len(n) > 1), key=lambda i: -len(batch[i][1]))
+    chunks: list[list[int]] = []
+    for i in rows:
+        chunk = chunks[-1] if chunks else None
+        if chunk and (len(chunk) + 1) * len(batch[chunk[0]][1]) <= CHUNK_SLACK * (
+                sum(len(batch[j][1]) for j in chunk) + len(batch[i][1])):
+            chunk.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def _token_scores(logits: torch.Tensor, targets: list[list[int]]) -> tuple[list[float], list[int]]:
+    """(summed log-probability, greedy hits) of each row's targets: logits (R, L, V), column j of row r
+    predicting targets[r][j] (rows shorter than L are padding after their targets)."""
+    device = logits.device
+    lengths = torch.tensor([len(t) for t in targets])
+    valid = torch.arange(logits.shape[1])[None, :] < lengths[:, None]  # (R, L)
+    flat = torch.tensor([t for row in targets for t in row], dtype=torch.long, device=device)
+    picked = logits[valid.to(device)].float()  # (N, V), row-major: row r's tokens in order
+    token_logprob = F.log_softmax(picked, dim=-1).gather(1, flat[:, None]).squeeze(1)
+    token_greedy = (picked.argmax(dim=-1) == flat).float()
+    row_of = torch.arange(len(targets))[:, None].expand_as(valid)[valid].to(device)
+    sums = torch.zeros(len(targets), device=device, dtype=torch.float64).index_add_(0, row_of, token_logprob.double())
+    hits = torch.zeros(len(targets), device=device).index_add_(0, row_of, token_greedy)
+    return sums.tolist(), [round(h) for h in hits.tolist()]
+
+
+def _continuation_parts(model: torch.nn.Module, batch: list, device: torch.device):
+    """(rows, logits (R, L, V), targets) parts of a packed batch's scores, through the KV cache: first the
+    batch's distinct contexts, each computed once, left-padded to end in one column, whose last logits
+    predict every row's first continuation token; then, per chunk of rows (`_chunks`), a fork of the
+    cache rows of their contexts and the continuations but their last tokens, right-padded."""
+    distinct: dict[tuple[int, ...], int] = {}
+    row_context = [distinct.setdefault(tuple(context), len(distinct)) for context, _ in batch]
+    Lc = max(len(c) for c in distinct)
+    idx = torch.zeros((len(distinct), Lc), dtype=torch.long)
+    pos = torch.full((len(distinct), Lc), -1, dtype=torch.long)
+    for i, context in enumerate(distinct):
         idx[i, Lc - len(context):] = torch.tensor(context)
         pos[i, Lc - len(context):] = torch.arange(len(context))
-    cache = model.new_cache(B, Lc + Ln - 1)
-    first, _ = model(idx.to(device), pos=pos.to(device), cache=cache, last_only=True)  # (B, 1, V)
-    if Ln == 1:
-        return first
-    idx = torch.zeros((B, Ln - 1), dtype=torch.long)
-    pos = torch.full((B, Ln - 1), -1, dtype=torch.long)
-    for i, (context, continuation) in enumerate(batch):
-        n = len(continuation) - 1
-        idx[i, :n] = torch.tensor(continuation[:-1])
-        pos[i, :n] = torch.arange(len(context), len(context) + n)
-    rest, _ = model(idx.to(device), pos=pos.to(device), cache=cache)  # (B, Ln - 1, V)
-    return torch.cat([first, rest], dim=1)
+    chunks = _chunks(batch)
+    Ln = max((len(batch[chunk[0]][1]) for chunk in chunks), default=1)
+    cache = model.new_cache(len(distinct), Lc + Ln - 1)
+    first, _ = model(idx.to(device), pos=pos.to(device), cache=cache, last_only=True)  # (U, 1, V)
+    first = first.index_select(0, torch.tensor(row_context, device=device))  # (B, 1, V)
+    yield range(len(batch)), first, [[n[0]] for _, n in batch]
+    for chunk in chunks:
+        L = len(batch[chunk[0]][1]) - 1
+        idx = torch.zeros((len(chunk), L), dtype=torch.long)
+        pos = torch.full((len(chunk), L), -1, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            context, continuation = batch[i]
+            idx[r, : len(continuation) - 1] = torch.tensor(continuation[:-1])
+            pos[r, : len(continuation) - 1] = torch.arange(len(context), len(context) + len(continuation) - 1)
+        rows_cache = cache.fork(torch.tensor([row_context[i] for i in chunk], device=device))
+        logits, _ = model(idx.to(device), pos=pos.to(device), cache=rows_cache)  # (R, L, V)
+        yield chunk, logits, [batch[i][1][1:] for i in chunk]
 
 
-def _continuation_logits_full(model: torch.nn.Module, batch: list, device: torch.device) -> torch.Tensor:
-    """Like `_continuation_logits`, from one forward over right-padded context + continuation[:-1]."""
+def _continuation_parts_full(model: torch.nn.Module, batch: list, device: torch.device):
+    """Like `_continuation_parts`, in one part, from one forward over right-padded context + continuation[:-1]."""
     B = len(batch)
     T = max(len(c) + len(n) - 1 for c, n in batch)
     Ln = max(len(n) for _, n in batch)
@@ -225,7 +261,7 @@ def _continuation_logits_full(model: torch.nn.Module, batch: list, device: torch
         idx[i, : len(row)] = torch.tensor(row)
         where[i] = (len(context) - 1 + torch.arange(Ln)).clamp(max=T - 1)
     logits, _ = model(idx.to(device))  # (B, T, V)
-    return logits[torch.arange(B, device=device)[:, None], where.to(device)]
+    yield range(B), logits[torch.arange(B, device=device)[:, None], where.to(device)], [n for _, n in batch]
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
@@ -274,13 +310,33 @@ def sum_target_nll(
     return nll, int(count)
 
 
-def _same_length_batches(rows: list, batch_size: int) -> list[list]:
-    """Consecutive rows in groups of `batch_size`, each group split so that a batch has one row length."""
+@torch.no_grad()
+def target_nll_per_row(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                       batch_size: int = 1) -> list[float]:
+    """The summed NLL (nats) of each row (input ids, target ids, -100 = not scored), as `sum_target_nll`
+    scores them but row by row, in one process. Rows are sorted by length and batched `batch_size` at
+    a time, one length per batch; the NLLs come back in input order."""
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out = [0.0] * len(rows)
+    for batch in _same_length_batches(order, batch_size, key=lambda i: len(rows[i][0])):
+        idx = torch.tensor([list(rows[i][0]) for i in batch], dtype=torch.long)  # (B, T)
+        targets = torch.tensor([list(rows[i][1]) for i in batch], dtype=torch.long)  # (B, T)
+        _, loss = model(idx.to(device), targets.to(device), loss_reduction="none")  # (B * T,)
+        for i, nll in zip(batch, loss.view(len(batch), -1).double().sum(dim=1).tolist()):
+            out[i] = nll
+    return out
+
+
+def _same_length_batches(rows: list, batch_size: int, key: Callable[[Any], int] = lambda row: len(row[0])) -> list[list]:
+    """Consecutive rows in groups of `batch_size`, each group split so that a batch has one row length
+    (`key(row)`, default: the length of its input ids)."""
     out = []
     for i in range(0, len(rows), batch_size):
         group = rows[i : i + batch_size]
-        for length in sorted({len(ids) for ids, _ in group}, reverse=True):
-            out.append([row for row in group if len(row[0]) == length])
+        for length in sorted({key(row) for row in group}, reverse=True):
+            out.append([row for row in group if key(row) == length])
     return out
 
 

@@ -131,6 +131,10 @@ class EvalTask(ABC):
         task's default. `show_progress`: a progress bar is wanted (`gpt2lab.console.ProgressDisplay`
         draws it on a terminal, on rank 0)."""
 
+    def training_values(self, result: dict[str, Any]) -> dict[str, float]:
+        """The numbers logged during training as eval/<task>/<metric> (default: `training_metrics`)."""
+        return {metric: result[metric] for metric in self.training_metrics}
+
     @abstractmethod
     def rows(self, result: dict[str, Any]) -> list[MetricRow]:
         """The rows of the printed table for `result` (what `run` returned)."""

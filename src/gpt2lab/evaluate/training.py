@@ -122,6 +122,8 @@ class TaskEvaluator:
 
     def _run(self, task: EvalTask, examples: Sequence | None = None) -> dict[str, float]:
         options = task.default_options()
+        if task.unit is None:  # a task that limits its own examples (lm-eval: documents per task)
+            options.limit = self.limit
         if examples is None:
             examples = self._examples_of(task)
             if task.name in self._skipped:
@@ -131,4 +133,4 @@ class TaskEvaluator:
         except UserError as e:
             self._skip(task, e)
             return {}
-        return {f"{task.name}/{metric}": result[metric] for metric in task.training_metrics}
+        return {f"{task.name}/{metric}": value for metric, value in task.training_values(result).items()}

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import shared_data_dir
+from gpt2lab.evaluate import find_data_file
 from gpt2lab.evaluate.task import EvalTask, MetricRow, positive_int
 from gpt2lab.fileio import read_text
 
@@ -103,6 +103,16 @@ def rolling_windows(n_tokens: int, max_length: int) -> list[tuple[int, int, int]
     return out
 
 
+def window_rows(ids: list[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, target ids) of each rolling window over `ids` ([prefix] + a text's tokens): targets
+    already scored by an earlier window are -100 (not scored), for `scoring.sum_target_nll`."""
+    rows = []
+    for start, length, scored in rolling_windows(len(ids) - 1, max_length):
+        targets = ids[start + 1 : start + length + 1]
+        rows.append((ids[start : start + length], [-100] * (length - scored) + targets[length - scored :]))
+    return rows
+
+
 def evaluate(model: torch.nn.Module, tokenizer, pages: list[str], max_length: int | None = None,
              batch_size: int = 4, env=None, show_progress: bool = False) -> dict:
     """word_perplexity, byte_perplexity and bits_per_byte of `model` on `pages` (same dict on every rank)."""
@@ -117,10 +127,7 @@ def evaluate(model: torch.nn.Module, tokenizer, pages: list[str], max_length: in
         raise UserError("wikitext needs a tokenizer with an end-of-text token to start each page with")
     rows = []
     for page in pages:
-        ids = [tokenizer.eot_id, *tokenizer.encode(detokenize(page))]
-        for start, length, scored in rolling_windows(len(ids) - 1, max_length):
-            targets = ids[start + 1 : start + length + 1]
-            rows.append((ids[start : start + length], [-100] * (length - scored) + targets[length - scored :]))
+        rows += window_rows([tokenizer.eot_id, *tokenizer.encode(detokenize(page))], max_length)
     nll, tokens = sum_target_nll(model, rows, batch_size, env, show_progress, "wikitext")
     words = sum(len(re.split(r"\s+", page)) for page in pages)
     n_bytes = sum(len(page.encode("utf-8")) for page in pages)
@@ -151,8 +158,7 @@ class WikiText(EvalTask):
                             help="rolling window length in tokens (default: the model's block_size)")
 
     def find_data(self, download: bool = True) -> Path | None:
-        shared = shared_data_dir()
-        return shared / SHARED_FILE if shared is not None and (shared / SHARED_FILE).is_file() else None
+        return find_data_file(SHARED_FILE)
 
     def load(self, path: Path, options: argparse.Namespace) -> list[str]:
         return read_pages(path)

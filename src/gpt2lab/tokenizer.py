@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 byte-level BPE (offline) and a character tokenizer, behind one small interface.
+"""Tokenizers: GPT-2 byte-level BPE (offline), byte-level BPEs trained on a corpus, and a character
+tokenizer, behind one small interface.
 
     tok = get_tokenizer("gpt2")
     ids = tok.encode("Hello, I'm a language model,")   # [15496, 11, 314, 1101, 257, 3303, 2746, 11]
@@ -7,6 +8,11 @@
 The GPT-2 rank table ships with the package (`assets/gpt2.tiktoken`, 50,256 byte sequences, taken
 from the MIT-licensed openai-whisper sdist), so no network is needed. It is checked against a pinned
 sha256 when loaded; tiktoken does the encoding.
+
+A trained BPE (`train_bpe`, `gpt2lab tokenizer train`) is a Hugging Face `tokenizers` tokenizer.json:
+GPT-2's pre-tokenization and byte-level alphabet, <|endoftext|> and the reserved chat tokens as its
+first ids. Its `to_dict()` holds the whole tokenizer.json, so data and checkpoints made with it
+describe it completely.
 
 Every tokenizer describes itself with `to_dict()` (JSON-able); datasets and checkpoints store that
 dict, `tokenizer_from_dict` rebuilds the tokenizer and `same_tokenizer` detects a mismatch between
@@ -19,8 +25,10 @@ import base64
 import codecs
 import functools
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from gpt2lab.errors import UserError
@@ -32,7 +40,9 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 EOT_TEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
-TOKENIZER_SHAPE = Tagged("kind", {"gpt2": {}, "char": {"chars": str}})
+CHAT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+"""Reserved in every trained BPE tokenizer, after <|endoftext|>, for the `special` chat template."""
+TOKENIZER_SHAPE = Tagged("kind", {"gpt2": {}, "char": {"chars": str}, "bpe": {"vocab_size": int, "json": str}})
 """A tokenizer's `to_dict()` as files store it (dataset meta, shard headers, checkpoints, adapters)."""
 
 
@@ -170,6 +180,148 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS = (EOT_TEXT, *CHAT_SPECIAL_TOKENS)
+MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = {chr(c): b for b, c in zip(bs, cs)}
+    assert set(table) == set(alphabet)
+    return table
+
+
+class BPETokenizer:
+    """A byte-level BPE trained by `train_bpe`, read from its tokenizer.json (Hugging Face `tokenizers`).
+
+    Every byte sequence has ids (the 256 bytes are in the vocabulary), so `decode_bytes(encode(text))`
+    is `text.encode()` for any text; <|endoftext|> is `eot_id`."""
+
+    name = "bpe"
+
+    def __init__(self, json_text: str, source: str = "tokenizer.json") -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._special = HFTokenizer.from_str(json_text)
+            self._plain = HFTokenizer.from_str(json_text)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise UserError(f"{source} is not a tokenizers tokenizer.json ({str(e).splitlines()[0][:200]}); "
+                            "train one with `gpt2lab tokenizer train`") from None
+        self._plain.encode_special_tokens = True  # "<|endoftext|>" in ordinary text is text
+        self.json = json_text
+        self.vocab_size = self._special.get_vocab_size(with_added_tokens=True)
+        eot = self._special.token_to_id(EOT_TEXT)
+        if eot is None:
+            raise UserError(f"{source} has no {EOT_TEXT} token; train the tokenizer with `gpt2lab tokenizer train`")
+        self.eot_id = eot
+        to_byte = _unicode_to_byte()
+        added = {i: t.content for i, t in self._special.get_added_tokens_decoder().items()}
+        table = []
+        for i in range(self.vocab_size):
+            token = self._special.id_to_token(i)
+            if token is None:
+                raise UserError(f"{source}: token id {i} is missing (ids must run from 0 to {self.vocab_size - 1})")
+            if i in added:
+                table.append(added[i].encode("utf-8"))
+            elif all(c in to_byte for c in token):
+                table.append(bytes(to_byte[c] for c in token))
+            else:
+                raise UserError(f"{source}: token {token!r} is not byte-level BPE; train the tokenizer with "
+                                "`gpt2lab tokenizer train`")
+        self._bytes = table
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
+        """The tokenizer of a tokenizer.json file."""
+        from gpt2lab.fileio import read_text
+
+        return cls(read_text(path), source=str(path))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> BPETokenizer:
+        """The tokenizer of a directory written by `gpt2lab tokenizer train` (its tokenizer.json)."""
+        f = Path(path) / TOKENIZER_FILE
+        if not f.is_file():
+            raise UserError(f"{path} has no {TOKENIZER_FILE}; make one with `gpt2lab tokenizer train CORPUS --out {path}`")
+        return cls.from_file(f)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Short digest of the tokenizer.json text (how messages name the tokenizer)."""
+        return hashlib.sha256(self.json.encode("utf-8")).hexdigest()[:12]
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; special token text (<|endoftext|>, <|user|>, ...) is the special id only if `allow_special`."""
+        tok = self._special if allow_special else self._plain
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        """`encode` of each text, run by `tokenizers` on all cores."""
+        tok = self._special if allow_special else self._plain
+        return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; bytes that are not UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self._bytes
+        return b"".join(table[int(i)] for i in ids)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes of token `i`."""
+        return self._bytes[i]
+
+    def to_dict(self) -> dict:
+        return {"kind": "bpe", "vocab_size": self.vocab_size, "json": self.json}
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, sha256={self.sha256})"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None,
+              show_progress: bool = False) -> BPETokenizer:
+    """A byte-level BPE with `vocab_size` ids learnt from `texts` (GPT-2's pre-tokenization, no
+    normalization): <|endoftext|>, the reserved chat tokens, the 256 bytes, then the merges.
+    The same texts and vocab_size give the same tokenizer. `length`: the number of texts, for progress."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_BPE_VOCAB:
+        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB} "
+                        f"ids ({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    tok.train_from_iterator(texts, trainer, length=length)
+    return BPETokenizer(tok.to_str())
+
+
+def tokenizer_label(d: dict) -> str:
+    """How messages name the tokenizer of a `to_dict()`: "gpt2", "char", "bpe 8192 (sha256 1a2b...)"."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "bpe" and isinstance(d.get("json"), str):
+        return f"bpe {d.get('vocab_size')} (sha256 {hashlib.sha256(d['json'].encode('utf-8')).hexdigest()[:12]})"
+    return str(kind)
+
+
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     """Rebuild a tokenizer from its `to_dict()`."""
     kind = d.get("kind") if isinstance(d, dict) else None
@@ -180,12 +332,22 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         if not isinstance(chars, str):
             raise UserError("tokenizer dict of kind 'char' has no 'chars' string; the dataset meta is damaged")
         return CharTokenizer(chars)
-    raise UserError(f"unknown tokenizer kind {kind!r}: expected 'gpt2' or 'char'; the dataset or checkpoint that "
+    if kind == "bpe":
+        if not isinstance(d.get("json"), str):
+            raise UserError("tokenizer dict of kind 'bpe' has no 'json' string; the dataset meta is damaged")
+        return _bpe_from_json(d["json"])
+    raise UserError(f"unknown tokenizer kind {kind!r}: expected 'gpt2', 'char' or 'bpe'; the dataset or checkpoint that "
                     "names it comes from another program or a newer gpt2lab")
 
 
+@functools.lru_cache(maxsize=4)
+def _bpe_from_json(json_text: str) -> BPETokenizer:
+    return BPETokenizer(json_text)
+
+
 def get_tokenizer(name_or_dict: str | dict | Tokenizer) -> Tokenizer:
-    """A tokenizer from a name ("gpt2"), a `to_dict()` dict, or a tokenizer (returned as is)."""
+    """A tokenizer from a name ("gpt2"), a directory holding a trained BPE's tokenizer.json, a
+    `to_dict()` dict, or a tokenizer (returned as is)."""
     if isinstance(name_or_dict, dict):
         return tokenizer_from_dict(name_or_dict)
     if isinstance(name_or_dict, str):
@@ -196,7 +358,11 @@ def get_tokenizer(name_or_dict: str | dict | Tokenizer) -> Tokenizer:
                 "the char tokenizer is built from a corpus: use CharTokenizer.from_text(text) "
                 "or the 'tokenizer' dict stored in a prepared dataset's meta.json"
             )
-        raise UserError(f"unknown tokenizer '{name_or_dict}': use 'gpt2' or 'char'")
+        if Path(name_or_dict).is_dir() or name_or_dict.endswith(TOKENIZER_FILE):
+            path = Path(name_or_dict)
+            return BPETokenizer.from_dir(path) if path.is_dir() else BPETokenizer.from_file(path)
+        raise UserError(f"unknown tokenizer '{name_or_dict}': use 'gpt2', 'char' or a directory made by "
+                        "`gpt2lab tokenizer train`")
     if isinstance(name_or_dict, Tokenizer):
         return name_or_dict
     raise UserError(f"cannot make a tokenizer from {type(name_or_dict).__name__}")

@@ -43,7 +43,7 @@ from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, fin
 from gpt2lab.devices import check_fits
 from gpt2lab.errors import FileError, UserError
 from gpt2lab.fileio import Map, inside, read_json, write_atomic
-from gpt2lab.tokenizer import TOKENIZER_SHAPE, CharTokenizer, Tokenizer, get_tokenizer
+from gpt2lab.tokenizer import TOKENIZER_SHAPE, CharTokenizer, Tokenizer, get_tokenizer, tokenizer_label
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -85,7 +85,7 @@ def _settings_summary(config: dict) -> str:
 
 
 def _tokenizer_label(d: dict) -> str:
-    return d.get("kind", "?") if d.get("kind") != "char" else f"char ({len(d.get('chars', ''))} characters)"
+    return tokenizer_label(d) if d.get("kind") != "char" else f"char ({len(d.get('chars', ''))} characters)"
 
 
 def _is_output(p: Path) -> bool:
@@ -616,7 +616,7 @@ def prepare(
         check_fits(2 * shard_tokens, "cpu", f"--shard-tokens {shard_tokens:,} (the buffer of one shard)",
                    "choose fewer tokens per shard")
     if tokenizer not in (None, "gpt2", "char"):
-        raise UserError(f"--tokenizer {tokenizer}: use gpt2 or char")
+        get_tokenizer(tokenizer)  # a trained BPE's directory, checked before any work
     entry = find_source(source)
     args = source_args(entry, input=input_path, subset=subset, text_field=text_field)
     tokenizer = tokenizer or entry.tokenizer

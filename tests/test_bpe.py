@@ -1,0 +1,188 @@
+"""Trained byte-level BPE tokenizers: exact round trips on any text, deterministic training, identity
+in data and checkpoints, `gpt2lab tokenizer`, exports `AutoTokenizer` reads with equal ids, and the
+whole path: train a tokenizer, prepare, train a model, sample, convert, `pipeline` on the export."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from gpt2lab import cli
+from gpt2lab.errors import UserError
+from gpt2lab.tokenizer import (
+    CHAT_SPECIAL_TOKENS,
+    BPETokenizer,
+    get_tokenizer,
+    same_tokenizer,
+    tokenizer_from_dict,
+    train_bpe,
+)
+
+pytest.importorskip("tokenizers")
+
+# code point ranges drawn from: ASCII with controls, Latin-1, combining marks, CJK, Hangul, emoji and
+# their modifiers, private use, the last planes; surrogates are left out (str.encode refuses them)
+RANGES = [(0, 0x7F), (0x80, 0xFF), (0x300, 0x36F), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF),
+          (0x200B, 0x200F), (0xE000, 0xF8FF), (0xFFF0, 0xFFFF), (0x10000, 0x10FFFF)]
+SPECIAL_TEXT = ["<|endoftext|>", *CHAT_SPECIAL_TOKENS, " ", "\n", "\r\n", "\t", "  ", "'s", "'ll"]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        pieces = []
+        for _ in range(rng.randint(0, 40)):
+            if rng.random() < 0.15:
+                pieces.append(rng.choice(SPECIAL_TEXT))
+            else:
+                lo, hi = rng.choice(RANGES)
+                pieces.append("".join(chr(c) for c in (rng.randint(lo, hi) for _ in range(rng.randint(1, 6)))
+                                      if not 0xD800 <= c <= 0xDFFF))
+        texts.append("".join(pieces))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def bpe(trained_bpe) -> BPETokenizer:
+    return BPETokenizer.from_dir(trained_bpe)
+
+
+def test_round_trip_is_exact_on_generated_text(bpe):
+    texts = random_texts(400)
+    for text, ids in zip(texts, bpe.encode_batch(texts)):
+        assert ids == bpe.encode(text)
+        assert bpe.decode_bytes(ids) == text.encode("utf-8")
+        assert bpe.decode(ids) == text
+    for text in texts[:100]:  # with special tokens allowed, their text comes back too
+        assert bpe.decode_bytes(bpe.encode(text, allow_special=True)) == text.encode("utf-8")
+
+
+def test_round_trip_is_exact_on_shared_data_and_invalid_utf8(bpe, shared_data):
+    rng = random.Random(1)
+    garbage = bytes(rng.randrange(256) for _ in range(20_000))  # invalid UTF-8, read with replacement
+    texts = [garbage.decode("utf-8", errors="replace")]
+    for f in ("wikitext-2/valid.txt", "tinyshakespeare/input.txt"):
+        texts.append((shared_data / f).read_bytes()[:300_000].decode("utf-8", errors="replace"))
+    for text in texts:
+        assert bpe.decode_bytes(bpe.encode(text)) == text.encode("utf-8")
+
+
+def test_special_tokens_are_reserved_ids(bpe):
+    assert bpe.eot_id == 0
+    assert [bpe.encode(t, allow_special=True) for t in CHAT_SPECIAL_TOKENS] == [[1], [2], [3], [4]]
+    assert len(bpe.encode("<|endoftext|>")) > 1  # ordinary text unless allowed
+    assert bpe.vocab_size == 2000
+
+
+def test_training_is_deterministic_and_identity_survives_a_round_trip(bpe, shared_data):
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    again = train_bpe(text.split("\n\n"), 2000)
+    assert again.json == bpe.json
+    assert same_tokenizer(bpe, tokenizer_from_dict(json.loads(json.dumps(bpe.to_dict()))))
+    other = train_bpe(text.split("\n\n"), 1000)
+    assert not same_tokenizer(bpe, other) and not same_tokenizer(bpe, "gpt2")
+    with pytest.raises(UserError, match="needs at least 261 ids"):
+        train_bpe(["abc"], 100)
+
+
+def test_get_tokenizer_reads_a_directory(trained_bpe, tmp_path):
+    assert get_tokenizer(str(trained_bpe)).to_dict() == BPETokenizer.from_dir(trained_bpe).to_dict()
+    with pytest.raises(UserError, match="has no tokenizer.json; make one with `gpt2lab tokenizer train"):
+        get_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not a tokenizers tokenizer.json"):
+        get_tokenizer(str(tmp_path))
+
+
+def test_autotokenizer_on_the_export_gives_the_same_ids_on_wikitext(bpe, tmp_path, shared_data):
+    transformers = pytest.importorskip("transformers")
+    from gpt2lab.hf import read_hf_tokenizer, write_bpe_tokenizer_files
+
+    write_bpe_tokenizer_files(tmp_path, bpe)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    lines = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    for text in [*lines[:300], "".join(lines[:2000])]:
+        assert hf_tok(text)["input_ids"] == bpe.encode(text)
+    assert hf_tok.decode(bpe.encode("".join(lines[:200]))) == "".join(lines[:200])
+    assert hf_tok.eos_token_id == bpe.eot_id
+    assert same_tokenizer(read_hf_tokenizer(tmp_path), bpe)
+
+
+def test_tokenizer_command(tmp_path, shared_data, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000])
+    for out in ("a", "b"):
+        assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "600", "--out", str(tmp_path / out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bytes/token with this tokenizer" in printed and "with GPT-2's" in printed
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    tok = BPETokenizer.from_dir(tmp_path / "a")
+    assert cli.main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "a"), "To be, or not"]) == 0
+    ids = [int(i) for i in capsys.readouterr().out.split()]
+    assert ids == tok.encode("To be, or not")
+    assert cli.main(["tokenizer", "decode", "--tokenizer", str(tmp_path / "a"), *map(str, ids)]) == 0
+    assert capsys.readouterr().out == "To be, or not\n"
+    assert cli.main(["tokenizer", "info", "--tokenizer", str(tmp_path / "a")]) == 0
+    assert "<|user|>=2" in capsys.readouterr().out
+    # an earlier tokenizer needs --force; a folder gpt2lab did not write is never replaced
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "600", "--out", str(tmp_path / "a")]) == 2
+    assert "add --force to replace it" in capsys.readouterr().err
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "600", "--out", str(tmp_path)]) == 2
+    assert "is not empty and is not an earlier tokenizer" in capsys.readouterr().err
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "50", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 261 ids" in err and "\n" not in err.strip()
+    assert not (tmp_path / "c").exists()
+
+
+def test_train_prepare_train_sample_convert_pipeline(tmp_path, shared_data, capsys):
+    """The whole path with a 2k-vocabulary BPE on (a slice of) Tiny Shakespeare."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from gpt2lab.data.prepare import load_meta
+    from gpt2lab.loading import load_model
+    from gpt2lab.sampling import generate
+
+    corpus = tmp_path / "shakespeare.txt"
+    corpus.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:300_000])
+    tok_dir, data, run, export = (tmp_path / n for n in ("tok", "data", "run", "export"))
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "2000", "--out", str(tok_dir)]) == 0
+    tok = BPETokenizer.from_dir(tok_dir)
+    assert cli.main(["prepare", str(corpus), "--tokenizer", str(tok_dir), "--out", str(data), "--no-progress"]) == 0
+    meta = load_meta(data)
+    assert meta["vocab_size"] == 2000 and same_tokenizer(meta["tokenizer"], tok)
+    train = ["train", "--data.dir", str(data), "--data.prepare", "null", "--out", str(run), "--model.n_layer", "1",
+             "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32", "--train.tokens_per_step",
+             "128", "--train.micro_batch_size", "4", "--train.max_steps", "4", "--train.eval_every", "0",
+             "--train.sample_tokens", "0", "--train.device", "cpu", "--log.progress", "false"]
+    assert cli.main(train) == 0
+    model, loaded = load_model(str(run))
+    assert same_tokenizer(loaded, tok) and model.config.vocab_size >= 2000
+    capsys.readouterr()
+    assert cli.main(["sample", "--init", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "10",
+                     "--temperature", "0", "--device", "cpu", "--dtype", "fp32"]) == 0
+    sampled = capsys.readouterr().out
+    new = generate(model, [tok.encode("ROMEO:")], max_new_tokens=10, temperature=0)[0]
+    assert sampled.rstrip("\n") == "ROMEO:" + tok.decode(new[:new.index(0)] if 0 in new else new)
+    assert cli.main(["convert", "--init", str(run), "--out", str(export)]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert hf_tok("ROMEO: What, ho!")["input_ids"] == tok.encode("ROMEO: What, ho!")
+    generator = transformers.pipeline("text-generation", model=str(export), device="cpu")
+    text = generator("ROMEO:", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    idx = torch.tensor([tok.encode("ROMEO:")])
+    with torch.no_grad():
+        for _ in range(6):
+            idx = torch.cat([idx, model(idx)[0][0, -1].argmax().view(1, 1)], dim=1)
+    assert text == tok.decode(idx[0].tolist())
+    # a run on data of another tokenizer is refused in one line
+    other = tmp_path / "other"
+    assert cli.main(["prepare", str(corpus), "--tokenizer", "gpt2", "--out", str(other), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--data.dir", str(other), "--data.prepare", "null", "--out", str(tmp_path / "run2"),
+                     "--model.init", str(run), "--train.max_steps", "1", "--train.device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "uses the bpe 2000 (sha256" in err and "prepared with gpt2" in err and "\n" not in err

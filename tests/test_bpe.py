@@ -186,3 +186,56 @@ def test_train_prepare_train_sample_convert_pipeline(tmp_path, shared_data, caps
                      "--model.init", str(run), "--train.max_steps", "1", "--train.device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "uses the bpe 2000 (sha256" in err and "prepared with gpt2" in err and "\n" not in err
+
+
+def test_finetune_with_the_special_template_and_its_export(tmp_path, trained_bpe, capsys):
+    """A model with a trained BPE finetuned on chat records with the `special` template: the template is
+    recorded, `gpt2lab.load(...).chat` prompts with it, and the export's apply_chat_template gives its ids."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import gpt2lab
+    from gpt2lab.chat_template import get_chat_template
+    from gpt2lab.checkpoint import save_checkpoint
+    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.sampling import generate
+
+    tok = BPETokenizer.from_dir(trained_bpe)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "base", base, base.config, tok.to_dict())
+    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Count to {i}"},
+                             {"role": "assistant", "content": " ".join(map(str, range(1, i + 1)))}]} for i in range(1, 9)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli.main(["finetune", "--data", str(tmp_path / "chats.jsonl"), "--init", str(tmp_path / "base"),
+                     "--out", str(tmp_path / "ft"), "--data.sft.template", "special", "--data.sft.val_fraction", "0",
+                     "--train.max_steps", "3", "--train.tokens_per_step", "256", "--train.micro_batch_size", "4",
+                     "--train.eval_every", "0", "--train.sample_tokens", "0", "--log.progress", "false",
+                     "--train.device", "cpu"]) == 0
+    lm = gpt2lab.load(tmp_path / "ft", device="cpu")
+    assert lm.chat_template.name == "special"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to 3"}]
+    prompt = get_chat_template("special").encode(messages, tok)
+    assert prompt[:1] == [1] and prompt[-1] == 3  # <|system|> ... <|assistant|>
+    assert lm.encode_chat(messages) == prompt
+    new = generate(lm.model, [prompt], max_new_tokens=8, temperature=0)[0]
+    expected = tok.decode(new[:new.index(0)] if 0 in new else new).split("<|user|>")[0].strip()
+    assert lm.chat(messages, max_new_tokens=8, temperature=0) == expected
+    capsys.readouterr()
+    assert cli.main(["convert", "--init", str(tmp_path / "ft"), "--out", str(tmp_path / "export")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == prompt
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bpe"])
+def test_long_text_pieces_encode_to_the_ids_of_the_whole_text(name, bpe, shared_data):
+    """prepare encodes one long text in pieces on all cores; the cuts never change an id."""
+    from gpt2lab.data.prepare import encode_long, long_text_pieces
+
+    tok = bpe if name == "bpe" else get_tokenizer("gpt2")
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000]
+    tricky = "".join(random_texts(300, seed=3)) + "a \nb  \n\nc\r\nd\n e\n'll\n\n\n 'x\n"
+    for t in (text, tricky * 3):
+        pieces = long_text_pieces(t, size=500)
+        assert "".join(pieces) == t and len(pieces) > 10
+        assert encode_long(tok, t, size=500).tolist() == tok.encode(t)

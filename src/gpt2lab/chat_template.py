@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpt2lab.errors import UserError
+from gpt2lab.errors import ArgumentError, UserError
 from gpt2lab.fileio import json_type, show_json
 from gpt2lab.tokenizer import CHAT_SPECIAL_TOKENS, EOT_TEXT
 
@@ -204,7 +204,7 @@ def check_messages(messages: Any) -> None:
     """UserError unless `messages` is a list of {role, content} messages (system only first)."""
     problem = messages_problem(list(messages) if isinstance(messages, tuple) else messages)
     if problem is not None:
-        raise UserError(f"chat messages: {problem}")
+        raise ArgumentError(f"chat messages: {problem}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -239,3 +239,29 @@ def test_long_text_pieces_encode_to_the_ids_of_the_whole_text(name, bpe, shared_
         pieces = long_text_pieces(t, size=500)
         assert "".join(pieces) == t and len(pieces) > 10
         assert encode_long(tok, t, size=500).tolist() == tok.encode(t)
+
+
+def test_tiktoken_encoding_equals_the_tokenizers_library(bpe, shared_data):
+    """Encoding runs on tiktoken; `tokenizers` (what the export runs) gives the same ids."""
+    from tokenizers import Tokenizer
+
+    assert bpe._enc is not None
+    plain = Tokenizer.from_str(bpe.json)
+    plain.encode_special_tokens = True
+    special = Tokenizer.from_str(bpe.json)
+    texts = random_texts(300, seed=5)
+    for f in ("wikitext-2/test.txt", "tinyshakespeare/input.txt"):
+        texts += (shared_data / f).read_text(encoding="utf-8").split("\n\n")[:3000]
+    assert bpe.encode_batch(texts) == [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
+    assert bpe.encode_batch(texts, allow_special=True) == [e.ids for e in special.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_merges_out_of_id_order_are_encoded_by_tokenizers(bpe):
+    spec = json.loads(bpe.json)
+    spec["model"]["merges"] = spec["model"]["merges"][1:]  # the first merged token is now unreachable
+    odd = BPETokenizer(json.dumps(spec))
+    assert odd._enc is None
+    for text in random_texts(50, seed=7):
+        ids = odd.encode(text)
+        assert odd.decode_bytes(ids) == text.encode("utf-8") and odd.encode_batch([text]) == [ids]
+    assert odd.encode("<|user|>", allow_special=True) == [2] and len(odd.encode("<|user|>")) > 1

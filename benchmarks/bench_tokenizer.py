@@ -8,7 +8,7 @@ WikiText-2, Tiny Shakespeare), cut into paragraphs and repeated until it holds -
 written as one JSON line per document. Training: `gpt2lab.tokenizer.train_bpe` on the first
 --train-mb megabytes (MB/s of text learnt from). Encoding: the same `gpt2lab prepare CORPUS.jsonl
 --tokenizer T` command, run in a fresh process for each tokenizer (GPT-2 = tiktoken, then the trained
-BPE = Hugging Face tokenizers), every core used as prepare uses them, alternating order over --repeats
+BPE, also encoded by tiktoken: see gpt2lab.tokenizer.BPETokenizer), every core used as prepare uses them, alternating order over --repeats
 runs; MB/s = corpus bytes / wall time of the command (median). The ratio trained BPE / tiktoken is
 printed last (the goal is >= 0.8), with bytes per token of each on the corpus.
 """
@@ -109,9 +109,9 @@ def main() -> None:
         train_s = float(proc.stdout.split()[-1])
         assert train_bpe  # imported above so a broken install fails before the corpus is written
 
-        times: dict[str, list[float]] = {"gpt2 (tiktoken)": [], "trained BPE (tokenizers)": []}
+        times: dict[str, list[float]] = {"gpt2 (tiktoken)": [], "trained BPE": []}
         tokens = {}
-        names = {"gpt2 (tiktoken)": "gpt2", "trained BPE (tokenizers)": str(tmp / "tok")}
+        names = {"gpt2 (tiktoken)": "gpt2", "trained BPE": str(tmp / "tok")}
         for r in range(args.repeats):
             order = list(names) if r % 2 == 0 else list(reversed(names))
             for label in order:
@@ -121,7 +121,7 @@ def main() -> None:
                 tokens[label] = sum(s["tokens"] for s in meta["splits"].values())
 
     rates = {k: size / 1e6 / statistics.median(v) for k, v in times.items()}
-    ratio = rates["trained BPE (tokenizers)"] / rates["gpt2 (tiktoken)"]
+    ratio = rates["trained BPE"] / rates["gpt2 (tiktoken)"]
     print(f"{datetime.date.today()}  cpus {os.cpu_count()}  corpus {size / 1e6:.1f} MB  "
           f"BPE {args.vocab_size:,} ids trained on {train_bytes / 1e6:.1f} MB")
     print(f"training: {train_s:.1f} s ({train_bytes / 1e6 / train_s:.2f} MB/s)")

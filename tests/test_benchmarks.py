@@ -96,3 +96,12 @@ def test_the_speedrun_replaces_only_its_own_runs(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="is a file"):
         speedrun.claim_out(tmp_path / "file")
+
+
+def test_bench_tokenizer_reports_training_and_the_prepare_ratio(tmp_path):
+    out = run_script("bench_tokenizer.py", "--mb", "0.3", "--train-mb", "0.2", "--vocab-size", "600", "--repeats", "1",
+                     "--json", tmp_path=tmp_path)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert set(record["prepare_mb_s"]) == {"gpt2 (tiktoken)", "trained BPE"}
+    assert record["ratio"] > 0 and record["train_s"] > 0 and record["vocab_size"] == 600
+    assert "ratio trained BPE / tiktoken" in out

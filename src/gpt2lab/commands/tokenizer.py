@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json")
     train.add_argument("--max-mb", type=float, default=1000.0, metavar="MB",
                        help="read at most this many megabytes of text (a streamed corpus is cut there)")
+    train.add_argument("--input", help="a local copy of a downloaded source's file (as for `gpt2lab prepare`)")
     train.add_argument("--subset", help="dataset config of a Hugging Face corpus")
     train.add_argument("--text-field", help="record field holding the text (.jsonl, .parquet, hf:NAME)")
     train.add_argument("--force", action="store_true", help="replace a tokenizer written earlier in --out")
@@ -99,7 +100,7 @@ def train(args: argparse.Namespace) -> int:
     corpora = []
     for spec in args.corpus:  # every CORPUS is opened (and checked) before any training
         entry = find_source(spec)
-        corpora.append(entry.open(spec, source_args(entry, input=None, subset=args.subset,
+        corpora.append(entry.open(spec, source_args(entry, input=args.input, subset=args.subset,
                                                     text_field=args.text_field)))
     max_bytes = int(args.max_mb * 1e6)
     held: list[str] = []

@@ -265,3 +265,10 @@ def test_merges_out_of_id_order_are_encoded_by_tokenizers(bpe):
         ids = odd.encode(text)
         assert odd.decode_bytes(ids) == text.encode("utf-8") and odd.encode_batch([text]) == [ids]
     assert odd.encode("<|user|>", allow_special=True) == [2] and len(odd.encode("<|user|>")) > 1
+
+
+def test_a_damaged_stored_tokenizer_is_one_line(bpe):
+    with pytest.raises(UserError, match="says vocab_size 7 but its tokenizer.json has 2000 ids"):
+        tokenizer_from_dict({**bpe.to_dict(), "vocab_size": 7})
+    with pytest.raises(UserError, match="stored in the dataset or checkpoint is not a tokenizers tokenizer.json"):
+        tokenizer_from_dict({"kind": "bpe", "vocab_size": 7, "json": "[1, 2"})

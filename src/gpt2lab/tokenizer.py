@@ -372,14 +372,18 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     if kind == "bpe":
         if not isinstance(d.get("json"), str):
             raise UserError("tokenizer dict of kind 'bpe' has no 'json' string; the dataset meta is damaged")
-        return _bpe_from_json(d["json"])
+        tok = _bpe_from_json(d["json"])
+        if d.get("vocab_size") != tok.vocab_size:
+            raise UserError(f"tokenizer dict of kind 'bpe' says vocab_size {d.get('vocab_size')} but its tokenizer.json "
+                            f"has {tok.vocab_size} ids; the dataset or checkpoint that holds it is damaged")
+        return tok
     raise UserError(f"unknown tokenizer kind {kind!r}: expected 'gpt2', 'char' or 'bpe'; the dataset or checkpoint that "
                     "names it comes from another program or a newer gpt2lab")
 
 
 @functools.lru_cache(maxsize=4)
 def _bpe_from_json(json_text: str) -> BPETokenizer:
-    return BPETokenizer(json_text)
+    return BPETokenizer(json_text, source="the tokenizer.json stored in the dataset or checkpoint")
 
 
 def get_tokenizer(name_or_dict: str | dict | Tokenizer) -> Tokenizer:

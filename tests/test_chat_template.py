@@ -126,3 +126,19 @@ def test_apply_chat_template_gives_gpt2lab_ids(tmp_path, gpt2, trained_bpe, whic
             assert text == tpl.render(messages, add_generation_prompt=generation), name
             ids = hf_tok.apply_chat_template(messages, add_generation_prompt=generation)["input_ids"]
             assert ids == tpl.encode(messages, tok, add_generation_prompt=generation), name
+
+
+def test_finetuning_examples_have_the_ids_of_the_template(gpt2, trained_bpe):
+    """The special template trains on the chat token ids, exactly as the prompt is later encoded."""
+    from gpt2lab.data.sft import tokenize_records
+
+    bpe = BPETokenizer.from_dir(trained_bpe)
+    record = {"messages": [SYSTEM, *TURNS[:4]]}
+    for template, tok in (("special", bpe), ("chat", bpe), ("chat", gpt2), ("alpaca", gpt2)):
+        examples, _ = tokenize_records([record], tok, template, block_size=512)
+        ids, counted = get_chat_template(template).encode_with_mask(record["messages"], tok)
+        assert examples.ids[0].tolist() == ids and examples.counted[0].tolist() == counted
+    special_ids = tokenize_records([record], bpe, "special", block_size=512)[0].ids[0].tolist()
+    assert special_ids[0] == 1 and special_ids.count(2) == 2 and special_ids.count(3) == 2  # <|system|>, <|user|>, <|assistant|>
+    with pytest.raises(UserError, match="needs a tokenizer with the chat tokens"):
+        tokenize_records([record], gpt2, "special", block_size=512)

@@ -227,6 +227,8 @@ def test_finetune_records_its_chat_template(work, full_run, lora_run):
     assert chat_template_of(str(full_run)) == "alpaca"
     assert chat_template_of(str(lora_run / "adapter")) == "alpaca"
     assert chat_template_of(str(lora_run / "merged")) == "alpaca"
+    assert cli.main(["merge-lora", "--adapter", str(lora_run / "adapter"), "--out", str(work / "merged_template")]) == 0
+    assert chat_template_of(str(work / "merged_template")) == "alpaca"
     assert chat_template_of("random:gpt2-tiny") is None  # no finetuning: no template
 
 

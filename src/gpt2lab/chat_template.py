@@ -95,6 +95,8 @@ class ChatTemplate:
                          add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and, per id, whether it counts in a finetuning loss (every
         response id and each closing <|endoftext|>; every id when not `mask_prompt`)."""
+        if self.special:
+            check_special_tokens(tokenizer, self.name)
         return encode_segments(self.segments(messages, add_generation_prompt), tokenizer, mask_prompt,
                                allow_special=self.special)
 
@@ -168,6 +170,14 @@ def encode_segments(segments: Sequence[Segment], tokenizer: Any, mask_prompt: bo
         ids += piece
         counted += [is_response or not mask_prompt] * len(piece)
     return ids, counted
+
+
+def check_special_tokens(tokenizer: Any, template: str) -> None:
+    """UserError unless `tokenizer` has the chat tokens the `special` template is made of."""
+    if any(len(tokenizer.encode(t, allow_special=True)) != 1 for t in CHAT_SPECIAL_TOKENS):
+        raise UserError(f"the {template!r} chat template needs a tokenizer with the chat tokens "
+                        f"{' '.join(CHAT_SPECIAL_TOKENS)} (one trained by `gpt2lab tokenizer train`), not "
+                        f"{tokenizer.name}; use the 'chat' or 'alpaca' template")
 
 
 def _merge_segments(segments: Iterable[Segment]) -> list[Segment]:

@@ -44,6 +44,7 @@ import numpy as np
 from gpt2lab.chat_template import (
     TEMPLATES,
     Segment,
+    check_special_tokens,
     check_template,
     encode_segments,
     format_fields,
@@ -346,8 +347,12 @@ def tokenize_records(records: Sequence[dict], tokenizer, template: str, block_si
     limit = block_size + 1
     out = Examples([], [])
     report = LengthReport()
+    special = template in TEMPLATES and TEMPLATES[template].special
+    if special:
+        check_special_tokens(tokenizer, template)
     for record in records:
-        ids, counted = encode_segments(render_segments(record, template), tokenizer, mask_prompt)
+        ids, counted = encode_segments(render_segments(record, template), tokenizer, mask_prompt,
+                                       allow_special=special)
         if len(ids) > limit:
             if truncation == "drop" or not any(counted[1:limit]):
                 report.dropped += 1

@@ -272,3 +272,10 @@ def test_a_damaged_stored_tokenizer_is_one_line(bpe):
         tokenizer_from_dict({**bpe.to_dict(), "vocab_size": 7})
     with pytest.raises(UserError, match="stored in the dataset or checkpoint is not a tokenizers tokenizer.json"):
         tokenizer_from_dict({"kind": "bpe", "vocab_size": 7, "json": "[1, 2"})
+
+
+def test_a_tokenizer_json_of_another_kind_is_refused(bpe):
+    spec = json.loads(bpe.json)
+    spec["normalizer"] = {"type": "NFC"}  # would change text before encoding: no exact round trip
+    with pytest.raises(UserError, match="is not a byte-level BPE with GPT-2's pre-tokenization and no normalizer"):
+        BPETokenizer(json.dumps(spec))

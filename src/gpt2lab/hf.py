@@ -349,20 +349,6 @@ def is_hf_export(path: str | Path) -> bool:
 # GPT-2 tokenizer files (vocab.json, merges.txt), derived offline from the BPE rank table
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes stand for
-    themselves, the other 68 bytes are shifted to code points 256, 257, ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
 def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     """The pair whose merge created `token`: run BPE on its bytes with the merges ranked before it
     until two parts remain."""
@@ -383,12 +369,12 @@ def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[byte
 def write_gpt2_tokenizer_files(out_dir: str | Path, model_max_length: int = 1024) -> None:
     """Write vocab.json, merges.txt and tokenizer_config.json of the GPT-2 tokenizer, so
     `transformers.AutoTokenizer.from_pretrained(out_dir)` (and lm-eval-harness) work offline."""
-    from gpt2lab.tokenizer import EOT_TEXT, GPT2_EOT_ID, gpt2_encoding
+    from gpt2lab.tokenizer import EOT_TEXT, GPT2_EOT_ID, byte_to_unicode, gpt2_encoding
 
     enc = gpt2_encoding()
     tokens = [enc.decode_single_token_bytes(i) for i in range(GPT2_EOT_ID)]
     ranks = {t: i for i, t in enumerate(tokens)}
-    to_uni = _byte_to_unicode()
+    to_uni = byte_to_unicode()
 
     def show(b: bytes) -> str:
         return "".join(to_uni[x] for x in b)

@@ -187,23 +187,25 @@ MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256
 
 
 @functools.lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    from tokenizers import pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (how byte-level BPE vocabularies
+    spell bytes): printable Latin-1 bytes stand for themselves, the other 68 bytes are shifted to code
+    points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
     for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = {chr(c): b for b, c in zip(bs, cs)}
-    assert set(table) == set(alphabet)
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
     return table
+
+
+# What `train_bpe` writes; a tokenizer.json that differs here would not encode as gpt2lab assumes
+BYTE_LEVEL_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+BPE_MODEL_SETTINGS = {"type": "BPE", "dropout": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "byte_fallback": False}
 
 
 class BPETokenizer:
@@ -228,13 +230,19 @@ class BPETokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise UserError(f"{source} is not a tokenizers tokenizer.json ({str(e).splitlines()[0][:200]}); "
                             "train one with `gpt2lab tokenizer train`") from None
+        pre, model = spec.get("pre_tokenizer"), spec.get("model")
+        if (spec.get("normalizer") is not None or not isinstance(pre, dict) or not isinstance(model, dict)
+                or any(pre.get(k) != v for k, v in BYTE_LEVEL_PRE_TOKENIZER.items())
+                or any(model.get(k) != v for k, v in BPE_MODEL_SETTINGS.items())):
+            raise UserError(f"{source} is not a byte-level BPE with GPT-2's pre-tokenization and no normalizer; "
+                            "train one with `gpt2lab tokenizer train`")
         self.json = json_text
         self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         eot = self._hf.token_to_id(EOT_TEXT)
         if eot is None:
             raise UserError(f"{source} has no {EOT_TEXT} token; train the tokenizer with `gpt2lab tokenizer train`")
         self.eot_id = eot
-        to_byte = _unicode_to_byte()
+        to_byte = {c: b for b, c in byte_to_unicode().items()}
         self._added = {t.content: i for i, t in self._hf.get_added_tokens_decoder().items()}
         added_ids = set(self._added.values())
         table = []
@@ -250,7 +258,7 @@ class BPETokenizer:
                 raise UserError(f"{source}: token {token!r} is not byte-level BPE; train the tokenizer with "
                                 "`gpt2lab tokenizer train`")
         self._bytes = table
-        self._enc = self._tiktoken_encoding(spec.get("model") or {})
+        self._enc = self._tiktoken_encoding(model)
         self._plain = None
         if self._enc is None:
             self._plain = HFTokenizer.from_str(json_text)

@@ -69,6 +69,7 @@ CASES = [
     ("tokenizer-encode-no-dir", ["tokenizer", "encode", "--tokenizer", "mydir", "hello"]),
     ("tokenizer-decode-bad-id", ["tokenizer", "decode", "99999999"]),
     # sample
+    ("sample-system-without-chat", ["sample", "--init", "run", "--prompt", "x", "--system", "Be brief."]),
     ("sample-chat-and-prompt", ["sample", "--init", "run", "--chat", "hi", "--prompt", "x"]),
     ("sample-special-template-gpt2", ["sample", "--init", "run", "--chat", "hi", "--template", "special"]),
     ("sample-missing", ["sample", "--init", "runs/missing"]),

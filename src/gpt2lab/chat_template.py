@@ -194,6 +194,13 @@ def _merge_segments(segments: Iterable[Segment]) -> list[Segment]:
 # Messages
 
 
+def conversation(turns: Iterable[tuple[str, str]], message: str, system: str | None = None) -> list[dict]:
+    """Messages of an optional system prompt, earlier (user, assistant) `turns` and a new user `message`."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages += [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    return [*messages, {"role": "user", "content": message}]
+
+
 def messages_problem(messages: Any) -> str | None:
     """Why `messages` is not a list of {role, content} messages (a phrase naming the field), or None."""
     if not isinstance(messages, list):

@@ -55,6 +55,7 @@ def _read_lines(interactive: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from gpt2lab.chat_template import conversation
     from gpt2lab.generate import stream_text
     from gpt2lab.loading import load_adapted_model
     from gpt2lab.lora import is_adapter
@@ -102,10 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 print("(history cleared)")
             continue
         turns = history[-args.history:] if args.history else []
-        messages = [{"role": "system", "content": args.system}] if args.system is not None else []
-        messages += [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-        messages.append({"role": "user", "content": message})
-        ids = template.encode(messages, tokenizer, max_tokens=block_size - answer_room + 1)
+        ids = template.encode(conversation(turns, message, args.system), tokenizer, max_tokens=block_size - answer_room + 1)
         pieces = []
         for piece in stream_text(model, tokenizer, ids, max_new_tokens=answer_room, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, generator=generator, stop_strings=template.stop):

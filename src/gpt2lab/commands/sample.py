@@ -56,14 +56,17 @@ def _read_prompt(args: argparse.Namespace) -> str | list[dict]:
             raise UserError(f"{flag} cannot be combined with --prompt, --prompt-file or --instruct; use one of them")
         template = resolve_template(args, args.init)
         if args.chat is not None or args.system is not None:
+            from gpt2lab.chat_template import conversation
+
             message = args.chat if args.chat is not None else args.instruct
             if args.instruct_input:
                 message = f"{message}\n\n{args.instruct_input}"
-            return ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
-                [{"role": "user", "content": message}]
+            return conversation([], message, args.system)
         from gpt2lab.data.sft import render_prompt
 
         return render_prompt(args.instruct, args.instruct_input, template=args.template or template.name)
+    if args.system is not None or args.template is not None:
+        raise UserError("--system and --template apply to --chat and --instruct; add one of them or drop the option")
     if args.prompt_file is None:
         return args.prompt
     from gpt2lab.fileio import read_text

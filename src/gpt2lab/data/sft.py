@@ -46,6 +46,7 @@ from gpt2lab.chat_template import (
     Segment,
     check_special_tokens,
     check_template,
+    conversation,
     encode_segments,
     format_fields,
     get_chat_template,
@@ -128,10 +129,7 @@ def encode_chat_prompt(turns: Sequence[tuple[str, str]], message: str, tokenizer
     """Prompt ids for `message` after the previous (user, assistant) `turns`, oldest first (see
     `ChatTemplate.encode`: earlier turns are rendered exactly as training examples, the oldest are
     dropped until the prompt fits in `max_tokens`)."""
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages += [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-    messages.append({"role": "user", "content": message})
-    return get_chat_template(template).encode(messages, tokenizer, max_tokens=max_tokens)
+    return get_chat_template(template).encode(conversation(turns, message, system), tokenizer, max_tokens=max_tokens)
 
 
 # --------------------------------------------------------------------------------------------------

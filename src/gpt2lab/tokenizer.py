@@ -339,11 +339,10 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size}, sha256={self.sha256})"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None,
-              show_progress: bool = False) -> BPETokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """A byte-level BPE with `vocab_size` ids learnt from `texts` (GPT-2's pre-tokenization, no
     normalization): <|endoftext|>, the reserved chat tokens, the 256 bytes, then the merges.
-    The same texts and vocab_size give the same tokenizer. `length`: the number of texts, for progress."""
+    The same texts and vocab_size give the same tokenizer."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -354,8 +353,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = Non
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-    tok.train_from_iterator(texts, trainer, length=length)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
     return BPETokenizer(tok.to_str())
 
 

@@ -106,24 +106,24 @@ def train(args: argparse.Namespace) -> int:
     held: list[str] = []
 
     read = [0]
+    display = [ProgressDisplay("items", total=max_bytes if any(c.count is None for c in corpora) else None,
+                               description="reading the corpus (bytes)")]
 
     def advance(n: int) -> None:
         read[0] += n
-        progress.advance(n)
+        display[0].advance(n)
 
     def texts() -> Iterator[str]:
         documents = (doc for corpus in corpora for doc in corpus.documents())
         yield from _training_texts(documents, max_bytes, held, advance)
-        progress.close()
+        display[0].close()
         say(f"read {format_bytes(read[0])} of text; learning {args.vocab_size:,} ids")
-
-    progress = ProgressDisplay("items", total=max_bytes if any(c.count is None for c in corpora) else None,
-                               description="reading the corpus (bytes)")
+        display[0] = ProgressDisplay("status", description=f"learning the merges of {args.vocab_size:,} ids")
 
     try:
-        bpe = train_bpe(texts(), args.vocab_size, show_progress=sys.stderr.isatty())
+        bpe = train_bpe(texts(), args.vocab_size)
     finally:
-        progress.close()
+        display[0].close()
     if read[0] == 0:
         raise UserError(f"{' '.join(args.corpus)}: no text read (empty, or its first document is over --max-mb)")
     with atomic_dir(out) as tmp:

@@ -279,3 +279,11 @@ def test_a_tokenizer_json_of_another_kind_is_refused(bpe):
     spec["normalizer"] = {"type": "NFC"}  # would change text before encoding: no exact round trip
     with pytest.raises(UserError, match="is not a byte-level BPE with GPT-2's pre-tokenization and no normalizer"):
         BPETokenizer(json.dumps(spec))
+
+
+def test_without_the_tokenizers_package_it_says_what_to_install(bpe, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # import tokenizers -> ImportError
+    with pytest.raises(UserError, match=r"need the tokenizers package: pip install gpt2lab\[hf\]"):
+        BPETokenizer(bpe.json)
+    with pytest.raises(UserError, match="need the tokenizers package"):
+        train_bpe(["some text"], 300)

@@ -208,6 +208,15 @@ BPE_MODEL_SETTINGS = {"type": "BPE", "dropout": None, "continuing_subword_prefix
                       "byte_fallback": False}
 
 
+def _tokenizers():
+    """The Hugging Face `tokenizers` package (an optional dependency of gpt2lab)."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("trained BPE tokenizers need the tokenizers package: pip install gpt2lab[hf]") from None
+    return tokenizers
+
+
 class BPETokenizer:
     """A byte-level BPE trained by `train_bpe`, read from its tokenizer.json (Hugging Face `tokenizers`).
 
@@ -222,7 +231,7 @@ class BPETokenizer:
     name = "bpe"
 
     def __init__(self, json_text: str, source: str = "tokenizer.json") -> None:
-        from tokenizers import Tokenizer as HFTokenizer
+        HFTokenizer = _tokenizers().Tokenizer
 
         try:
             self._hf = HFTokenizer.from_str(json_text)
@@ -318,7 +327,7 @@ class BPETokenizer:
                 return self._enc.encode_batch(list(texts), allowed_special="all")
             return self._enc.encode_ordinary_batch(list(texts))
         tok = self._hf if allow_special else self._plain
-        return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; bytes that are not UTF-8 become U+FFFD."""
@@ -343,8 +352,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """A byte-level BPE with `vocab_size` ids learnt from `texts` (GPT-2's pre-tokenization, no
     normalization): <|endoftext|>, the reserved chat tokens, the 256 bytes, then the merges.
     The same texts and vocab_size give the same tokenizer."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tokenizers = _tokenizers()
+    HFTokenizer, decoders, models = tokenizers.Tokenizer, tokenizers.decoders, tokenizers.models
+    pre_tokenizers, trainers = tokenizers.pre_tokenizers, tokenizers.trainers
 
     if vocab_size < MIN_BPE_VOCAB:
         raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB} "

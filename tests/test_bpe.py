@@ -225,6 +225,7 @@ def test_finetune_with_the_special_template_and_its_export(tmp_path, trained_bpe
     assert cli.main(["convert", "--init", str(tmp_path / "ft"), "--out", str(tmp_path / "export")]) == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
     assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == prompt
+    assert gpt2lab.load(tmp_path / "export", device="cpu").chat_template.name == "special"  # read back from the export
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bpe"])

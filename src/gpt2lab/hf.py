@@ -445,6 +445,18 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
     return get_tokenizer("gpt2")
 
 
+def read_chat_template(path: str | Path) -> str | None:
+    """The name of the built-in gpt2lab chat template whose Jinja is the `chat_template` of the
+    directory's tokenizer_config.json (as `save_hf_model` writes it), else None."""
+    from gpt2lab.chat_template import TEMPLATES
+
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    jinja = read_json(f, {"chat_template?": object}, fix=FIX).get("chat_template")
+    return next((name for name, t in TEMPLATES.items() if t.to_jinja() == jinja), None)
+
+
 def _is_gpt2lab_bpe(f: Path) -> bool:
     """True for a tokenizer.json `gpt2lab tokenizer train` wrote (its reserved chat tokens are added tokens)."""
     from gpt2lab.tokenizer import CHAT_SPECIAL_TOKENS

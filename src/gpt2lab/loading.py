@@ -73,7 +73,8 @@ def load_model(init: str, device: str | torch.device = "cpu",
 
 def chat_template_of(init: str) -> str | None:
     """The chat template a finetuned model records (checkpoint, run or adapter directory; an adapter
-    without one asks its base), or None when `init` records none (a pretrained model, a hub name)."""
+    without one asks its base; an HF export whose Jinja `chat_template` is a built-in template's),
+    or None when `init` records none (a pretrained model, a hub name)."""
     path = Path(init)
     if lora.is_adapter(path):
         config = lora.read_adapter_config(path)
@@ -84,6 +85,8 @@ def chat_template_of(init: str) -> str | None:
     if path.exists() and checkpoint.find_latest(path) is not None:
         template = checkpoint.read_newest(path, checkpoint.read_config).get("chat_template")
         return template if isinstance(template, str) else None
+    if path.is_dir() and hf.is_hf_dir(path):
+        return hf.read_chat_template(path)
     return None
 
 

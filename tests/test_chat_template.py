@@ -142,3 +142,14 @@ def test_finetuning_examples_have_the_ids_of_the_template(gpt2, trained_bpe):
     assert special_ids[0] == 1 and special_ids.count(2) == 2 and special_ids.count(3) == 2  # <|system|>, <|user|>, <|assistant|>
     with pytest.raises(UserError, match="needs a tokenizer with the chat tokens"):
         tokenize_records([record], gpt2, "special", block_size=512)
+
+
+def test_jinja_keeps_any_literal_text(tmp_path, gpt2):
+    """Quotes, backslashes, non-ASCII and astral characters in a template survive the Jinja export."""
+    transformers = pytest.importorskip("transformers")
+    template = 'Frage «{instruction}» \\ "quoted" 🎉 {{braces}}\n{output}'
+    hf_tok = transformers.AutoTokenizer.from_pretrained(_export(tmp_path / "export", gpt2, template))
+    for generation in (True, False):
+        assert hf_tok.apply_chat_template(TURNS, add_generation_prompt=generation, tokenize=False) == \
+            get_chat_template(template).render(TURNS, add_generation_prompt=generation)
+    assert get_chat_template(template).render(TURNS[:1]).startswith('Frage «Name a primary color.» \\ "quoted" 🎉 {braces}\n')

@@ -125,7 +125,7 @@ class ChatTemplate:
             pieces = []
             for literal, field, _, _ in string.Formatter().parse(fmt):
                 if literal:
-                    pieces.append("{{ " + json.dumps(literal) + " }}")
+                    pieces.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
                 if field == "content":
                     pieces.append("{{ message['content'] }}")
                 elif field == "system":
@@ -133,7 +133,7 @@ class ChatTemplate:
             return "".join(pieces)
 
         return (
-            "{%- set ns = namespace(system=" + json.dumps(self.default_system) + ") -%}"
+            "{%- set ns = namespace(system=" + json.dumps(self.default_system, ensure_ascii=False) + ") -%}"
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}" + expr(self.system)
             + "{%- elif message['role'] == 'user' -%}" + expr(self.user)

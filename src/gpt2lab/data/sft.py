@@ -10,8 +10,9 @@ A record renders to segments (text, is_response). Each segment is tokenized on i
 segments of the same kind are joined first) and the token lists are concatenated, so the
 prompt/response boundary is exact; every response is followed by `<|endoftext|>`. The labels are
 the ids with -100 on every prompt token (when `mask_prompt`) and on padding; every response token
-and each closing `<|endoftext|>` is counted. Inference renders prompts with the same functions
-(`render_prompt`, `encode_chat_prompt`), so what `chat` sends the model matches what it was trained on.
+and each closing `<|endoftext|>` is counted. The built-in templates are `gpt2lab.chat_template`'s;
+inference renders prompts with the same templates, so what `chat` sends the model matches what it
+was trained on.
 
 Batches follow the loader convention of docs/design.md: `get_batch(step)` is this rank's contiguous
 share of the global batch of that step, a pure function of (seed, step). Epochs are shuffled by a

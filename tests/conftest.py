@@ -100,3 +100,14 @@ def sandbox(tmp_path_factory, default_data) -> Path:
     (root / "trunc_cfg" / "config.json").write_text((ckpt / "config.json").read_text()[:40])
     (root / "trunc_cfg" / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_bpe(tmp_path_factory, shared_data) -> Path:
+    """A 2,000-id byte-level BPE trained on Tiny Shakespeare, as `gpt2lab tokenizer train` writes it (DIR)."""
+    from gpt2lab.tokenizer import TOKENIZER_FILE, train_bpe
+
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    out = tmp_path_factory.mktemp("bpe")
+    (out / TOKENIZER_FILE).write_text(train_bpe(text.split("\n\n"), 2000).json, encoding="utf-8")
+    return out

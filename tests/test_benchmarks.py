@@ -119,3 +119,12 @@ def test_bench_lm_eval_reports_both_backends(tmp_path):
     assert set(record["seconds"]) == {"gpt2lab", "hf"} and record["ratio"] > 0
     assert record["metrics_equal"] and record["max_loglikelihood_diff"] < 1e-4
     assert "x faster; metrics equal" in out
+
+
+def test_bench_tokenizer_reports_training_and_the_prepare_ratio(tmp_path):
+    out = run_script("bench_tokenizer.py", "--mb", "0.3", "--train-mb", "0.2", "--vocab-size", "600", "--repeats", "1",
+                     "--json", tmp_path=tmp_path)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert set(record["prepare_mb_s"]) == {"gpt2 (tiktoken)", "trained BPE"}
+    assert record["ratio"] > 0 and record["train_s"] > 0 and record["vocab_size"] == 600
+    assert "ratio trained BPE / tiktoken" in out

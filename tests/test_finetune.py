@@ -217,3 +217,34 @@ def test_sample_instruct_answers_with_the_template(full_run, capsys):
     expected = tok.decode(generate(model, [prompt], max_new_tokens=8, temperature=0)[0])
     assert printed.strip() == expected.strip()
     assert cli.main(args + ["--prompt", "x"]) == 2
+
+
+def test_finetune_records_its_chat_template(work, full_run, lora_run):
+    """Checkpoints, adapters and merged models say which chat template they were finetuned with;
+    `chat`/`sample --chat` default to it."""
+    from gpt2lab.loading import chat_template_of
+
+    assert chat_template_of(str(full_run)) == "alpaca"
+    assert chat_template_of(str(lora_run / "adapter")) == "alpaca"
+    assert chat_template_of(str(lora_run / "merged")) == "alpaca"
+    assert cli.main(["merge-lora", "--adapter", str(lora_run / "adapter"), "--out", str(work / "merged_template")]) == 0
+    assert chat_template_of(str(work / "merged_template")) == "alpaca"
+    assert chat_template_of("random:gpt2-tiny") is None  # no finetuning: no template
+
+
+def test_sample_chat_with_a_system_prompt_uses_the_recorded_template(full_run, capsys):
+    from gpt2lab.chat_template import get_chat_template
+    from gpt2lab.loading import load_model
+    from gpt2lab.sampling import generate
+
+    args = ["sample", "--init", str(full_run), "--chat", "Name a primary color.", "--system", "Answer briefly.",
+            "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    model, tok = load_model(str(full_run))
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a primary color."}]
+    prompt = get_chat_template("alpaca").encode(messages, tok)
+    assert tok.decode(prompt).startswith("Answer briefly.\n\n### Instruction:\nName a primary color.")
+    new = generate(model, [prompt], max_new_tokens=8, temperature=0)[0]
+    expected = tok.decode(new[:new.index(tok.eot_id)] if tok.eot_id in new else new)
+    assert printed.strip() == expected.split("### Instruction:")[0].strip()

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "console", "lm_eval_plugin"),
     ("losses", "download", "devices", "fileio", "timing"),
     ("configparse", "tokenizer", "timebudget", "architecture", "precision"),
-    ("config",),
+    ("config", "chat_template"),
     ("sampling",),
     ("model",),
     ("data", "optim", "parallel", "metrics"),

@@ -59,7 +59,19 @@ CASES = [
     ("prepare-into-run", ["prepare", "default", "--out", "run"]),
     ("prepare-into-foreign", ["prepare", "default", "--out", "mydir"]),
     ("prepare-broken-jsonl", ["prepare", "broken.jsonl", "--out", "d2"]),
+    ("prepare-tokenizer-dir", ["prepare", "default", "--out", "d2", "--tokenizer", "mydir"]),
+    # tokenizer
+    ("tokenizer-vocab-small", ["tokenizer", "train", "notes.txt", "--vocab-size", "10", "--out", "tok"]),
+    ("tokenizer-out-foreign", ["tokenizer", "train", "notes.txt", "--vocab-size", "300", "--out", "mydir"]),
+    ("tokenizer-out-run", ["tokenizer", "train", "notes.txt", "--vocab-size", "300", "--out", "run"]),
+    ("tokenizer-unknown-corpus", ["tokenizer", "train", "wikipedia-xl", "--vocab-size", "300", "--out", "tok"]),
+    ("tokenizer-latin1", ["tokenizer", "train", "latin1.txt", "--vocab-size", "300", "--out", "tok"]),
+    ("tokenizer-encode-no-dir", ["tokenizer", "encode", "--tokenizer", "mydir", "hello"]),
+    ("tokenizer-decode-bad-id", ["tokenizer", "decode", "99999999"]),
     # sample
+    ("sample-system-without-chat", ["sample", "--init", "run", "--prompt", "x", "--system", "Be brief."]),
+    ("sample-chat-and-prompt", ["sample", "--init", "run", "--chat", "hi", "--prompt", "x"]),
+    ("sample-special-template-gpt2", ["sample", "--init", "run", "--chat", "hi", "--template", "special"]),
     ("sample-missing", ["sample", "--init", "runs/missing"]),
     ("sample-random-weights", ["sample", "--init", "junk_ckpt"]),
     ("sample-truncated-config", ["sample", "--init", "trunc_cfg"]),
@@ -138,7 +150,7 @@ def test_misuse_is_one_line_and_touches_nothing(name, argv, sandbox, monkeypatch
     assert snapshot(sandbox) == before, f"{name} changed or created files"
 
 
-def test_there_are_sixty_cases_across_all_eleven_commands():
+def test_there_are_sixty_cases_across_all_commands():
     from gpt2lab.cli import COMMANDS
 
     assert len(CASES) >= 60

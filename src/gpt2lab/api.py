@@ -5,6 +5,7 @@
     lm.generate("The ", max_new_tokens=50, seed=0)        # -> str (a list of prompts -> a list of str)
     for piece in lm.stream("The "): print(piece, end="")
     lm.score("some text")                                 # Score(loglikelihood=..., tokens=..., perplexity=...)
+    lm.chat([{"role": "user", "content": "Hi"}])          # a finetuned model's answer, in its chat template
     result = gpt2lab.train("quickstart", **{"train.max_steps": 100, "checkpoint.out_dir": "out/qs"})
 
 Everything here goes through the same code as the commands: `gpt2lab.loading.load_model` (what
@@ -43,9 +44,13 @@ class LoadedModel:
     A text or token id it cannot use (not a str, a lone surrogate, an id outside the vocabulary) raises
     `gpt2lab.errors.ArgumentError`, a `UserError` with a one-line message."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, chat_template: Any = "alpaca") -> None:
+        from gpt2lab.chat_template import get_chat_template
+
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_template = get_chat_template(chat_template)
+        """The `gpt2lab.chat_template.ChatTemplate` of `chat`: the one the model was finetuned with, else alpaca."""
 
     def __repr__(self) -> str:
         c = self.model.config
@@ -75,6 +80,22 @@ class LoadedModel:
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_strings=stop)
             texts.append("".join(pieces))
         return texts[0] if isinstance(prompt, str) else texts
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of OpenAI-style messages [{"role": "system"|"user"|"assistant", "content": str}, ...]
+        in the model's chat template (what `apply_chat_template` of its export gives)."""
+        return self.chat_template.encode(messages, self.tokenizer, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, *, temperature: float = 0.7,
+             top_k: int | None = 50, top_p: float | None = None, seed: int | None = None) -> str:
+        """The assistant's answer to `messages` (see `encode_chat`), until <|endoftext|> or the start of
+        a new turn, with the oldest exchanges dropped when the conversation outgrows half the context."""
+        from gpt2lab.generate import stream_text
+
+        room = min(max_new_tokens, self.model.config.block_size // 2)
+        ids = self.chat_template.encode(messages, self.tokenizer, max_tokens=self.model.config.block_size - room + 1)
+        return "".join(stream_text(self.model, self.tokenizer, ids, max_new_tokens=room, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed, stop_strings=self.chat_template.stop)).strip()
 
     def stream(self, prompt: str, max_new_tokens: int = 100, **kwargs: Any) -> Iterator[str]:
         """The text generated after `prompt`, piece by piece as it is decoded (arguments of `generate`)."""
@@ -164,7 +185,7 @@ def load(init: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> 
     dtype: auto (as stored; `gpt2lab sample --dtype auto` measures instead) or fp32|bf16|fp16, or int8
     (CPU only: int8 linear layers for decoding, see `gpt2lab.int8`)."""
     from gpt2lab.devices import canonical_dtype, check_device_name, resolve_device
-    from gpt2lab.loading import load_model
+    from gpt2lab.loading import chat_template_of, load_model
 
     init = os.fspath(init) if isinstance(init, os.PathLike) else init
     if not isinstance(init, str):
@@ -172,7 +193,7 @@ def load(init: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> 
     check_device_name(device)
     dtype = dtype if dtype == "int8" else canonical_dtype(dtype)
     model, tokenizer = load_model(init, device=resolve_device(device), dtype=None if dtype == "auto" else dtype)
-    return LoadedModel(model, tokenizer)
+    return LoadedModel(model, tokenizer, chat_template_of(init) or "alpaca")
 
 
 def train(config: str | None = "quickstart", **overrides: Any) -> Any:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gpt2lab.commands.train", "pretrain (or continue training) a model from a YAML config"),
     "finetune": ("gpt2lab.commands.finetune", "instruction-finetune a model on Alpaca/chat records (full or LoRA)"),
     "prepare": ("gpt2lab.commands.prepare", "tokenize a corpus into token shards for training"),
+    "tokenizer": ("gpt2lab.commands.tokenizer", "train a byte-level BPE on a corpus; encode, decode, info"),
     "sample": ("gpt2lab.commands.sample", "generate text from a checkpoint, HF directory or OpenAI preset"),
     "chat": ("gpt2lab.commands.chat", "talk to an instruction-finetuned model"),
     "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, lambada, wikitext, perplexity, lm-eval"),

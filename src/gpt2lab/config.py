@@ -132,8 +132,9 @@ class SFTConfig:
     path: str | None = None
     """Records file (.json array or .jsonl), or "alpaca" for the Stanford Alpaca set."""
     template: str = "alpaca"
-    """Prompt template: "alpaca", "chat" (messages records), or a custom string such as
-    "Q: {instruction}\\nA: {output}"."""
+    """Chat template (gpt2lab.chat_template): "alpaca", "chat" (messages records), "special" (messages
+    records, a trained tokenizer's chat tokens), or a custom string such as "Q: {instruction}\\nA: {output}".
+    Recorded in the checkpoints: chat and sample --chat use it."""
     mask_prompt: bool = True
     """Leave prompt tokens out of the loss (only response tokens are counted)."""
     truncation: Truncation = "truncate"

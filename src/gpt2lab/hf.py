@@ -301,10 +301,13 @@ def gpt2lab_to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+                  chat_template: str | None = None) -> Path:
     """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained`
-    loads unchanged, plus tokenizer files `AutoTokenizer` loads: GPT-2's vocab.json/merges.txt, or a
-    tokenizer.json for a character-level model. Variants HF GPT-2 cannot express (RoPE, GQA/MQA,
+    loads unchanged, plus tokenizer files `AutoTokenizer` loads: GPT-2's vocab.json/merges.txt, a
+    trained BPE's tokenizer.json, or a tokenizer.json for a character-level model. `chat_template`
+    (a gpt2lab chat template name or string) becomes the Jinja `chat_template` of tokenizer_config.json,
+    so `apply_chat_template` renders as gpt2lab does. Variants HF GPT-2 cannot express (RoPE, GQA/MQA,
     sliding windows) raise UserError."""
     from gpt2lab.fileio import atomic_dir
 
@@ -320,6 +323,15 @@ def save_hf_model(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None =
             write_gpt2_tokenizer_files(tmp, model_max_length=model.config.block_size)
         elif kind == "char":
             write_char_tokenizer_files(tmp, tokenizer.chars, model_max_length=model.config.block_size)
+        elif kind == "bpe":
+            write_bpe_tokenizer_files(tmp, tokenizer, model_max_length=model.config.block_size)
+        if chat_template is not None and kind in ("gpt2", "bpe"):
+            from gpt2lab.chat_template import get_chat_template
+
+            config_file = tmp / "tokenizer_config.json"
+            tokenizer_config = json.loads(config_file.read_text())
+            tokenizer_config["chat_template"] = get_chat_template(chat_template).to_jinja()
+            config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out
 
 
@@ -376,10 +388,24 @@ def write_char_tokenizer_files(out_dir: str | Path, chars: str, model_max_length
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def write_bpe_tokenizer_files(out_dir: str | Path, tokenizer: Tokenizer, model_max_length: int = 1024) -> None:
+    """Write a trained BPE's tokenizer.json (as trained) and a tokenizer_config.json naming its
+    special tokens, so `transformers.AutoTokenizer.from_pretrained(out_dir)` encodes exactly as gpt2lab."""
+    from gpt2lab.tokenizer import CHAT_SPECIAL_TOKENS, EOT_TEXT
+
+    out = Path(out_dir)
+    (out / "tokenizer.json").write_text(tokenizer.json, encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
+              "additional_special_tokens": list(CHAT_SPECIAL_TOKENS), "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def read_hf_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of an HF directory: a character tokenizer when its tokenizer.json is the
-    one-token-per-character WordLevel model `write_char_tokenizer_files` writes, else GPT-2 BPE."""
-    from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
+    one-token-per-character WordLevel model `write_char_tokenizer_files` writes, a trained BPE when it
+    holds gpt2lab's reserved chat tokens, else GPT-2 BPE."""
+    from gpt2lab.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer
 
     f = Path(path) / "tokenizer.json"
     if f.is_file():
@@ -388,4 +414,26 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
         if isinstance(vocab, dict) and vocab and all(len(k) == 1 and type(i) is int for k, i in vocab.items()):
             with in_file(f, FIX):
                 return CharTokenizer("".join(sorted(vocab, key=vocab.get)))
+        if model.get("type") == "BPE" and _is_gpt2lab_bpe(f):
+            return BPETokenizer.from_file(f)
     return get_tokenizer("gpt2")
+
+
+def read_chat_template(path: str | Path) -> str | None:
+    """The name of the built-in gpt2lab chat template whose Jinja is the `chat_template` of the
+    directory's tokenizer_config.json (as `save_hf_model` writes it), else None."""
+    from gpt2lab.chat_template import TEMPLATES
+
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    jinja = read_json(f, {"chat_template?": object}, fix=FIX).get("chat_template")
+    return next((name for name, t in TEMPLATES.items() if t.to_jinja() == jinja), None)
+
+
+def _is_gpt2lab_bpe(f: Path) -> bool:
+    """True for a tokenizer.json `gpt2lab tokenizer train` wrote (its reserved chat tokens are added tokens)."""
+    from gpt2lab.tokenizer import CHAT_SPECIAL_TOKENS
+
+    added = read_json(f, TOKENIZER_JSON_SHAPE, fix=FIX).get("added_tokens") or []
+    return {t.get("content") for t in added if isinstance(t, dict)} >= set(CHAT_SPECIAL_TOKENS)

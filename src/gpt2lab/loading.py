@@ -78,6 +78,25 @@ def load_model(init: str, device: str | torch.device = "cpu",
     return model.eval(), tokenizer
 
 
+def chat_template_of(init: str) -> str | None:
+    """The chat template a finetuned model records (checkpoint, run or adapter directory; an adapter
+    without one asks its base; an HF export whose Jinja `chat_template` is a built-in template's),
+    or None when `init` records none (a pretrained model, a hub name)."""
+    path = Path(init)
+    if lora.is_adapter(path):
+        config = lora.read_adapter_config(path)
+        base = config.get("base", {}).get("init")
+        if isinstance(config.get("chat_template"), str):
+            return config["chat_template"]
+        return chat_template_of(base) if isinstance(base, str) and Path(base).resolve() != path.resolve() else None
+    if path.exists() and checkpoint.find_latest(path) is not None:
+        template = checkpoint.read_newest(path, checkpoint.read_config).get("chat_template")
+        return template if isinstance(template, str) else None
+    if path.is_dir() and hf.is_hf_dir(path):
+        return hf.read_chat_template(path)
+    return None
+
+
 def load_config(init: str, flag: str = "--init") -> GPTConfig:
     """Only the architecture `init` names (no weights read): a preset or random:<preset>, a hub id
     (its config.json only), an HF directory, a checkpoint, run or LoRA adapter directory."""

@@ -50,7 +50,7 @@ from gpt2lab.model import GPT, PRESETS, GPTConfig, check_memory, describe_size, 
 from gpt2lab.optim import build_optimizer
 from gpt2lab.precision import auto_on_cpu
 from gpt2lab.timebudget import Choice, Planner
-from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict
+from gpt2lab.tokenizer import Tokenizer, same_tokenizer, tokenizer_from_dict, tokenizer_label
 from gpt2lab.trainer import Hook, Trainer, TrainResult, batch_geometry
 
 
@@ -182,7 +182,7 @@ def _train(cfg: RunConfig, env: Any, started_at: float) -> TrainResult:
         check_same_architecture(saved["model"], model.config, str(resume_from))
         if saved.get("tokenizer") and not same_tokenizer(saved["tokenizer"], tokenizer):
             raise UserError(f"cannot resume from {resume_from}: it was trained with another tokenizer "
-                            f"({saved['tokenizer'].get('kind')}) than the data's ({tokenizer.to_dict().get('kind')})")
+                            f"({tokenizer_label(saved['tokenizer'])}) than the data's ({tokenizer_label(tokenizer.to_dict())})")
     if cfg.lora.r > 0:
         from gpt2lab.lora import apply_lora
 
@@ -441,8 +441,8 @@ def build_model(mcfg: ModelConfig, meta: dict | None, device: torch.device) -> t
     model, tokenizer = load_init(mcfg.init, device)
     if data_tok is not None and not same_tokenizer(tokenizer, data_tok):
         raise UserError(
-            f"model.init={mcfg.init} uses the {tokenizer.to_dict().get('kind')} tokenizer but {meta['dir']} was "
-            f"prepared with {data_tok.get('kind')}; prepare the data with the model's tokenizer"
+            f"model.init={mcfg.init} uses the {tokenizer_label(tokenizer.to_dict())} tokenizer but {meta['dir']} was "
+            f"prepared with {tokenizer_label(data_tok)}; prepare the data with the model's tokenizer"
         )
     for f in dataclasses.fields(GPTConfig):
         wanted = getattr(mcfg, f.name)
@@ -512,11 +512,17 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, block_size: int, global_row
                                                  world_size=env.world_size, device=device, max_rows=rows)
 
 
+def _chat_extra(cfg: RunConfig) -> dict:
+    """{"chat_template": the template a finetuned model learnt} for its checkpoints (chat and sample --chat
+    default to it), {} for pretraining."""
+    return {"chat_template": cfg.data.sft.template} if cfg.data.format == "sft" else {}
+
+
 def _checkpoint_saver(cfg: RunConfig, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       tokenizer: Tokenizer, run_dir: Path, env: Any):
     """The trainer's save(step, train_state) -> checkpoint directory: every rank writes its share, then
     rank 0 keeps the newest checkpoint.keep_last."""
-    extra = {"run": cfg.name, "init": cfg.model.init}
+    extra = {"run": cfg.name, "init": cfg.model.init, **_chat_extra(cfg)}
     if cfg.lora.r > 0:
         extra["lora"] = to_dict(cfg.lora)  # weights hold lora_A/lora_B: apply_lora before loading them
 
@@ -588,9 +594,11 @@ def _save_lora_outputs(cfg: RunConfig, wrapped: torch.nn.Module, tokenizer: Toke
     state = model_state_for_save(wrapped)  # collective under FSDP
     if not env.is_main:
         return
-    save_adapter(run_dir / "adapter", model, cfg.lora, cfg.model.init, tokenizer=tokenizer.to_dict())
+    save_adapter(run_dir / "adapter", model, cfg.lora, cfg.model.init, tokenizer=tokenizer.to_dict(),
+                 extra=_chat_extra(cfg))
     if cfg.lora.merge:
         plain = apply_lora(GPT(model.config), cfg.lora)  # a CPU copy: the trained model may be sharded
         plain.load_state_dict(state, strict=False)  # strict=False: the tied lm_head.weight is stored once
         merge_lora(plain)
-        save_checkpoint(run_dir / "merged", plain, plain.config, tokenizer.to_dict(), extra={"init": cfg.model.init})
+        save_checkpoint(run_dir / "merged", plain, plain.config, tokenizer.to_dict(),
+                        extra={"init": cfg.model.init, **_chat_extra(cfg)})

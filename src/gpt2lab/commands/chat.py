@@ -4,7 +4,8 @@
     gpt2lab chat --init out/finetune_alpaca/adapter          # a LoRA adapter (its base is loaded too)
     echo "Name three colors." | gpt2lab chat --init ckpt     # one answer per input line
 
-Each message is rendered with the template the model was finetuned on (`--template`), after the
+Each message is rendered with the chat template the model was finetuned with (recorded in its
+checkpoint; `--template` chooses another, `--system` adds a system prompt), after the
 last `--history` exchanges (oldest dropped first so the prompt fits the context); the answer is
 streamed until <|endoftext|>. Commands: /reset forgets the history, /exit (or Ctrl-D) quits.
 """
@@ -14,21 +15,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2lab.commands.common import INIT_HELP, add_model_arguments, add_sampling_arguments
+from gpt2lab.commands.common import (
+    INIT_HELP,
+    add_model_arguments,
+    add_sampling_arguments,
+    add_template_arguments,
+    resolve_template,
+)
 from gpt2lab.commands.sample import DTYPE_HELP, load_for_decoding
 from gpt2lab.errors import UserError
-
-# Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there.
-TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, init_required=True, init_help=INIT_HELP + ", or a LoRA adapter directory",
                         dtype_help=DTYPE_HELP, int8=True)
     parser.add_argument("--base", metavar="INIT", help="base model of a LoRA adapter (default: the one it records)")
-    parser.add_argument("--template", default="alpaca",
-                        help="prompt template the model was finetuned with: alpaca, chat, or a custom "
-                             "'...{instruction}...{output}' string (default: alpaca)")
+    add_template_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=256, temperature=0.7, top_k=50)
     parser.add_argument("--history", type=int, default=3, metavar="N",
                         help="previous exchanges kept in the prompt (default: 3; 0 = none)")
@@ -53,13 +55,13 @@ def _read_lines(interactive: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2lab.data.sft import check_template, encode_chat_prompt
+    from gpt2lab.chat_template import conversation
     from gpt2lab.generate import stream_text
     from gpt2lab.loading import load_adapted_model
     from gpt2lab.lora import is_adapter
     from gpt2lab.sampling import check_sampling
 
-    check_template(args.template)
+    template = resolve_template(args, args.init)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading the model
     if args.history < 0:
         raise UserError(f"--history must be >= 0, got {args.history}")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     answer_room = min(args.max_new_tokens, block_size // 2)  # keep at least half the context for the prompt
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.init} ({args.template} template); /reset clears the history, /exit or Ctrl-D quits")
+        print(f"chatting with {args.init} ({template.name} template); /reset clears the history, /exit or Ctrl-D quits")
     history: list[tuple[str, str]] = []
     for line in _read_lines(interactive):
         message = line.strip()
@@ -101,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
                 print("(history cleared)")
             continue
         turns = history[-args.history:] if args.history else []
-        ids = encode_chat_prompt(turns, message, tokenizer, args.template, max_tokens=block_size - answer_room + 1)
+        ids = template.encode(conversation(turns, message, args.system), tokenizer, max_tokens=block_size - answer_room + 1)
         pieces = []
         for piece in stream_text(model, tokenizer, ids, max_new_tokens=answer_room, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, generator=generator, stop_strings=TURN_STARTS.get(args.template, ())):
+                                 top_p=args.top_p, generator=generator, stop_strings=template.stop):
             pieces.append(piece)
             print(piece, end="", flush=True)
         print(flush=True)

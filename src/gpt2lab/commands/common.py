@@ -115,3 +115,25 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                         help="nucleus sampling: the smallest set of tokens with probability >= p (default: off)")
     parser.add_argument("--seed", type=_coerced(int), default=None,
                         help="random seed (0 to 2**63-1): the same seed gives the same text")
+
+
+TEMPLATE_HELP = ("chat template: alpaca, chat, special (a trained tokenizer's chat tokens) or a custom "
+                 "'...{instruction}...{output}' string (default: the one the model was finetuned with, else alpaca)")
+
+
+def add_template_arguments(parser: argparse.ArgumentParser) -> None:
+    """--template and --system: how a message becomes a prompt (gpt2lab.chat_template)."""
+    parser.add_argument("--template", default=None, help=TEMPLATE_HELP)
+    parser.add_argument("--system", default=None, metavar="TEXT",
+                        help="system prompt placed before the conversation (alpaca: replaces its preamble)")
+
+
+def resolve_template(args: argparse.Namespace, init: str):
+    """The ChatTemplate of --template, else the one `init` records, else alpaca."""
+    from gpt2lab.chat_template import get_chat_template
+
+    if args.template is not None:
+        return get_chat_template(args.template)
+    from gpt2lab.loading import chat_template_of
+
+    return get_chat_template(chat_template_of(init) or "alpaca")

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2lab import hf, lora
     from gpt2lab.errors import UserError
     from gpt2lab.fileio import check_output_dir
-    from gpt2lab.loading import load_config, load_model
+    from gpt2lab.loading import chat_template_of, load_config, load_model
 
     if args.outtype != "f32" and args.format != "gguf":
         raise UserError(f"--outtype applies to --format gguf only; drop it for --format {args.format}")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, kind="HF export", is_same_kind=hf.is_hf_export, force=args.force)
     hf.check_hf_compatible(load_config(args.init))  # refuse before reading any weights
     model, tokenizer = load_model(args.init, device=args.device, dtype=args.dtype)
-    out = hf.save_hf_model(model, args.out, tokenizer)
+    out = hf.save_hf_model(model, args.out, tokenizer, chat_template=chat_template_of(args.init))
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     print(f"wrote {out} ({files})")
     print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) and "

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpt2lab.checkpoint import is_merged_checkpoint, save_checkpoint
     from gpt2lab.fileio import check_output_dir
-    from gpt2lab.loading import load_adapted_model
+    from gpt2lab.loading import chat_template_of, load_adapted_model
     from gpt2lab.lora import merge_lora
 
     check_output_dir(args.out, kind="merge-lora output", is_same_kind=is_merged_checkpoint, force=args.force)
@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     merge_lora(model)
     extra = {"lora_merged": {"adapter": str(Path(args.adapter).resolve()), "base": args.init or adapter["base"]["init"],
                              "r": adapter["r"], "alpha": adapter["alpha"]}}
+    template = chat_template_of(args.adapter)  # the merged model keeps the chat template it was finetuned with
+    if template is not None:
+        extra["chat_template"] = template
     save_checkpoint(args.out, model, model.config, tokenizer.to_dict(), extra=extra)
     print(f"merged {args.adapter} into {extra['lora_merged']['base']} -> {args.out}")
     return 0

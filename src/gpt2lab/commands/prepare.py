@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "sources (and their defaults):\n" + "\n".join(describe(s) for s in SOURCES.values())
     parser.add_argument("source", help="a source listed below: a name, hf:NAME or a local PATH")
     parser.add_argument("--out", required=True, help="dataset folder to write (train_*.bin, val_*.bin, meta.json)")
-    parser.add_argument("--tokenizer", choices=["gpt2", "char"], help="default: the source's, listed below")
+    parser.add_argument("--tokenizer", metavar="TOK",
+                        help="gpt2, char, or a directory made by `gpt2lab tokenizer train` (default: the source's, "
+                             "listed below)")
     parser.add_argument("--val-fraction", type=float,
                         help="share held out for validation (default: the source's, listed below)")
     parser.add_argument("--shard-tokens", type=int, help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
@@ -56,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2lab.data.prepare import prepare
+    from gpt2lab.tokenizer import tokenizer_label
 
     meta = prepare(
         args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
@@ -65,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     )
     splits = ", ".join(f"{name} {s['tokens']:,} tokens in {len(s['shards'])} shard(s)"
                        for name, s in meta["splits"].items())
-    tokenizer = meta["tokenizer"]["kind"]
+    tokenizer = tokenizer_label(meta["tokenizer"])
     print(f"{meta['dir']}: {splits}; tokenizer {tokenizer}, vocab_size {meta['vocab_size']:,}")
     return 0

@@ -3,6 +3,7 @@
     gpt2lab sample --init gpt2 --prompt "Hello, I'm a language model," --num-samples 3 --seed 0
     gpt2lab sample --init runs/shakespeare_char --max-new-tokens 500 --temperature 0.8
     gpt2lab sample --init random:gpt2-tiny --prompt-file prompt.txt
+    gpt2lab sample --init out/finetune_chat --chat "Name three colors." --system "Answer in one line."
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.commands.common import add_model_arguments, add_sampling_arguments
+from gpt2lab.commands.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    add_template_arguments,
+    resolve_template,
+)
 from gpt2lab.console import say
 from gpt2lab.errors import UserError
 
@@ -27,14 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, init_required=True, dtype_help=DTYPE_HELP, int8=True)
     parser.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     parser.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
+    parser.add_argument("--chat", metavar="MESSAGE",
+                        help="one user message for a finetuned model: rendered with its chat template (and "
+                             "--system) and answered until <|endoftext|> (`gpt2lab chat` holds a conversation)")
     parser.add_argument("--instruct", metavar="INSTRUCTION",
                         help="one-shot instruction for a finetuned model: rendered with --template and "
                              "answered until <|endoftext|> (use `gpt2lab chat` for a conversation)")
     parser.add_argument("--input", dest="instruct_input", default=None,
                         help="optional input/context for --instruct (Alpaca's \"### Input:\" block)")
-    parser.add_argument("--template", default="alpaca",
-                        help="prompt template for --instruct: alpaca, chat, or a custom string with "
-                             "{instruction}, {input} and {output}")
+    add_template_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=200, temperature=0.8, top_k=200)
     parser.add_argument("--num-samples", type=int, default=1, help="how many samples to draw, one after another")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -43,14 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep generating past <|endoftext|> instead of ending the sample there")
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
-    if args.instruct is not None:
-        if args.prompt or args.prompt_file:
-            raise UserError("--instruct cannot be combined with --prompt or --prompt-file; use one of them")
-        from gpt2lab.data.sft import check_template, render_prompt
+def _read_prompt(args: argparse.Namespace) -> str | list[dict]:
+    """The prompt text, or the messages of --chat."""
+    if args.chat is not None or args.instruct is not None:
+        flag = "--chat" if args.chat is not None else "--instruct"
+        if args.prompt or args.prompt_file or (args.chat is not None and args.instruct is not None):
+            raise UserError(f"{flag} cannot be combined with --prompt, --prompt-file or --instruct; use one of them")
+        template = resolve_template(args, args.init)
+        if args.chat is not None or args.system is not None:
+            from gpt2lab.chat_template import conversation
 
-        check_template(args.template)
-        return render_prompt(args.instruct, args.instruct_input, template=args.template)
+            message = args.chat if args.chat is not None else args.instruct
+            if args.instruct_input:
+                message = f"{message}\n\n{args.instruct_input}"
+            return conversation([], message, args.system)
+        from gpt2lab.data.sft import render_prompt
+
+        return render_prompt(args.instruct, args.instruct_input, template=args.template or template.name)
+    if args.system is not None or args.template is not None:
+        raise UserError("--system and --template apply to --chat and --instruct; add one of them or drop the option")
     if args.prompt_file is None:
         return args.prompt
     from gpt2lab.fileio import read_text
@@ -107,7 +125,13 @@ def run(args: argparse.Namespace) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading the model
     prompt = _read_prompt(args)
     model, tokenizer = load_for_decoding(args, lambda device, dtype: load_model(args.init, device=device, dtype=dtype))
-    ids = tokenizer.encode(prompt, allow_special=True)
+    stop = list(args.stop)
+    if isinstance(prompt, list):  # --chat: ids from the chat template
+        template = resolve_template(args, args.init)
+        ids = template.encode(prompt, tokenizer)
+        stop += template.stop
+    else:
+        ids = tokenizer.encode(prompt, allow_special=True)
     if not ids:
         # An empty prompt starts a new document, as in pretraining.
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
@@ -127,11 +151,11 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        if args.instruct is None:  # an instruction's rendered template is not worth echoing
+        if args.instruct is None and args.chat is None:  # a rendered template is not worth echoing
             sys.stdout.write(prompt)
         for piece in stream_text(model, tokenizer, ids, max_new_tokens=max_new, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, generator=generator,
-                                 stop_ids=() if args.ignore_eot else None, stop_strings=args.stop):
+                                 stop_ids=() if args.ignore_eot else None, stop_strings=stop):
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()

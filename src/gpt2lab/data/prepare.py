@@ -29,6 +29,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
@@ -43,7 +44,7 @@ from gpt2lab.data.sources import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, fin
 from gpt2lab.devices import check_fits
 from gpt2lab.errors import FileError, UserError
 from gpt2lab.fileio import Map, inside, read_json, write_atomic
-from gpt2lab.tokenizer import TOKENIZER_SHAPE, CharTokenizer, Tokenizer, get_tokenizer
+from gpt2lab.tokenizer import TOKENIZER_SHAPE, CharTokenizer, Tokenizer, get_tokenizer, tokenizer_label
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -85,7 +86,7 @@ def _settings_summary(config: dict) -> str:
 
 
 def _tokenizer_label(d: dict) -> str:
-    return d.get("kind", "?") if d.get("kind") != "char" else f"char ({len(d.get('chars', ''))} characters)"
+    return tokenizer_label(d) if d.get("kind") != "char" else f"char ({len(d.get('chars', ''))} characters)"
 
 
 def _is_output(p: Path) -> bool:
@@ -551,6 +552,32 @@ def _split_text(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:n], text[n:]
 
 
+# A cut after a newline between two non-space characters is a pre-token boundary of GPT-2's regex
+# (shared by trained BPEs) whether the text goes on or ends there, so pieces cut there encode to the
+# ids of the whole text.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+LONG_TEXT_PIECE = 1 << 20
+
+
+def long_text_pieces(text: str, size: int = LONG_TEXT_PIECE) -> list[str]:
+    """`text` cut into pieces of about `size` characters at safe cuts (see _SAFE_CUT)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        pieces.append(text[start:m.start()])
+        start = m.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_long(tok: Tokenizer, text: str, dtype: Any = None, size: int = LONG_TEXT_PIECE) -> np.ndarray:
+    """The ids of one long text, its pieces encoded on all cores (`encode_batch`): the ids of `tok.encode(text)`."""
+    arrays = [np.array(ids, dtype=dtype or token_dtype(tok.vocab_size)) for ids in tok.encode_batch(long_text_pieces(text, size))]
+    return np.concatenate(arrays)
+
+
 def prepare_text(
     text: str,
     out_dir: str | os.PathLike,
@@ -575,7 +602,7 @@ def prepare_text(
     train, val = _split_text(text, val_fraction)
     with ProgressDisplay("status", description=f"tokenizing {len(text.encode('utf-8')) / 1e6:,.1f} MB of text "
                          f"({len(text):,} characters)", enabled=progress):
-        splits = {"train": np.array(tok.encode(train), dtype=dtype), "val": np.array(tok.encode(val), dtype=dtype)}
+        splits = {"train": encode_long(tok, train, dtype), "val": encode_long(tok, val, dtype)}
     return prepare_tokens(splits, out_dir, tok, source={**source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},
                           settings={"val": {"characters": val_fraction}}, shard_tokens=shard_tokens,
                           overwrite=overwrite, block_size=block_size)
@@ -616,7 +643,7 @@ def prepare(
         check_fits(2 * shard_tokens, "cpu", f"--shard-tokens {shard_tokens:,} (the buffer of one shard)",
                    "choose fewer tokens per shard")
     if tokenizer not in (None, "gpt2", "char"):
-        raise UserError(f"--tokenizer {tokenizer}: use gpt2 or char")
+        get_tokenizer(tokenizer)  # a trained BPE's directory, checked before any work
     entry = find_source(source)
     args = source_args(entry, input=input_path, subset=subset, text_field=text_field)
     tokenizer = tokenizer or entry.tokenizer

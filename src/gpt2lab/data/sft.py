@@ -10,8 +10,9 @@ A record renders to segments (text, is_response). Each segment is tokenized on i
 segments of the same kind are joined first) and the token lists are concatenated, so the
 prompt/response boundary is exact; every response is followed by `<|endoftext|>`. The labels are
 the ids with -100 on every prompt token (when `mask_prompt`) and on padding; every response token
-and each closing `<|endoftext|>` is counted. Inference renders prompts with the same functions
-(`render_prompt`, `encode_chat_prompt`), so what `chat` sends the model matches what it was trained on.
+and each closing `<|endoftext|>` is counted. The built-in templates are `gpt2lab.chat_template`'s;
+inference renders prompts with the same templates, so what `chat` sends the model matches what it
+was trained on.
 
 Batches follow the loader convention of docs/design.md: `get_batch(step)` is this rank's contiguous
 share of the global batch of that step, a pure function of (seed, step). Epochs are shuffled by a
@@ -41,6 +42,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpt2lab.chat_template import (
+    TEMPLATES,
+    Segment,
+    check_special_tokens,
+    check_template,
+    conversation,
+    encode_segments,
+    format_fields,
+    get_chat_template,
+    messages_problem,
+)
 from gpt2lab.config import SFTConfig, Truncation
 from gpt2lab.console import say
 from gpt2lab.download import cache_dir, download
@@ -52,7 +64,6 @@ from gpt2lab.fileio import (
     lone_surrogate,
     parse_json,
     read_text,
-    show_json,
     str_field_problem,
 )
 
@@ -61,58 +72,20 @@ if TYPE_CHECKING:  # torch is imported where batches are built, so config.py can
 
 IGNORE_INDEX = -100
 
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-CHAT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
-CHAT_TURN_END = "\n\n"  # after system and user turns; an assistant turn ends with <|endoftext|>
-BUILTIN_TEMPLATES = ("alpaca", "chat")
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 ALPACA_FILE = "alpaca_data.json"
 
-Segment = tuple[str, bool]  # (text, is_response)
 SKIP_HINT = "pass --data.sft.skip_invalid true to skip invalid records"
 
 
 # --------------------------------------------------------------------------------------------------
 # Templates
-
-
-def _template_fields(template: str) -> list[str]:
-    """Placeholder names of a custom template, in order; it must contain `{output}`."""
-    try:
-        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
-    except ValueError as e:
-        raise UserError(f"data.sft.template {template!r} is not a valid format string: {e}") from None
-    names = [name for name, _, _ in parsed]
-    for name, spec, conversion in parsed:
-        if spec or conversion:  # "{instruction:d}" fails on text, "{instruction:>99999999}" fills the memory
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise UserError(f"data.sft.template {template!r}: {shown} has a format spec or conversion; "
-                            f"placeholders are plain field names like {{{name}}}")
-    if "{output}" not in template:
-        raise UserError(
-            f"data.sft.template {template!r} has no {{output}} placeholder; use 'alpaca', 'chat' or a string "
-            "like '### Q: {instruction}\\n### A: {output}' (the prompt is everything before {output})"
-        )
-    if any(not name.isidentifier() for name in names):
-        raise UserError(f"data.sft.template {template!r}: placeholders must be plain field names like {{instruction}}")
-    return names
-
-
-def check_template(template: str) -> None:
-    """Raise UserError unless `template` is 'alpaca', 'chat' or a valid custom template string."""
-    if template not in BUILTIN_TEMPLATES:
-        _template_fields(template)
 
 
 def render_prompt(instruction: str, input: str | None = None, template: str = "alpaca") -> str:
@@ -122,16 +95,14 @@ def render_prompt(instruction: str, input: str | None = None, template: str = "a
     chat: a single user turn (the input, if any, on the lines after the instruction) then the
     assistant header; custom: the template up to its `{output}` placeholder.
     """
-    if template == "alpaca":
-        if input:
-            return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-        return ALPACA_PROMPT.format(instruction=instruction)
-    if template == "chat":
-        user = f"{instruction}\n\n{input}" if input else instruction
-        return CHAT_HEADERS["user"] + user + CHAT_TURN_END + CHAT_HEADERS["assistant"]
-    _template_fields(template)
-    prompt_part = template[: template.index("{output}")]
-    return string.Formatter().vformat(prompt_part, (), _DefaultDict(instruction=instruction, input=input or ""))
+    if template == "alpaca" and input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    if template not in TEMPLATES:
+        format_fields(template)
+        prompt_part = template[: template.index("{output}")]
+        return string.Formatter().vformat(prompt_part, (), _DefaultDict(instruction=instruction, input=input or ""))
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return get_chat_template(template).render([{"role": "user", "content": user}])
 
 
 class _DefaultDict(dict):
@@ -143,78 +114,23 @@ class _DefaultDict(dict):
 
 def render_segments(record: dict, template: str) -> list[Segment]:
     """A validated record as (text, is_response) segments; each response is later followed by EOT."""
-    if template == "alpaca":
-        return [(render_prompt(record["instruction"], record.get("input"), "alpaca"), False),
+    if "messages" in record and template in TEMPLATES:
+        return get_chat_template(template).segments(record["messages"], add_generation_prompt=False)
+    if template in TEMPLATES:
+        return [(render_prompt(record["instruction"], record.get("input"), template), False),
                 (record["output"], True)]
-    if template == "chat":
-        return _chat_segments(record["messages"])
     fields = _DefaultDict({k: v for k, v in record.items() if isinstance(v, str)})
     cut = template.index("{output}")
     fmt = string.Formatter()
     return [(fmt.vformat(template[:cut], (), fields), False), (fmt.vformat(template[cut:], (), fields), True)]
 
 
-def _chat_segments(messages: Sequence[dict]) -> list[Segment]:
-    segments: list[Segment] = []
-    for m in messages:
-        if m["role"] == "assistant":
-            segments += [(CHAT_HEADERS["assistant"], False), (m["content"], True)]
-        else:
-            segments.append((CHAT_HEADERS[m["role"]] + m["content"] + CHAT_TURN_END, False))
-    return segments
-
-
-def encode_segments(segments: Sequence[Segment], tokenizer, mask_prompt: bool = True) -> tuple[list[int], list[bool]]:
-    """Token ids of the segments and, per id, whether it is counted in the loss.
-
-    Adjacent segments of the same kind are joined and tokenized together; each response segment is
-    followed by the tokenizer's EOT id (counted). With `mask_prompt` False every id is counted.
-    """
-    ids: list[int] = []
-    counted: list[bool] = []
-    for text, is_response in _merge_segments(segments):
-        piece = tokenizer.encode(text)
-        if is_response:
-            piece.append(tokenizer.eot_id)
-        ids += piece
-        counted += [is_response or not mask_prompt] * len(piece)
-    return ids, counted
-
-
-def _merge_segments(segments: Sequence[Segment]) -> list[Segment]:
-    merged: list[Segment] = []
-    for text, is_response in segments:
-        if merged and merged[-1][1] == is_response and not is_response:
-            merged[-1] = (merged[-1][0] + text, False)
-        else:
-            merged.append((text, is_response))
-    return merged
-
-
 def encode_chat_prompt(turns: Sequence[tuple[str, str]], message: str, tokenizer, template: str = "alpaca",
-                       max_tokens: int | None = None) -> list[int]:
-    """Prompt ids for `message` after the previous (user, assistant) `turns`, oldest first.
-
-    Earlier turns are rendered exactly as training examples (the answer followed by EOT), so a
-    model finetuned on packed or multi-turn data sees the same format. The oldest turns are
-    dropped until the prompt fits in `max_tokens`; the new message alone is cut from the left.
-    """
-    check_template(template)
-    turns = list(turns)
-    while True:
-        if template == "chat":
-            messages = [m for u, a in turns for m in ({"role": "user", "content": u},
-                                                      {"role": "assistant", "content": a})]
-            segments = _chat_segments(messages) + [(render_prompt(message, None, "chat"), False)]
-        else:
-            segments = [seg for u, a in turns for seg in ((render_prompt(u, None, template), False), (a, True))]
-            segments.append((render_prompt(message, None, template), False))
-        ids, _ = encode_segments(segments, tokenizer)
-        if max_tokens is None or len(ids) <= max_tokens:
-            return ids
-        if not turns:
-            return ids[-max_tokens:]
-        turns.pop(0)
+                       max_tokens: int | None = None, system: str | None = None) -> list[int]:
+    """Prompt ids for `message` after the previous (user, assistant) `turns`, oldest first (see
+    `ChatTemplate.encode`: earlier turns are rendered exactly as training examples, the oldest are
+    dropped until the prompt fits in `max_tokens`)."""
+    return get_chat_template(template).encode(conversation(turns, message, system), tokenizer, max_tokens=max_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,14 +234,14 @@ def record_problem(data: Any, template: str) -> str | None:
         return str(data)
     if not isinstance(data, dict):
         return f"expected a JSON object, got {json_type(data)}"
-    if template == "chat":
+    if template in TEMPLATES and template != "alpaca":  # chat templates take messages records
         return _messages_problem(data)
     if template == "alpaca":
         if "messages" in data and "instruction" not in data:
             return "has 'messages' but no 'instruction': chat records need data.sft.template=chat"
         required: Sequence[str] = ("instruction", "output")
     else:
-        required = tuple(dict.fromkeys(n for n in _template_fields(template) if n != "input"))
+        required = tuple(dict.fromkeys(n for n in format_fields(template) if n != "input"))
     problems = [str_field_problem(data, name) for name in required] + [str_field_problem(data, "input", optional=True)]
     return next((p for p in problems if p is not None), None)
 
@@ -337,15 +253,9 @@ def _messages_problem(data: dict) -> str | None:
         return f"missing 'messages'{hint}"
     if not isinstance(messages, list) or not messages:
         return "field 'messages' must be a non-empty list of {role, content} objects"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"field 'messages[{i}]' must be an object with 'role' and 'content'"
-        if not isinstance(m.get("role"), str) or m["role"] not in CHAT_HEADERS:
-            return f"field 'messages[{i}].role' must be 'system', 'user' or 'assistant', got {show_json(m.get('role'))}"
-        if m["role"] == "system" and i:
-            return f"field 'messages[{i}].role': a 'system' message may only come first"
-        if not isinstance(m.get("content"), str):
-            return f"field 'messages[{i}].content' must be a string, got {json_type(m.get('content'))}"
+    problem = messages_problem(messages)
+    if problem is not None:
+        return problem
     if not any(m["role"] == "assistant" for m in messages):
         return "field 'messages' has no 'assistant' turn (nothing to learn)"
     return None
@@ -436,8 +346,12 @@ def tokenize_records(records: Sequence[dict], tokenizer, template: str, block_si
     limit = block_size + 1
     out = Examples([], [])
     report = LengthReport()
+    special = template in TEMPLATES and TEMPLATES[template].special
+    if special:
+        check_special_tokens(tokenizer, template)
     for record in records:
-        ids, counted = encode_segments(render_segments(record, template), tokenizer, mask_prompt)
+        ids, counted = encode_segments(render_segments(record, template), tokenizer, mask_prompt,
+                                       allow_special=special)
         if len(ids) > limit:
             if truncation == "drop" or not any(counted[1:limit]):
                 report.dropped += 1

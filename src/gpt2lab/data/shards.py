@@ -42,9 +42,11 @@ def vocab_size_of(tokenizer_dict: dict) -> int:
 
     if tokenizer_dict.get("kind") == "char":
         return len(tokenizer_dict["chars"])
+    if tokenizer_dict.get("kind") == "bpe":
+        return tokenizer_dict["vocab_size"]
     if tokenizer_dict.get("kind") == "gpt2":
         return GPT2_VOCAB_SIZE
-    raise UserError(f"unknown tokenizer {tokenizer_dict!r} in shard header: expected kind 'gpt2' or 'char'")
+    raise UserError(f"unknown tokenizer {tokenizer_dict!r} in shard header: expected kind 'gpt2', 'char' or 'bpe'")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -317,3 +317,29 @@ def test_a_file_that_is_not_a_whole_gpt2lab_gguf_is_not_one(tmp_path, content):
     f = tmp_path / "x.gguf"
     f.write_bytes(content)
     assert not is_gguf_export(f)
+
+
+@torch.no_grad()
+def test_trained_bpe_model_runs_in_llama_cpp(trained_bpe, tmp_path):
+    """A model on a tokenizer trained by `gpt2lab tokenizer train`: its vocabulary and merges are
+    embedded, llama.cpp tokenizes as gpt2lab does and continues greedily as gpt2lab does."""
+    from gpt2lab.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.from_dir(trained_bpe)
+    model = peaked_model(seed=2, vocab_size=tok.vocab_size)
+    path = save_gguf(model, tok, tmp_path / "bpe.gguf")
+    _, fields = read(str(path))
+    assert fields["tokenizer.ggml.tokens"] == [tok._hf.id_to_token(i) for i in range(tok.vocab_size)]
+    llm = llama(path)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks? 🙂 日本"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    assert llm.detokenize(tok.encode(text)).decode() == text
+    ids = tok.encode(text)
+    assert_logits_close(llama_logits(llm, ids), model(torch.tensor([ids]))[0][0].numpy())
+    ours = generate(model, [ids], max_new_tokens=16, temperature=0.0)[0]
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    assert theirs == ours

@@ -335,6 +335,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
                         "choices": [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
         async def body_stream() -> AsyncIterator[str]:
+            try:
+                async for text in sse_events():
+                    yield text
+            finally:  # the client went away mid-stream: free the rows now, not when the generator is collected
+                for c in choices:
+                    engine.cancel(c.seq)
+
+        async def sse_events() -> AsyncIterator[str]:
             if stream is None:
                 for c in choices:
                     if req.echo:
@@ -422,6 +430,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
                         "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
         async def body_stream() -> AsyncIterator[str]:
+            try:
+                async for text in sse_events():
+                    yield text
+            finally:  # the client went away mid-stream: free the rows now
+                for c in choices:
+                    engine.cancel(c.seq)
+
+        async def sse_events() -> AsyncIterator[str]:
             for c in choices:
                 yield chunk(c, {"role": "assistant", "content": ""}, None)
             if stream is None:

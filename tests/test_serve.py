@@ -465,3 +465,57 @@ def test_engine_rows_equal_generate_for_attention_variants(variant):
         engine.stop()
     assert out == [generate(model, [p], max_new_tokens=m, temperature=0)[0] for p, m in cases]
     assert engine.stats()["rows_in_use"] == 0
+
+
+TASK_YAML = """task: gpt2lab_hellaswag_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{ctx}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{endings}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow  # ~50 s on 2 cores, most of it lm-eval itself
+def test_lm_eval_local_completions_matches_gpt2lab_eval(shared_data, tmp_path):
+    """lm-evaluation-harness's `local-completions` backend against the server (tokenized requests through
+    the server's /tokenize, scoring through echo + logprobs) gives `gpt2lab eval hellaswag`'s acc and
+    acc_norm on the same model, over 50 HellaSwag tasks."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval[api]: what its API models need
+    from lm_eval.tasks import TaskManager
+
+    from gpt2lab.evaluate import hellaswag
+
+    tasks = hellaswag.load_tasks(shared_data / hellaswag.SHARED_FILE)[:50]
+    data = tmp_path / "hellaswag.jsonl"
+    data.write_text("".join(json.dumps({"ctx": t.context, "endings": list(t.endings), "label": t.label}) + "\n"
+                            for t in tasks))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "hellaswag_local.yaml").write_text(TASK_YAML.format(data=data))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=4, n_embd=32))
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, model.config, {"kind": "gpt2"}, step=1)
+    model, tokenizer = load(path)
+    ours = hellaswag.evaluate(model, tokenizer, tasks, batch_size=8)
+    server = Live(model, tokenizer)
+    try:
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["gpt2lab_hellaswag_local"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+            model_args=f"model={NAME},base_url={server.url}/v1/completions,tokenizer_backend=remote,"
+                       "tokenized_requests=True,num_concurrent=4,max_retries=1,max_length=256",
+            batch_size=4)
+    finally:
+        server.close()
+    theirs = out["results"]["gpt2lab_hellaswag_local"]
+    assert ours["n"] == 50
+    assert theirs["acc,none"] == pytest.approx(ours["acc"]) and theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])

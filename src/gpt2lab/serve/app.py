@@ -7,7 +7,9 @@
     GET  /metrics               Prometheus text: requests, rows in use, queue, tokens, TTFT, inter-token
     GET  /                      the chat page (static/chat.html, package data): the only file served
 
-`Gate` (an ASGI middleware in front of every route) refuses a /v1 request without the API key (401)
+    GET /tokenizer_info, POST /tokenize, /detokenize   vLLM's tokenizer routes (lm-eval's remote tokenizer)
+
+`Gate` (an ASGI middleware in front of every route) refuses a /v1 or tokenizer request without the API key (401)
 and a body over the size cap (413), and counts the answers. Everything else is checked field by field
 in `gpt2lab.serve.protocol` (400 naming the field); a full queue is 429 with Retry-After.
 """
@@ -30,11 +32,12 @@ from starlette.exceptions import HTTPException
 
 from gpt2lab.data.sft import CHAT_TURN_END, TURN_STARTS, encode_segments, render_prompt, render_segments
 from gpt2lab.generate import _first_stop, _held_back
-from gpt2lab.serve.protocol import APIError, bad, read_chat, read_completion
+from gpt2lab.serve.protocol import APIError, bad, get_bool, read_chat, read_completion, refuse_unknown
 from gpt2lab.serve.scheduler import Engine, Finished, PromptLogprobs, QueueFull, Seq, Token
 from gpt2lab.tokenizer import StreamDecoder, Tokenizer
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+TOKENIZER_ROUTES = ("/tokenizer_info", "/tokenize", "/detokenize")  # vLLM's, for lm-eval's remote tokenizer
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", *TOKENIZER_ROUTES)
 
 
 @dataclass
@@ -105,6 +108,10 @@ class Choice:
         if isinstance(event, Finished):
             if self.finish is None:
                 self.finish, self.error = event.reason, event.message
+                if event.token is not None:  # the stop id: in the log-probabilities, not in the text
+                    self.tokens.append(event.token.id)
+                    self.logprobs.append(event.token.logprob)
+                    self.tops.append(event.token.top)
                 self.text += self.decoder.flush()
                 cut = _first_stop(self.text, self.stops)
                 end = len(self.text) if cut is None else cut
@@ -176,6 +183,36 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         if not page.is_file():
             raise APIError(404, "the chat page is not installed with this copy of gpt2lab", code="not_found")
         return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        special = tokenizer.decode([eot]) if eot is not None else None
+        return {"eos_token": special, "bos_token": special, "pad_token": None, "tokenizer_name": tokenizer.name,
+                "vocab_size": tokenizer.vocab_size, "max_model_len": settings.max_len}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await read_json(request, settings.max_body)
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        refuse_unknown(body, {"prompt", "add_special_tokens", "model"})
+        get_bool(body, "add_special_tokens", False)  # GPT-2 adds none either way
+        if not isinstance(body.get("prompt"), str):
+            raise bad("prompt", "must be a string")
+        ids = tokenizer.encode(body["prompt"], allow_special=True)
+        return {"tokens": ids, "count": len(ids), "max_model_len": settings.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await read_json(request, settings.max_body)
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        refuse_unknown(body, {"tokens", "model"})
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                   for t in tokens):
+            raise bad("tokens", f"must be an array of token ids from 0 to {vocab - 1}")
+        return {"prompt": tokenizer.decode(tokens)}
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_name:
@@ -533,7 +570,7 @@ class Gate:
     def _refuse(self, scope: dict) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = self.settings.api_key
-        if key is not None and scope["path"].startswith("/v1"):
+        if key is not None and (scope["path"].startswith("/v1") or scope["path"] in TOKENIZER_ROUTES):
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), key.encode()):

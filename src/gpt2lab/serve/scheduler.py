@@ -62,10 +62,12 @@ class PromptLogprobs:
 
 @dataclass
 class Finished:
-    """The request is over: "stop" (a stop id), "length" (max_new_tokens), "cancelled" or "error"."""
+    """The request is over: "stop" (a stop id), "length" (max_new_tokens), "cancelled" or "error".
+    `token`: the stop id with its log-probabilities, when they were asked for (it is not text)."""
 
     reason: str
     message: str = ""
+    token: Token | None = None
 
 
 class QueueFull(Exception):
@@ -95,6 +97,7 @@ class Seq:
     generator: torch.Generator | None = None
     submitted: float = 0.0
     last_token: float | None = None
+    stop_token: Token | None = None
     prompt_logprobs: list = field(default_factory=list)
     prompt_top: list = field(default_factory=list)
 
@@ -312,12 +315,13 @@ class Engine:
                 token = greedy[row]
             else:
                 token = int(sample_next(logits[row: row + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator))
-            if token in seq.stop_ids:
-                done.append((row, "stop"))
-                continue
             event = Token(token)
             if seq.logprobs is not None:
                 (event.logprob,), (event.top,) = _logprobs(logits[row: row + 1], [token], seq.logprobs)
+            if token in seq.stop_ids:
+                done.append((row, "stop"))
+                seq.stop_token = event if seq.logprobs is not None else None
+                continue
             seq.generated += 1
             self.tokens_generated += 1
             if seq.last_token is None:
@@ -347,7 +351,7 @@ class Engine:
                 self.cache.move_row(last + 1, last, self.rows[last].filled)
 
     def _finish(self, seq: Seq, reason: str, message: str = "") -> None:
-        seq.on_event(Finished(reason, message))
+        seq.on_event(Finished(reason, message, seq.stop_token if reason == "stop" else None))
 
 
 def _logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:

@@ -21,7 +21,6 @@ import asyncio
 import datetime
 import json
 import os
-import re
 import shutil
 import socket
 import statistics

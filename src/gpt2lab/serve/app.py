@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from gpt2lab.data.sft import CHAT_TURN_END, TURN_STARTS, encode_segments, render_prompt, render_segments
+from gpt2lab.fileio import parse_json
 from gpt2lab.generate import _first_stop, _held_back
 from gpt2lab.serve.protocol import APIError, bad, get_bool, read_chat, read_completion, refuse_unknown
 from gpt2lab.serve.scheduler import Engine, Finished, PromptLogprobs, QueueFull, Seq, Token
@@ -517,8 +518,8 @@ async def read_json(request: Request, limit: int) -> Any:
     except BodyTooLarge:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large") from None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        return parse_json(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
@@ -540,11 +541,13 @@ class Gate:
             return
         path = scope["path"]
         route = path if path in ROUTES else "other"
-        status = [0]
+        status, ended = [0], [False]
 
         async def counted_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended[0] = True
             await send(message)
 
         try:
@@ -563,6 +566,9 @@ class Gate:
                 return message
 
             await self.app(scope, limited_receive, counted_send)
+        except asyncio.CancelledError:  # uvicorn cancels what still runs when a stop's grace period is over:
+            if status[0] and not ended[0]:  # end the cut stream properly (its rows were freed on the way out)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             key = (route, status[0])
             self.settings.requests[key] = self.settings.requests.get(key, 0) + 1

@@ -258,7 +258,8 @@ BAD = [  # (body, status, param)
     ({"prompt": "a", "wat": 1}, 400, "wat"),
     ({"prompt": "a", "model": 5}, 400, "model"),
     ({"prompt": "a", "model": "other"}, 404, "model"),
-    ({"prompt": [0] * 60, "max_tokens": 10, "echo": True, "logprobs": 0}, 400, "max_tokens"),
+    ({"prompt": [0] * 65, "max_tokens": 0, "echo": True, "logprobs": 0}, 400, "prompt"),
+    ("[" * 100_000 + "]" * 100_000, 400, None),
 ]
 
 BAD_CHAT = [
@@ -281,11 +282,41 @@ BAD_CHAT = [
 @pytest.mark.parametrize("path, case", [("/v1/completions", c) for c in BAD] + [("/v1/chat/completions", c) for c in BAD_CHAT])
 def test_bad_requests_get_openai_errors(live, path, case):
     body, status, param = case
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     r = httpx.post(live.url + path, content=content, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+
+
+def test_body_not_utf8(live):
+    r = httpx.post(live.url + "/v1/completions", content=b'{"prompt": "\xff"}')
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_streamed_n_choices_echo_and_a_stop_string_across_tokens(live):
+    ids = prompt_ids(5, 4)
+    expected = solo(live, ids, 12, temperature=0)
+    stop = expected[4:9]  # likely spans two tokens: held back until it is known not to be a stop
+    events = []
+    with httpx.stream("POST", live.url + "/v1/completions", timeout=60,
+                      json={"prompt": ids, "max_tokens": 12, "temperature": 0, "n": 2, "echo": True, "stop": [stop],
+                            "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == live.tokenizer.decode(ids) + expected[:expected.index(stop)]
+        assert [c["finish_reason"] for c in mine][-1] == "stop" and all(c["finish_reason"] is None for c in mine[:-1])
+    messages = [{"role": "user", "content": "Hi"}]
+    with httpx.stream("POST", live.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": messages, "max_tokens": 6, "n": 2, "seed": 3, "stream": True, "logprobs": True,
+                            "top_logprobs": 1}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[-1]["finish_reason"] in ("stop", "length")
+        lps = [t for c in mine if c["logprobs"] for t in c["logprobs"]["content"]]
+        assert 0 < len(lps) <= 6 and all(len(t["top_logprobs"]) == 1 for t in lps)
 
 
 def test_routes_body_cap_and_queue(checkpoint):

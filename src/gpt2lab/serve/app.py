@@ -231,12 +231,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         if max_tokens > settings.max_len:
             raise bad("max_tokens", f"may be at most {settings.max_len} (the context), got {max_tokens}",
                       "context_length_exceeded")
-        if (not settings.learned or scoring) and len(ids) + max_tokens > settings.max_len:
+        if scoring and len(ids) > settings.max_len:  # every prompt token is scored: none may be dropped
+            raise bad("prompt", f"this model's context is {settings.max_len} tokens, but the prompt to score has "
+                      f"{len(ids)}; shorten it", "context_length_exceeded")
+        if not settings.learned and len(ids) + max_tokens > settings.max_len:
             raise bad("max_tokens" if max_tokens else "prompt",
                       f"this model's context is {settings.max_len} tokens, but the prompt has {len(ids)} and "
                       f"max_tokens asks for {max_tokens}; shorten the prompt or lower max_tokens",
                       "context_length_exceeded")
-        return ids[-settings.max_len:]  # a learned-position model keeps the end, as `sample` does
+        return ids[-settings.max_len:]  # a learned-position model keeps the end and slides, as `sample` does
 
     async def run(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Any, str]]:
         """Submit the choices' sequences (429 when the queue is full) and return their stream of
@@ -312,7 +315,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         choices = []
         for i, ids in enumerate(prompts):
             for j in range(s.n):
-                seq = Seq(prompt=ids, max_new_tokens=s.max_tokens, on_event=print, temperature=s.temperature,
+                seq = Seq(prompt=ids, max_new_tokens=s.max_tokens, temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, seed=None if s.seed is None else s.seed + j,
                           logprobs=req.logprobs, echo_logprobs=scoring)
                 choices.append(Choice(i * s.n + j, seq, tokenizer, s.stop))
@@ -429,7 +432,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         ids = chat_prompt_ids(req.messages, tokenizer, settings.template, settings.max_len - room)
         max_tokens = s.max_tokens if s.max_tokens is not None else settings.max_len - len(ids)
         stops = TURN_STARTS.get(settings.template, []) + s.stop
-        choices = [Choice(j, Seq(prompt=ids, max_new_tokens=max_tokens, on_event=print, temperature=s.temperature,
+        choices = [Choice(j, Seq(prompt=ids, max_new_tokens=max_tokens, temperature=s.temperature,
                                  top_k=s.top_k, top_p=s.top_p, seed=None if s.seed is None else s.seed + j,
                                  logprobs=req.logprobs), tokenizer, stops)
                    for j in range(s.n)]

@@ -80,7 +80,7 @@ class Seq:
 
     prompt: list[int]
     max_new_tokens: int
-    on_event: Callable[[Token | PromptLogprobs | Finished], None]
+    on_event: Callable[[Token | PromptLogprobs | Finished], None] = lambda event: None  # called from the engine thread
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None

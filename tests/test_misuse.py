@@ -74,6 +74,14 @@ CASES = [
     ("chat-missing", ["chat", "--init", "runs/missing"]),
     ("chat-cuda", ["chat", "--init", "run", "--device", "cuda"]),
     ("chat-temperature", ["chat", "--init", "run", "--temperature", "-2"]),
+    # serve
+    ("serve-missing", ["serve", "--init", "runs/missing", "--port", "0"]),
+    ("serve-port", ["serve", "--init", "base", "--port", "70000"]),
+    ("serve-max-batch", ["serve", "--init", "base", "--port", "0", "--max-batch", "0"]),
+    ("serve-max-len", ["serve", "--init", "base", "--port", "0", "--max-len", "100000"]),
+    ("serve-template", ["serve", "--init", "base", "--port", "0", "--template", "Q: {nope}"]),
+    ("serve-api-key", ["serve", "--init", "base", "--port", "0", "--api-key", " "]),
+    ("serve-cuda", ["serve", "--init", "base", "--port", "0", "--device", "cuda"]),
     # eval
     ("eval-unknown-task", ["eval", "mmlu", "--init", "run"]),
     ("eval-perplexity-no-data", ["eval", "perplexity", "--init", "run"]),
@@ -138,7 +146,7 @@ def test_misuse_is_one_line_and_touches_nothing(name, argv, sandbox, monkeypatch
     assert snapshot(sandbox) == before, f"{name} changed or created files"
 
 
-def test_there_are_sixty_cases_across_all_eleven_commands():
+def test_there_are_sixty_cases_across_all_twelve_commands():
     from gpt2lab.cli import COMMANDS
 
     assert len(CASES) >= 60

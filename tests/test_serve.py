@@ -64,10 +64,12 @@ class Live:
     """A server in a thread of this process, on a free port of 127.0.0.1."""
 
     def __init__(self, model, tokenizer, *, max_batch=8, max_queue=256, api_key=None, max_body=1 << 20,
-                 template="alpaca") -> None:
+                 template="alpaca", start=True) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=max_batch, max_len=model.config.block_size, max_queue=max_queue,
-                             prefill_chunk=16).start()
+                             prefill_chunk=16)
+        if start:  # not started: nothing leaves the queue
+            self.engine.start()
         settings = Settings(model_name=NAME, max_len=model.config.block_size, learned=True, template=template,
                             api_key=api_key, max_body=max_body)
         self.server = make_server(create_app(self.engine, tokenizer, settings), grace=5)
@@ -321,7 +323,7 @@ def test_streamed_n_choices_echo_and_a_stop_string_across_tokens(live):
 
 def test_routes_body_cap_and_queue(checkpoint):
     model, tokenizer = load(checkpoint)
-    server = Live(model, tokenizer, max_queue=1, max_body=2048)
+    server = Live(model, tokenizer, max_queue=4, max_body=2048)
     try:
         for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/etc/passwd", 404), ("GET", "/../pyproject.toml", 404),
                                      ("GET", "/static/chat.html", 404), ("GET", "/v1/completions", 405),
@@ -335,10 +337,24 @@ def test_routes_body_cap_and_queue(checkpoint):
             yield json.dumps(big).encode()
         r = httpx.post(server.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"  # counted as it arrives
-        busy = server.post("/v1/completions", {"prompt": "a", "n": 2})  # two sequences, room for one
+        too_many = server.post("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2})  # more than the queue holds
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt"
+        assert server.post("/v1/completions", {"prompt": "a", "max_tokens": 2}).status_code == 200
+    finally:
+        server.close()
+
+
+def test_a_full_queue_is_429_with_retry_after(checkpoint):
+    from gpt2lab.serve.scheduler import Seq
+
+    model, tokenizer = load(checkpoint)
+    server = Live(model, tokenizer, max_queue=3, start=False)  # an engine that takes nothing from its queue
+    try:
+        server.engine.submit([Seq(prompt=[1], max_new_tokens=1), Seq(prompt=[1], max_new_tokens=1)])
+        busy = server.post("/v1/completions", {"prompt": "a", "n": 2})  # two more sequences, room for one
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["type"] == "rate_limit_error"
-        assert server.post("/v1/completions", {"prompt": "a", "max_tokens": 2}).status_code == 200
+        assert server.gauges()["gpt2lab_queue_depth"] == 2
     finally:
         server.close()
 

@@ -311,7 +311,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         check_model(body.get("model"))
         s = req.sampling
         scoring = req.echo and req.logprobs is not None
-        prompts = [fit(encode(p), s.max_tokens, scoring) for p in req.prompts]
+        given = [encode(p) for p in req.prompts]
+        if len(given) * s.n > engine.max_queue:
+            raise bad("prompt", f"{len(given)} prompts x n={s.n} is more than the {engine.max_queue} sequences "
+                      "this server queues (--max-queue); send fewer at once")
+        prompts = [fit(ids, s.max_tokens, scoring) for ids in given]
         choices = []
         for i, ids in enumerate(prompts):
             for j in range(s.n):
@@ -327,7 +331,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def echo_text(c: Choice) -> str:
-            return tokenizer.decode(c.seq.prompt) if req.echo else ""
+            return tokenizer.decode(given[c.index // s.n]) if req.echo else ""  # the whole prompt, as sent
 
         def logprobs_of(ids: list[int], lps: list, tops: list) -> dict:
             words = [tokenizer.decode([t]) for t in ids]

@@ -566,3 +566,49 @@ def test_lm_eval_local_completions_matches_gpt2lab_eval(shared_data, tmp_path):
     theirs = out["results"]["gpt2lab_hellaswag_local"]
     assert ours["n"] == 50
     assert theirs["acc,none"] == pytest.approx(ours["acc"]) and theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+
+
+def test_engine_rows_survive_cancellations_while_prompts_prefill():
+    """Several prompts prefill at once (a small chunk budget shared in arrival order) while some requests
+    are cancelled wherever they are (queue, prefill, decode): every other row still gives `generate`'s ids."""
+    from gpt2lab.serve.scheduler import Finished, Seq, Token
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, pos_emb="rope"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model = model.double().eval()
+    engine = Engine(model, max_batch=4, max_len=32, prefill_chunk=7).start()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (5, 12, 9, 1, 11, 6, 10, 8)]
+    out: list[list[int]] = [[] for _ in prompts]
+    reasons: list[str] = [""] * len(prompts)
+    done = threading.Semaphore(0)
+
+    def on_event(i):
+        def f(event):
+            if isinstance(event, Token):
+                out[i].append(event.id)
+            elif isinstance(event, Finished):
+                reasons[i] = event.reason
+                done.release()
+        return f
+
+    seqs = [Seq(prompt=p, max_new_tokens=12, on_event=on_event(i)) for i, p in enumerate(prompts)]
+    try:
+        engine.submit(seqs)
+        for i in (1, 4, 6):
+            time.sleep(0.003)
+            engine.cancel(seqs[i])
+        for _ in seqs:
+            done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        expected = generate(model, [p], max_new_tokens=12, temperature=0)[0]
+        if i in (1, 4, 6):
+            assert reasons[i] in ("cancelled", "length") and out[i] == expected[:len(out[i])]
+        else:
+            assert reasons[i] == "length" and out[i] == expected
+    assert engine.stats()["rows_in_use"] == 0

@@ -8,14 +8,16 @@ The KV cache is one pool of `max_batch` rows (`KVCache`), allocated once. The ro
 
     rows [0, n)    decoding: each step feeds every one of them one token (a ragged step: the rows have
                    different lengths, each token is stored at its own row's position)
-    row n          at most one prompt being prefilled, `prefill_chunk` tokens per step, so the rows
-                   already streaming keep streaming while a long prompt comes in
-    rows (n, max)  free
+    rows [n, m)    prompts being prefilled, in arrival order, `prefill_chunk` tokens per step in all
+                   (several short prompts, or a chunk of a long one), so the rows already streaming keep
+                   streaming while prompts come in
+    rows [m, max)  free
 
 A new request waits in a bounded queue (`QueueFull` beyond `max_queue`) until a row is free, and joins
 the decoding rows at a token boundary once its prompt (all but its last token) is in the cache; its
 last prompt token is fed by the next step, which gives its first new token. A finished, stopped or
-cancelled row is freed at once: the last decoding row (and the prefilling one) move down into the hole.
+cancelled row is freed at once: the last decoding row moves into the hole and the prefilling rows
+move down one place.
 
 Every row computes what it would compute alone (its own positions from 0, masked from the other
 rows), so a greedy request returns `gpt2lab.sampling.generate`'s ids whatever else runs (up to float
@@ -95,6 +97,7 @@ class Seq:
     pending: int | None = None  # the token the next step feeds
     generated: int = 0
     generator: torch.Generator | None = None
+    row: int = -1  # where in the KV pool its tokens are
     submitted: float = 0.0
     last_token: float | None = None
     stop_token: Token | None = None
@@ -146,7 +149,7 @@ class Engine:
         self.learned = model.config.pos_emb == "learned"
         self.keep = min(slide_keep(model), max(1, max_len // 2))  # tokens kept when a full row slides
         self.cache = model.new_cache(max_batch, max_len)
-        self.rows: list[Seq] = []  # pool order: decoding rows, then at most one prefilling row
+        self.rows: list[Seq] = []  # pool order: decoding rows, then prefilling rows (self.rows[i].row == i)
         self.n_decoding = 0
         self.queue: collections.deque[Seq] = collections.deque()
         self.cond = threading.Condition()
@@ -230,13 +233,14 @@ class Engine:
             if self.rows[i].cancelled:
                 self._free(i, "cancelled")
         self._admit()
-        if len(self.rows) > self.n_decoding:
-            self._prefill_chunk()
+        budget = self.prefill_chunk
+        while budget and len(self.rows) > self.n_decoding:
+            budget -= self._prefill_chunk(budget)
         if self.n_decoding:
             self._decode()
 
     def _admit(self) -> None:
-        while len(self.rows) == self.n_decoding and len(self.rows) < self.max_batch:
+        while len(self.rows) < self.max_batch:
             with self.cond:
                 if not self.queue:
                     return
@@ -252,16 +256,19 @@ class Engine:
                     seq.generator.manual_seed(seq.seed)
             seq.text = list(seq.prompt)
             seq.filled = 0
-            self.cache.clear_row(len(self.rows))
+            seq.row = len(self.rows)
+            self.cache.clear_row(seq.row)
             self.rows.append(seq)
-            if len(seq.prompt) == 1:
-                self._prompt_done(seq)
 
-    def _prefill_chunk(self) -> None:
-        """Feed the prefilling row up to `prefill_chunk` more tokens of its prompt (all but the last)."""
+    def _prefill_chunk(self, budget: int) -> int:
+        """Feed the first prefilling row up to `budget` more tokens of its prompt (all but the last);
+        returns how many it took (at least one, so every call makes progress)."""
         row = self.n_decoding
         seq = self.rows[row]
-        chunk = seq.prompt[seq.filled: min(seq.filled + self.prefill_chunk, len(seq.prompt) - 1)]
+        chunk = seq.prompt[seq.filled: min(seq.filled + budget, len(seq.prompt) - 1)]
+        if not chunk:  # a one-token prompt: nothing to prefill
+            self._prompt_done(seq)
+            return 1
         view = self.cache.rows(row, row + 1, seq.filled)
         idx = torch.tensor([chunk], device=self.device)
         logits, _ = self.model(idx, cache=view, last_only=not seq.echo_logprobs)
@@ -273,6 +280,7 @@ class Engine:
         seq.filled += len(chunk)
         if seq.filled == len(seq.prompt) - 1:
             self._prompt_done(seq)
+        return len(chunk)
 
     def _prompt_done(self, seq: Seq) -> None:
         """The prompt is in the cache but for its last token: the row joins the decoding rows."""
@@ -338,17 +346,20 @@ class Engine:
             self._free(row, reason)
 
     def _free(self, row: int, reason: str) -> None:
-        """End the request in `row` and close the hole: the last decoding row and the prefilling one move down."""
+        """End the request in `row` and close the hole: the last decoding row moves into it (decoding
+        rows have no order) and the prefilling rows move down one place (they keep theirs)."""
         seq = self.rows.pop(row)
         self._finish(seq, reason)
         if row < self.n_decoding:
             self.n_decoding -= 1
-            last = self.n_decoding  # the last decoding row's old index, now past the end of the decoding rows
-            if row < last:
-                self.rows.insert(row, self.rows.pop(last - 1))
-                self.cache.move_row(last, row, self.rows[row].filled)
-            if len(self.rows) > self.n_decoding:  # the prefilling row, one place down
-                self.cache.move_row(last + 1, last, self.rows[last].filled)
+            if row < self.n_decoding:
+                self.rows.insert(row, self.rows.pop(self.n_decoding - 1))
+        # Every destination is the hole or a place its row has just left: move in increasing order.
+        for i in range(row, len(self.rows)):
+            moved = self.rows[i]
+            if moved.row != i:
+                self.cache.move_row(moved.row, i, moved.filled)
+                moved.row = i
 
     def _finish(self, seq: Seq, reason: str, message: str = "") -> None:
         seq.on_event(Finished(reason, message, seq.stop_token if reason == "stop" else None))

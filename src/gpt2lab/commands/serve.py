@@ -78,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     check_template(args.template)
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     try:  # bind first: a port in use is said before the model loads
-        sock = socket.create_server((args.host, args.port))
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family)
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; choose another --port or --host") from None
+        why = (e.strerror or str(e)).split(" (while attempting")[0]  # create_server appends the address
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {why}; choose another --port or --host") from None
     with sock:
         model, tokenizer = load_for_decoding(args, lambda device, dtype: load_model(args.init, device=device, dtype=dtype))
         return serve(model, tokenizer, sock, args, api_key)

@@ -248,6 +248,7 @@ BAD = [  # (body, status, param)
     ({"prompt": "a", "n": 0}, 400, "n"),
     ({"prompt": "a", "n": True}, 400, "n"),
     ({"prompt": "a", "seed": -1}, 400, "seed"),
+    ({"prompt": "a", "seed": 2**63 - 1, "n": 2}, 400, "seed"),
     ({"prompt": "a", "stop": 3}, 400, "stop"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "a", "stream": "yes"}, 400, "stream"),

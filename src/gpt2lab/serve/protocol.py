@@ -149,14 +149,16 @@ def read_sampling(body: dict, max_tokens_default: int | None, max_tokens_name: s
         include_usage = get_bool(options, "include_usage", False)
     top_k = get_int(body, "top_k", None, -1, 2**31 - 1)
     top_p = get_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    n = get_int(body, "n", 1, 1, MAX_N)
+    seed = get_int(body, "seed", None, 0, MAX_SEED - (n - 1))  # choice j draws with seed + j
     return Sampling(
         max_tokens=get_int(body, max_tokens_name, max_tokens_default, 0, 2**31 - 1),
         temperature=get_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=None if top_p == 1.0 else top_p,
         top_k=None if top_k in (None, -1, 0) else top_k,
         stop=get_stop(body),
-        n=get_int(body, "n", 1, 1, MAX_N),
-        seed=get_int(body, "seed", None, 0, MAX_SEED),
+        n=n,
+        seed=seed,
         stream=stream,
         include_usage=include_usage,
     )

@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from gpt2lab.data.sft import CHAT_TURN_END, TURN_STARTS, encode_segments, render_prompt, render_segments
+from gpt2lab.errors import UserError
 from gpt2lab.fileio import parse_json
 from gpt2lab.generate import _first_stop, _held_back
 from gpt2lab.serve.protocol import APIError, bad, get_bool, read_chat, read_completion, refuse_unknown
@@ -263,6 +264,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
         except QueueFull as e:
             raise APIError(429, f"The server is busy ({e}); retry after a second", code="rate_limit_exceeded",
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except (UserError, ValueError) as e:  # what the checks above let through, said as a 400 (not a 500)
+            raise APIError(400, str(e)) from None
 
         async def events() -> AsyncIterator[tuple[Choice, Any, str]]:
             live = len(choices)

@@ -327,7 +327,7 @@ def test_routes_body_cap_and_queue(checkpoint):
     server = Live(model, tokenizer, max_queue=4, max_body=2048)
     try:
         for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/etc/passwd", 404), ("GET", "/../pyproject.toml", 404),
-                                     ("GET", "/static/chat.html", 404), ("GET", "/v1/completions", 405),
+                                     ("GET", "/v1/completions", 405),
                                      ("DELETE", "/v1/models", 405)]:
             r = httpx.request(method, server.url + path)
             assert r.status_code == status and "error" in r.json(), (path, r.text)
@@ -613,3 +613,13 @@ def test_engine_rows_survive_cancellations_while_prompts_prefill():
         else:
             assert reasons[i] == "length" and out[i] == expected
     assert engine.stats()["rows_in_use"] == 0
+
+
+def test_the_chat_page_is_the_only_file_served(live):
+    r = httpx.get(live.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "/v1/chat/completions" in page and "stream: true" in page and 'id="stop"' in page
+    assert "http://" not in page and "https://" not in page  # self-contained: no CDN
+    for path in ("/chat.html", "/static/chat.html", "/serve/static/chat.html", "/%2e%2e/pyproject.toml"):
+        assert httpx.get(live.url + path).status_code == 404

@@ -387,9 +387,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(checkpoint):
                              "--device", "cpu", "--grace", "30", "--model-name", NAME],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     try:
-        line = proc.stderr.readline()
-        match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-        assert match, line
+        seen = []
+        for line in proc.stderr:  # the startup line (after anything the interpreter itself may print)
+            seen.append(line)
+            match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+            if match or line.startswith("gpt2lab serve: error"):
+                break
+        assert match, "".join(seen)
         url = match[1]
         assert "fp32" in line and NAME in line
         with httpx.stream("POST", url + "/v1/completions", timeout=60,

@@ -128,3 +128,12 @@ def test_bench_tokenizer_reports_training_and_the_prepare_ratio(tmp_path):
     assert set(record["prepare_mb_s"]) == {"gpt2 (tiktoken)", "trained BPE"}
     assert record["ratio"] > 0 and record["train_s"] > 0 and record["vocab_size"] == 600
     assert "ratio trained BPE / tiktoken" in out
+
+
+def test_bench_serve_reports_rates_latencies_and_ratios(tmp_path):
+    out = run_script("bench_serve.py", "--preset", "gpt2-tiny", "--clients", "1,2", "--new-tokens", "4",
+                     "--requests", "1", "--no-transformers", "--json", tmp_path=tmp_path)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert [(r["server"], r["clients"]) for r in record["rows"]] == [("gpt2lab serve", 1), ("gpt2lab serve", 2)]
+    assert all(r["tok_s"] > 0 and r["chunks"] > 0 and r["ttft_p95"] >= r["ttft_p50"] > 0 for r in record["rows"])
+    assert "gpt2lab serve: 2 clients / 1" in record["ratios"] and "TTFT p50" in out

@@ -108,6 +108,7 @@ def test_no_generated_schema_ships():
 MODEL_COMMANDS = {
     "sample": (["--init", "gpt2"], "auto", "auto"),
     "chat": (["--init", "gpt2"], "auto", "auto"),
+    "serve": (["--init", "gpt2"], "auto", "auto"),
     "bench": ([], "auto", "auto"),
     "convert": (["--init", "gpt2", "--out", "x"], "cpu", "fp32"),
     "merge-lora": (["--adapter", "a", "--out", "x"], "cpu", "fp32"),

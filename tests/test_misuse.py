@@ -86,6 +86,14 @@ CASES = [
     ("chat-missing", ["chat", "--init", "runs/missing"]),
     ("chat-cuda", ["chat", "--init", "run", "--device", "cuda"]),
     ("chat-temperature", ["chat", "--init", "run", "--temperature", "-2"]),
+    # serve
+    ("serve-missing", ["serve", "--init", "runs/missing", "--port", "0"]),
+    ("serve-port", ["serve", "--init", "base", "--port", "70000"]),
+    ("serve-max-batch", ["serve", "--init", "base", "--port", "0", "--max-batch", "0"]),
+    ("serve-max-len", ["serve", "--init", "base", "--port", "0", "--max-len", "100000"]),
+    ("serve-template", ["serve", "--init", "base", "--port", "0", "--template", "Q: {nope}"]),
+    ("serve-api-key", ["serve", "--init", "base", "--port", "0", "--api-key", " "]),
+    ("serve-cuda", ["serve", "--init", "base", "--port", "0", "--device", "cuda"]),
     # eval
     ("eval-unknown-task", ["eval", "mmlu", "--init", "run"]),
     ("eval-perplexity-no-data", ["eval", "perplexity", "--init", "run"]),

@@ -94,34 +94,32 @@ class LayerKVCache(nn.Module):
         self.ragged = False
         self.padded = False  # a padding position (-1) was stored (see `KVCache.note_positions`)
 
-    def view(self, rows: slice, next_col: int, ragged: bool) -> LayerKVCache:
-        """Rows `rows` of this cache as a cache of their own: the same storage, `next_col` columns
-        filled (ragged: the longest row's, after the coming step)."""
-        view = LayerKVCache.__new__(LayerKVCache)
-        nn.Module.__init__(view)
-        for name in ("k", "v", "slot_pos", "col"):
-            tensor = getattr(self, name)
-            view.register_buffer(name, tensor if name == "col" else tensor[rows], persistent=False)
-        view.size, view.window, view.next_col = self.size, self.window, next_col
-        view.static, view.ragged, view.padded = False, ragged, False
-        return view
-
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
         self.next_col = 0
         self.static = False
         self.padded = False
 
-    def fork(self, index: torch.Tensor) -> LayerKVCache:
-        """A copy holding the rows `index` (R,) of this layer's keys, values and positions (`KVCache.fork`)."""
+    def _like(self, k: torch.Tensor, v: torch.Tensor, slot_pos: torch.Tensor, col: torch.Tensor, next_col: int,
+              *, static: bool = False, ragged: bool = False, padded: bool = False) -> LayerKVCache:
+        """A cache of this one's size and window over the given storage (`view`, `fork`)."""
         new = LayerKVCache.__new__(LayerKVCache)
         nn.Module.__init__(new)
-        for name in ("k", "v", "slot_pos"):
-            new.register_buffer(name, getattr(self, name).index_select(0, index), persistent=False)
-        new.register_buffer("col", self.col.clone(), persistent=False)
-        new.size, new.window, new.next_col = self.size, self.window, self.next_col
-        new.static, new.padded = self.static, self.padded
+        for name, tensor in (("k", k), ("v", v), ("slot_pos", slot_pos), ("col", col)):
+            new.register_buffer(name, tensor, persistent=False)
+        new.size, new.window, new.next_col = self.size, self.window, next_col
+        new.static, new.ragged, new.padded = static, ragged, padded
         return new
+
+    def view(self, rows: slice, next_col: int, ragged: bool) -> LayerKVCache:
+        """Rows `rows` of this cache as a cache of their own: the same storage, `next_col` columns
+        filled (ragged: the longest row's, after the coming step)."""
+        return self._like(self.k[rows], self.v[rows], self.slot_pos[rows], self.col, next_col, ragged=ragged)
+
+    def fork(self, index: torch.Tensor) -> LayerKVCache:
+        """A copy holding the rows `index` (R,) of this layer's keys, values and positions (`KVCache.fork`)."""
+        k, v, slot_pos = (t.index_select(0, index) for t in (self.k, self.v, self.slot_pos))
+        return self._like(k, v, slot_pos, self.col.clone(), self.next_col, static=self.static, padded=self.padded)
 
     def sees_every_slot(self, T: int) -> bool:
         """Whether one new query (T == 1) may attend over every key `update` returns, so attention

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("generate", "evaluate", "trainer", "bench"),
     ("dtype_choice",),
     ("run",),
+    ("serve",),
     ("commands", "api"),
     ("cli",),
     ("__main__", ""),  # "" = the package's own __init__ (the public API, exported lazily)

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("gpt2lab.commands.prepare", "tokenize a corpus into token shards for training"),
     "sample": ("gpt2lab.commands.sample", "generate text from a checkpoint, HF directory or OpenAI preset"),
     "chat": ("gpt2lab.commands.chat", "talk to an instruction-finetuned model"),
+    "serve": ("gpt2lab.commands.serve", "serve a model over an OpenAI-compatible HTTP API (continuous batching)"),
     "eval": ("gpt2lab.commands.eval", "evaluate: hellaswag, lambada, wikitext, perplexity"),
     "bench": ("gpt2lab.commands.bench", "measure training/decoding speed, MFU and memory"),
     "convert": ("gpt2lab.commands.convert", "export a checkpoint to a Hugging Face GPT-2 directory"),

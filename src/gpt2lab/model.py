@@ -3,7 +3,8 @@
     GPTConfig  -> the architecture (torch-free, in gpt2lab.architecture with its presets: gpt2,
                   gpt2-medium, gpt2-large, gpt2-xl, and tiny ones)
     RoPE       -> rotary position embeddings (optional, `pos_emb="rope"`)
-    KVCache    -> preallocated key/value storage for fast generation (ring buffer under a sliding window)
+    KVCache    -> preallocated key/value storage for fast generation (ring buffer under a sliding window;
+                  rows of different lengths for a server's continuous batching)
     Attention  -> causal self-attention: MHA / GQA / MQA, optional sliding window; one mask, one SDPA call
     MLP, Block -> the pre-LayerNorm transformer block of GPT-2
     GPT        -> embeddings, blocks, final LayerNorm, tied LM head; `logits, loss = model(idx, targets)`,
@@ -68,6 +69,11 @@ class LayerKVCache(nn.Module):
 
     In static mode (`KVCache.start_static_decoding`) `update` takes one-token steps whose shapes and
     Python state never change from step to step (for torch.compile / CUDA graphs).
+
+    In ragged mode (a view from `KVCache.rows(..., ragged=True)`, for serving rows that started at
+    different times) every row holds its own tokens from slot 0 on, with no padding: one-token steps
+    write each row's token at slot pos % S of that row, and the keys returned are the slots the
+    longest row has filled.
     """
 
     def __init__(self, batch_size: int, n_kv_head: int, size: int, head_size: int, window: int | None,
@@ -85,7 +91,20 @@ class LayerKVCache(nn.Module):
         # Static mode: the next column as a device tensor, advanced by the step itself.
         self.register_buffer("col", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.static = False
+        self.ragged = False
         self.padded = False  # a padding position (-1) was stored (see `KVCache.note_positions`)
+
+    def view(self, rows: slice, next_col: int, ragged: bool) -> LayerKVCache:
+        """Rows `rows` of this cache as a cache of their own: the same storage, `next_col` columns
+        filled (ragged: the longest row's, after the coming step)."""
+        view = LayerKVCache.__new__(LayerKVCache)
+        nn.Module.__init__(view)
+        for name in ("k", "v", "slot_pos", "col"):
+            tensor = getattr(self, name)
+            view.register_buffer(name, tensor if name == "col" else tensor[rows], persistent=False)
+        view.size, view.window, view.next_col = self.size, self.window, next_col
+        view.static, view.ragged, view.padded = False, ragged, False
+        return view
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
@@ -97,7 +116,7 @@ class LayerKVCache(nn.Module):
         """Whether one new query (T == 1) may attend over every key `update` returns, so attention
         needs no mask: no padding was stored and no empty slot is returned (a ring only once full).
         Known on the host, without reading the cache."""
-        return (T == 1 and not self.static and not self.padded
+        return (T == 1 and not self.static and not self.ragged and not self.padded
                 and (self.window is None or self.next_col >= self.size))
 
     def update(self, k: torch.Tensor, v: torch.Tensor,
@@ -111,6 +130,18 @@ class LayerKVCache(nn.Module):
         """
         pos = pos.expand(k.shape[0], -1)
         T = k.shape[2]
+        if self.ragged:
+            # Each row's one token goes to slot pos % S of its own row; rows shorter than the longest
+            # have empty slots (-1) among those returned, which the mask hides.
+            if T != 1:
+                raise ValueError(f"ragged KV-cache steps take one token per row, got {T}")
+            rows = torch.arange(k.shape[0], device=k.device)
+            slot = pos[:, 0] % self.size
+            self.k[rows, :, slot] = k[:, :, 0]
+            self.v[rows, :, slot] = v[:, :, 0]
+            self.slot_pos[rows, slot] = pos[:, 0]
+            n = min(self.next_col, self.size)
+            return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:, :n]
         if self.static:
             # Fixed shapes: the column is the tensor `col`, the write an index_copy_ into slot col % S,
             # and all S slots are returned. Nothing is read back to the host; the caller must not step
@@ -206,6 +237,33 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+    # Rows of their own (serving: each row holds one request's tokens from column 0, position = column)
+
+    def rows(self, start: int, stop: int, next_col: int, *, ragged: bool = False) -> KVCache:
+        """Rows [start, stop) as a cache of their own, sharing this one's storage, with `next_col`
+        columns filled. Not ragged: the rows advance in lockstep, as in any cache (one row's prompt
+        prefilled chunk by chunk). Ragged: one-token steps of rows of different lengths, each token
+        stored at its own row's position (pass `pos`); `next_col` is then the longest row's length
+        after the step."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.max_len = self.max_len
+        view.layers = nn.ModuleList(layer.view(slice(start, stop), next_col, ragged) for layer in self.layers)
+        return view
+
+    def clear_row(self, row: int) -> None:
+        """Empty one row (every slot -1), for a new sequence to start in it at column 0."""
+        for layer in self.layers:
+            layer.slot_pos[row].fill_(-1)
+
+    def move_row(self, src: int, dst: int, filled: int) -> None:
+        """Copy row `src`, `filled` columns of it in use, into row `dst` (which it replaces)."""
+        for layer in self.layers:
+            n = min(filled, layer.size)
+            layer.k[dst, :, :n] = layer.k[src, :, :n]
+            layer.v[dst, :, :n] = layer.v[src, :, :n]
+            layer.slot_pos[dst] = layer.slot_pos[src]
 
 
 # --------------------------------------------------------------------------------------------------

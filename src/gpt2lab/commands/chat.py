@@ -18,9 +18,6 @@ from gpt2lab.commands.common import INIT_HELP, add_model_arguments, add_sampling
 from gpt2lab.commands.sample import DTYPE_HELP, load_for_decoding
 from gpt2lab.errors import UserError
 
-# Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there.
-TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, init_required=True, init_help=INIT_HELP + ", or a LoRA adapter directory",
@@ -53,7 +50,7 @@ def _read_lines(interactive: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2lab.data.sft import check_template, encode_chat_prompt
+    from gpt2lab.data.sft import TURN_STARTS, check_template, encode_chat_prompt
     from gpt2lab.generate import stream_text
     from gpt2lab.loading import load_adapted_model
     from gpt2lab.lora import is_adapter

@@ -74,6 +74,8 @@ ALPACA_PROMPT_WITH_INPUT = (
 CHAT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 CHAT_TURN_END = "\n\n"  # after system and user turns; an assistant turn ends with <|endoftext|>
 BUILTIN_TEMPLATES = ("alpaca", "chat")
+# Text that starts a new turn: a model that forgets to emit <|endoftext|> is cut there (chat, serve).
+TURN_STARTS = {"alpaca": ["### Instruction:"], "chat": ["### User:"]}
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 ALPACA_FILE = "alpaca_data.json"

@@ -269,7 +269,10 @@ def exclusive_dir(path: str | os.PathLike, busy: str) -> Iterator[None]:
     A file system that cannot lock directories is written unlocked, as before."""
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:  # removed since it was checked: by a holder that found nothing to write
+        raise UserError(busy) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

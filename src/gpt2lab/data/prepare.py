@@ -108,7 +108,8 @@ def _one_writer(fn: Callable[..., dict]) -> Callable[..., dict]:
 
     Two prepares into one folder at once would each find it empty, write their shards over each
     other's and both report success; the second is refused instead. A folder this call created and
-    left empty (a refusal, an empty corpus) is removed again."""
+    left empty (a refused corpus, an empty one) is removed again, while the lock is held: a prepare
+    refused because another one holds the folder leaves it to that one, even when it is still empty."""
     from gpt2lab.fileio import exclusive_dir
 
     signature = inspect.signature(fn)
@@ -119,13 +120,13 @@ def _one_writer(fn: Callable[..., dict]) -> Callable[..., dict]:
         created = _check_out_dir(out_dir)
         busy = (f"--out {out_dir} is being written by another gpt2lab prepare; wait for it to finish, "
                 "or choose another --out")
-        try:
-            with exclusive_dir(out_dir, busy):
+        with exclusive_dir(out_dir, busy):
+            try:
                 return fn(*args, **kwargs)
-        except BaseException:
-            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
-            raise
+            except BaseException:
+                if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+                    out_dir.rmdir()
+                raise
 
     return locked
 

@@ -272,31 +272,10 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout_p = self.dropout if self.training and cache is None else 0.0  # a cache means inference
-        if cache is not None and T == 1 and q.device.type == "cpu":
-            y = _one_thread_attention(q, k, v, mask)  # a decode step (B, nh, 1, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-                                               dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-
-def _one_thread_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA of one query per row on a CPU, run on one thread (same result: each head is one thread's
-    work either way). Split over two or more threads, torch's CPU attention kernel costs more in
-    thread hand-offs than its few microseconds of work: on a 2-core CPU the whole gpt2 decode step
-    ran 1.3-4x faster with it on one thread (the weights' matrix-vector products keep every thread)."""
-    if torch.compiler.is_compiling():  # a compiled step: its own kernels, threads set when it runs
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    threads = torch.get_num_threads()
-    if threads == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.set_num_threads(1)
-    try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    finally:
-        torch.set_num_threads(threads)
 
 
 class MLP(nn.Module):

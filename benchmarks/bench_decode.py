@@ -24,6 +24,12 @@ bytes read per token (every weight matrix once, the tied head included, plus the
 context of the decode steps) over the read bandwidth measured in the same run (the sum of a
 --bandwidth-mb tensor, timed in turn with the rest). Without llama-cpp-python its columns are skipped.
 --compile adds gpt2lab's one-token step under torch.compile over a static cache (`generate(compile=True)`).
+
+Run it on a quiet machine: while other processes hold cores, torch's multi-threaded kernels wait on
+threads that are not running (on 2 busy cores a gpt2lab fp32 decode step took 2-4x its own
+matrix-vector products, and bf16 ones up to 30x their one-thread time), whereas llama.cpp's thread
+pool degrades little; a wide min..max spread of the gpt2lab rows is the sign. On a busy 2-core Zen 4,
+torch.compile's CPU backend made the step slower (2x by default, 18x with inductor's freezing).
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ def test_optimize_for_decoding_changes_layout_not_results():
     optimize_for_decoding(model)
     w = model.transformer.h[0].attn.c_attn.weight
     assert w.shape == (96, 32) and w.stride() == (1, 96)  # column-major on CPU in float32
+    assert model.transformer.h[0].mlp.c_proj.weight.is_contiguous()  # more inputs than outputs: row-major
     assert model.lm_head.weight is model.transformer.wte.weight
     torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=1e-5)
     assert generate(model, idx.tolist(), max_new_tokens=8, temperature=0) == greedy

@@ -143,3 +143,17 @@ PRESETS: dict[str, dict] = {
     "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
     "gpt2-tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
 }
+
+
+def gpt2_problems(config: GPTConfig, target: str) -> list[str]:
+    """What OpenAI's GPT-2 architecture (`target`: "HF GPT-2", "llama.cpp's gpt2") cannot express of
+    `config`: rotary positions, grouped-query attention, sliding windows. [] for a GPT-2-shaped model
+    (a bias-free one included: it is exported with zero biases, which compute the same logits)."""
+    problems = []
+    if config.pos_emb != "learned":
+        problems.append(f"pos_emb={config.pos_emb!r} ({target} has learned positions only)")
+    if config.n_kv_head != config.n_head:
+        problems.append(f"n_kv_head={config.n_kv_head} ({target} has multi-head attention only)")
+    if any(w is not None for w in config.layer_windows()):
+        problems.append(f"sliding_window={config.sliding_window} ({target} has full attention only)")
+    return problems

@@ -89,31 +89,16 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     UserError of `write_error`. The file's mode follows the umask, as a plain open() would make it."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise (write_error(path, e) if _is_write_failure(e) else e) from None
-    tmp = Path(name)
-    try:
-        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes it owner-only
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and _is_write_failure(e):
-            raise write_error(path, e) from None
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary file name beside `path`, for writers that open files by name (the GGUF writer):
-    once the block ends without error the file is synced and renamed to `path`, else removed and
-    `path` is untouched (as `atomic_file`; a full disk or a refused write is one line)."""
+    """A temporary file name beside `path`, for writers that open files by name (`atomic_file`, the
+    GGUF writer): once the block ends without error the file is synced and renamed to `path`, else
+    removed and `path` is untouched; a full disk or a refused write is the one-line UserError of
+    `write_error`. The file's mode follows the umask, as a plain open() would make it."""
     path = Path(path)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

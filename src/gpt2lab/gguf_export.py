@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.architecture import GPTConfig
+from gpt2lab.architecture import GPTConfig, gpt2_problems
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import atomic_path
 from gpt2lab.model import GPT
@@ -43,13 +43,7 @@ _QUANT_BLOCK = 32  # q8_0 quantizes rows in blocks of 32: a row of another lengt
 
 def gguf_problems(config: GPTConfig, tokenizer: Tokenizer) -> list[str]:
     """What llama.cpp's `gpt2` architecture cannot express about this model and tokenizer (none: [])."""
-    problems = []
-    if config.pos_emb != "learned":
-        problems.append(f"pos_emb={config.pos_emb!r} (llama.cpp's gpt2 has learned positions only)")
-    if config.n_kv_head != config.n_head:
-        problems.append(f"n_kv_head={config.n_kv_head} (llama.cpp's gpt2 has multi-head attention only)")
-    if any(w is not None for w in config.layer_windows()):
-        problems.append(f"sliding_window={config.sliding_window} (llama.cpp's gpt2 has full attention only)")
+    problems = gpt2_problems(config, "llama.cpp's gpt2")
     if byte_level_bpe(tokenizer) is None:
         problems.append(f"the {tokenizer.name} tokenizer (a GGUF gpt2 model embeds a byte-level BPE tokenizer)")
     return problems

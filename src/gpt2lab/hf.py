@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2lab.architecture import gpt2_problems
 from gpt2lab.errors import FileError, UserError
 from gpt2lab.fileio import Map, in_file, inside, read_json, read_safetensors, save_safetensors
 from gpt2lab.model import GPT, GPTConfig
@@ -233,13 +234,7 @@ def hf_to_gpt2lab_state(hf_state: dict[str, torch.Tensor], source: str = "HF wei
 def check_hf_compatible(config: GPTConfig) -> None:
     """Raise UserError if HF's GPT-2 cannot express this architecture (a bias-free model can: it is
     exported with zero biases, which compute the same logits)."""
-    problems = []
-    if config.pos_emb != "learned":
-        problems.append(f"pos_emb={config.pos_emb!r} (HF GPT-2 has learned positions only)")
-    if config.n_kv_head != config.n_head:
-        problems.append(f"n_kv_head={config.n_kv_head} (HF GPT-2 has multi-head attention only)")
-    if any(w is not None for w in config.layer_windows()):
-        problems.append(f"sliding_window={config.sliding_window} (HF GPT-2 has full attention only)")
+    problems = gpt2_problems(config, "HF GPT-2")
     if problems:
         raise UserError(
             f"cannot export to HF GPT-2: {'; '.join(problems)}; use the gpt2lab checkpoint itself (sample, chat, "

@@ -77,6 +77,36 @@ def gpt2_tiny(tmp_path_factory) -> tuple[Path, Path]:
     return root / "ckpt", root / "hf"
 
 
+@pytest.fixture(scope="module")
+def trained_gpt2_tiny(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+    """(checkpoint, export) of a gpt2-tiny trained briefly on Tiny Shakespeare (GPT-2 BPE): logits shaped
+    by data, unlike a random init's."""
+    from gpt2lab.checkpoint import save_checkpoint
+    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.tokenizer import GPT2Tokenizer
+
+    root = tmp_path_factory.mktemp("trained_gpt2_tiny")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", block_size=128))
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
+    ids = torch.tensor(GPT2Tokenizer().encode(text))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        starts = torch.randint(0, len(ids) - 65, (4,)).tolist()
+        batch = torch.stack([ids[s:s + 65] for s in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 2  # it learned from the data
+    model.eval()
+    save_checkpoint(root / "ckpt", model, model.config, {"kind": "gpt2"}, step=30)
+    assert main(["convert", "--init", str(root / "ckpt"), "--out", str(root / "hf")]) == 0
+    return root / "ckpt", root / "hf"
+
+
 def run(lm, manager, names, limit=DOCS):
     import lm_eval
 
@@ -125,10 +155,11 @@ def assert_equal_to_native(out: dict, ours: dict) -> None:
 # Equal to lm-eval's hf backend and to gpt2lab eval
 
 
-def test_backend_equals_hf_backend_and_gpt2lab_eval(gpt2_tiny, manager, shared_data):
+@pytest.mark.parametrize("weights", ["gpt2_tiny", "trained_gpt2_tiny"])
+def test_backend_equals_hf_backend_and_gpt2lab_eval(weights, request, manager, shared_data):
     from lm_eval.models.huggingface import HFLM
 
-    ckpt, export = gpt2_tiny
+    ckpt, export = request.getfixturevalue(weights)
     model, tokenizer = load_model(str(ckpt))
     ours = {}
     for task, limit in (("hellaswag_local", DOCS), ("lambada_openai_local", DOCS), ("wikitext_local", PAGES)):

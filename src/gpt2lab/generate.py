@@ -59,28 +59,57 @@ def stream_text(
     keyword arguments of `stream`.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    stops = [s for s in stop_strings if s]
-    decoder = StreamDecoder(tokenizer)
-    text, emitted = "", 0
-    steps = stream(model, [ids], max_new_tokens=max_new_tokens, stop_strings=stops, tokenizer=tokenizer, **kwargs)
+    out = StopText(tokenizer, stop_strings)
+    steps = stream(model, [ids], max_new_tokens=max_new_tokens, stop_strings=out.stops, tokenizer=tokenizer, **kwargs)
     for (t,) in steps:
-        if t is not None:
-            text += decoder.feed(t)
-        cut = _first_stop(text, stops)
-        if cut is not None:
+        piece = out.feed(t) if t is not None else ""
+        if piece:
+            yield piece
+        if out.stopped:
             steps.close()
-            if cut > emitted:
-                yield text[emitted:cut]
             return
-        safe = len(text) - _held_back(text, stops)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text += decoder.flush()
-    cut = _first_stop(text, stops)
-    end = len(text) if cut is None else cut
-    if end > emitted:
-        yield text[emitted:end]
+    piece = out.flush()
+    if piece:
+        yield piece
+
+
+class StopText:
+    """The text of generated tokens, released piece by piece with stop strings cut (`stream_text`,
+    and the server's streamed choices).
+
+    `feed(token)` returns the text now safe to show: characters split across tokens come out whole,
+    and text that might be the start of a stop string is held back until it is known not to be. Once
+    a stop string appears, `stopped` is set and nothing more is returned (the stop string never is);
+    `flush()` returns what is left at the end. `shown` is all the text returned so far."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
+        self.stops = [s for s in stop_strings if s]
+        self.decoder = StreamDecoder(tokenizer)
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    @property
+    def shown(self) -> str:
+        return self.text[:self.emitted]
+
+    def feed(self, token: int) -> str:
+        self.text += self.decoder.feed(token)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        end = _first_stop(self.text, self.stops)
+        if end is not None:
+            self.stopped = True
+        else:
+            end = len(self.text) - (0 if final else _held_back(self.text, self.stops))
+        piece = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException
 from gpt2lab.chat_template import ChatTemplate, get_chat_template
 from gpt2lab.errors import UserError
 from gpt2lab.fileio import parse_json
-from gpt2lab.generate import _first_stop, _held_back
+from gpt2lab.generate import StopText
 from gpt2lab.serve.protocol import APIError, bad, get_bool, read_chat, read_completion, refuse_unknown
 from gpt2lab.serve.scheduler import Engine, Finished, PromptLogprobs, QueueFull, Seq, Token
-from gpt2lab.tokenizer import StreamDecoder, Tokenizer
+from gpt2lab.tokenizer import Tokenizer
 
 TOKENIZER_ROUTES = ("/tokenizer_info", "/tokenize", "/detokenize")  # vLLM's, for lm-eval's remote tokenizer
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", *TOKENIZER_ROUTES)
@@ -75,9 +75,8 @@ def chat_prompt_ids(messages: Sequence[dict[str, str]], tokenizer: Tokenizer, te
 
 class Choice:
     def __init__(self, index: int, seq: Seq, tokenizer: Tokenizer, stops: list[str]) -> None:
-        self.index, self.seq, self.tokenizer, self.stops = index, seq, tokenizer, stops
-        self.decoder = StreamDecoder(tokenizer)
-        self.text, self.emitted = "", 0
+        self.index, self.seq = index, seq
+        self.out = StopText(tokenizer, stops)  # the text, stop strings cut
         self.tokens: list[int] = []
         self.logprobs: list[float | None] = []
         self.tops: list[list[tuple[int, float]] | None] = []
@@ -97,26 +96,16 @@ class Choice:
                     self.tokens.append(event.token.id)
                     self.logprobs.append(event.token.logprob)
                     self.tops.append(event.token.top)
-                self.text += self.decoder.flush()
-                cut = _first_stop(self.text, self.stops)
-                end = len(self.text) if cut is None else cut
-                piece, self.emitted = self.text[self.emitted:end], max(end, self.emitted)
-                return piece
+                return self.out.flush()
             return ""
         if self.finish is not None:  # tokens after a stop string, before the engine saw the cancel
             return ""
         self.tokens.append(event.id)
         self.logprobs.append(event.logprob)
         self.tops.append(event.top)
-        self.text += self.decoder.feed(event.id)
-        cut = _first_stop(self.text, self.stops)
-        if cut is not None:
+        piece = self.out.feed(event.id)
+        if self.out.stopped:
             self.finish = "stop"
-            piece, self.emitted = self.text[self.emitted:cut], max(cut, self.emitted)
-            return piece
-        safe = len(self.text) - _held_back(self.text, self.stops)
-        piece = self.text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(safe, self.emitted)
         return piece
 
     @property
@@ -356,7 +345,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
                 await collect(request, choices, stream)
             check_errors(choices)
             return {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name,
-                    "choices": [{"index": c.index, "text": echo_text(c) + c.text[:c.emitted],
+                    "choices": [{"index": c.index, "text": echo_text(c) + c.out.shown,
                                  "logprobs": all_logprobs(c), "finish_reason": c.finish_reason}
                                 for c in choices],
                     "usage": usage()}
@@ -452,7 +441,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: Settings) -> Gate
                 await collect(request, choices, stream)
             check_errors(choices)
             return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
-                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text[:c.emitted]},
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.out.shown},
                                  "logprobs": logprobs_of(c), "finish_reason": c.finish_reason} for c in choices],
                     "usage": usage()}
 

@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2lab.chat_template import ROLES
+
 MAX_N = 16
 MAX_STOP = 4
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
-ROLES = ("system", "user", "assistant")
 
 
 class APIError(Exception):

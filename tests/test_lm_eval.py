@@ -449,3 +449,22 @@ def lm_pair(tokenizer, context, continuation):
     from gpt2lab.evaluate.scoring import encode_pair
 
     return encode_pair(tokenizer, context, continuation)
+
+
+def test_the_start_up_hook_imports_next_to_nothing():
+    """`gpt2lab_lm_eval.pth` runs the hook in every interpreter of the environment: importing and
+    installing it loads none of the modules that cost time at every interpreter start (typing,
+    importlib.abc and what it pulls in: ~20 ms), only the interpreter's own light ones."""
+    import ast
+
+    import gpt2lab
+
+    code = ("import sys; before = set(sys.modules); import gpt2lab.lm_eval_plugin as p; p.install(); "
+            "print(sorted(set(sys.modules) - before))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(Path(gpt2lab.__file__).parents[1])
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, check=True)
+    loaded = set(ast.literal_eval(out.stdout))
+    assert {"gpt2lab", "gpt2lab.lm_eval_plugin"} <= loaded
+    assert loaded <= {"gpt2lab", "gpt2lab.lm_eval_plugin", "__future__", "importlib", "importlib._bootstrap",
+                      "importlib._bootstrap_external", "types", "warnings"}, sorted(loaded)

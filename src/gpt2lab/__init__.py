@@ -14,9 +14,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `gpt2lab_lm_eval.pth` imports this
+# package at every interpreter start (gpt2lab.lm_eval_plugin), so it stays cheap to import
 if TYPE_CHECKING:
+    from typing import Any
+
     from gpt2lab.api import LoadedModel, Score, load, train
     from gpt2lab.architecture import GPTConfig
     from gpt2lab.errors import UserError

@@ -12,11 +12,12 @@ is left alone.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
 from types import ModuleType
+
+TYPE_CHECKING = False  # as in gpt2lab/__init__: nothing but sys and types at start-up
+if TYPE_CHECKING:
+    import importlib.machinery
 
 REGISTRY_MODULE = "lm_eval.api.registry"
 GROUP = "lm_eval.models"
@@ -35,12 +36,15 @@ def register_entry_points(registry: ModuleType) -> None:
             registry.model_registry.register(entry.name, target=entry.value.replace(" ", ""))
 
 
-class _RegistryHook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of lm-eval's registry module to run `register_entry_points` after it."""
+class _RegistryHook:
+    """A sys.meta_path finder (the protocol needs only `find_spec`) that finds nothing itself; it wraps
+    the loader of lm-eval's registry module to run `register_entry_points` after it."""
 
     def find_spec(self, name: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
         if name != REGISTRY_MODULE:
             return None
+        import importlib.util
+
         sys.meta_path.remove(self)  # once: the real finders locate the module
         spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):

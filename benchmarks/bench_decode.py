@@ -50,6 +50,7 @@ from gpt2lab.generate import optimize_for_decoding
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.int8 import quantize_int8
 from gpt2lab.model import GPT, GPTConfig, model_stats
+from gpt2lab.packed import PackedLinear
 from gpt2lab.sampling import stream
 
 LLAMA_PAIRS = (("gpt2lab fp32", "llama.cpp f32"), ("gpt2lab bf16", "llama.cpp f16"), ("gpt2lab int8", "llama.cpp q8_0"))
@@ -70,7 +71,7 @@ def hf_twin(model: GPT, dtype: torch.dtype = torch.float32):
 def bytes_per_token(model: GPT, weight_bytes: float, kv_bytes: int, mean_context: float) -> float:
     """Bytes a batch-1 decode step reads: every weight matrix (the tied LM head once, as the head) and
     the KV cache of `mean_context` tokens."""
-    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matrices = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear)))
     return matrices * weight_bytes + mean_context * model_stats(model.config, dtype_bytes=kv_bytes).kv_cache_bytes_per_token
 
 

@@ -3,8 +3,8 @@
     python benchmarks/bench_lm_eval.py                     # gpt2 (124M), 500 HellaSwag examples, batch 32
     python benchmarks/bench_lm_eval.py --limit 20 --preset gpt2-tiny    # a smoke test
 
-Both backends score the same random GPT-2-shaped weights: gpt2lab's `HarnessLM` (what `lm_eval --model
-gpt2lab` runs) on the model, lm-eval's `HFLM` (what `lm_eval --model hf` runs) on its `gpt2lab convert`
+Both backends score the same random GPT-2-shaped weights: gpt2lab's `GPT2LabLM` (what `lm_eval --model
+gpt2lab` runs) on the checkpoint, lm-eval's `HFLM` (what `lm_eval --model hf` runs) on its `gpt2lab convert`
 export, fp32, on the CPU, with the same --batch-size. The task is `hellaswag_local`, lm-eval's
 multiple-choice HellaSwag over the shared data folder's HellaSwag file (a local task YAML written by
 `gpt2lab.evaluate.lm_eval_task.write_local_tasks`, so it runs offline); its dataset is loaded once
@@ -47,9 +47,8 @@ def main() -> None:
     from gpt2lab.bench import cpu_description
     from gpt2lab.checkpoint import save_checkpoint
     from gpt2lab.cli import main as gpt2lab_main
-    from gpt2lab.evaluate.harness import HarnessLM
     from gpt2lab.evaluate.lm_eval_task import task_manager, write_local_tasks
-    from gpt2lab.loading import load_model
+    from gpt2lab.lm_eval import GPT2LabLM
     from gpt2lab.model import GPT, GPTConfig
 
     if args.threads:
@@ -64,9 +63,8 @@ def main() -> None:
     manager = task_manager([str(tmp / "tasks")])
     manager.load(["hellaswag_local"])  # the dataset is converted and cached here, outside the timing
 
-    model, tokenizer = load_model(str(tmp / "ckpt"))
-    backends = {
-        "gpt2lab": HarnessLM(model, tokenizer, batch_size=args.batch_size),
+    backends = {  # GPT2LabLM: what `lm_eval --model gpt2lab` builds (load_model, the CPU layout, HarnessLM)
+        "gpt2lab": GPT2LabLM(init=str(tmp / "ckpt"), dtype="fp32", device="cpu", batch_size=args.batch_size),
         "hf": HFLM(pretrained=str(tmp / "hf"), batch_size=args.batch_size, device="cpu", dtype="float32"),
     }
     seconds: dict[str, list[float]] = {name: [] for name in backends}

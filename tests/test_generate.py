@@ -70,19 +70,77 @@ def test_cached_logits_equal_full_forward(name):
 
 @torch.no_grad()
 def test_optimize_for_decoding_changes_layout_not_results():
+    from gpt2lab.packed import PackedLinear, packable
+
     model = tiny_model(dtype=torch.float32)
     idx = torch.tensor(prompts_of([10]))
     before = model(idx)[0]
     greedy = generate(model, idx.tolist(), max_new_tokens=8, temperature=0)
+    optimize_for_decoding(model)
+    assert packable(torch.float32)  # torch's CPU wheels have oneDNN
+    assert isinstance(model.transformer.h[0].attn.c_attn, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+    assert isinstance(model.transformer.wte.weight, torch.nn.Parameter)  # the embedding keeps its rows
+    torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=1e-5)
+    assert generate(model, idx.tolist(), max_new_tokens=8, temperature=0) == greedy
+    torch.testing.assert_close(model.lm_head.dense_weight(), model.transformer.wte.weight)
+
+
+@torch.no_grad()
+def test_optimize_for_decoding_without_onednn_keeps_the_mkl_layout(monkeypatch):
+    """Where oneDNN cannot pack (a torch built without it), float32 weights go column-major as before."""
+    import gpt2lab.packed as packed
+
+    monkeypatch.setattr(packed, "_AVAILABLE", {torch.float32: False, torch.bfloat16: False})
+    model = tiny_model(dtype=torch.float32)
+    idx = torch.tensor(prompts_of([10]))
+    before = model(idx)[0]
     optimize_for_decoding(model)
     w = model.transformer.h[0].attn.c_attn.weight
     assert w.shape == (96, 32) and w.stride() == (1, 96)  # column-major on CPU in float32
     assert model.transformer.h[0].mlp.c_proj.weight.is_contiguous()  # more inputs than outputs: row-major
     assert model.lm_head.weight is model.transformer.wte.weight
     torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=1e-5)
-    assert generate(model, idx.tolist(), max_new_tokens=8, temperature=0) == greedy
     optimize_for_decoding(model.to(torch.bfloat16))
     assert model.transformer.h[0].attn.c_attn.weight.is_contiguous()  # bf16 prefers row-major
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_do_not_depend_on_their_batch(dtype):
+    """A row's logits are the same bits alone or among 15 others (what lets a served request's
+    greedy text equal its solo run whatever shares the batch); F.linear through MKL does not promise that."""
+    from gpt2lab.packed import packable
+
+    if not packable(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")
+    model = optimize_for_decoding(tiny_model(dtype=torch.float32).to(dtype))
+    idx = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(1))
+    together = model(idx)[0]
+    for r in (0, 7, 15):
+        assert torch.equal(model(idx[r:r + 1])[0], together[r:r + 1])
+
+
+@torch.no_grad()
+def test_a_packed_model_moves_dtype_copies_and_refuses_what_it_cannot_do():
+    import copy
+
+    from gpt2lab.errors import UserError
+    from gpt2lab.packed import PackedLinear, is_packed, packable
+
+    model = optimize_for_decoding(tiny_model(dtype=torch.float32))
+    idx = torch.tensor(prompts_of([10]))
+    before = model(idx)[0]
+    twin = copy.deepcopy(model)
+    assert is_packed(twin) and twin.lm_head is not model.lm_head
+    assert torch.equal(twin(idx)[0], before)
+    if packable(torch.bfloat16):
+        twin.to(torch.bfloat16)  # repacks every layer in the new dtype
+        assert twin.lm_head.weight_packed.dtype == torch.bfloat16
+        torch.testing.assert_close(twin(idx)[0].float(), before, atol=0.1, rtol=0.1)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, PackedLinear) and "dtype=torch.float32" in repr(layer)
+    with pytest.raises(UserError, match="float32 or bfloat16"):
+        layer.to(torch.float16)
 
 
 def test_batched_prompts_equal_each_alone():

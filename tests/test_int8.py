@@ -179,7 +179,7 @@ def test_auto_picks_int8_only_where_it_measures_faster(bf16_rate, int8_rate, pic
                         lambda model, twin: (100.0, int8_rate if is_int8(twin) else bf16_rate))
     args = argparse.Namespace(device="cpu", dtype="auto")
     model, _ = load_for_decoding(args, lambda device, dtype: load_model("random:gpt2-tiny", device, dtype))
-    got = "int8" if is_int8(model) else {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.lm_head.weight.dtype]
+    got = "int8" if is_int8(model) else {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.transformer.wte.weight.dtype]
     assert got == picked
     err = capsys.readouterr().err
     assert f"--dtype auto -> {picked} (" in err

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "chat_template"),
     ("sampling",),
     ("model",),
-    ("data", "optim", "parallel", "metrics"),
+    ("data", "optim", "parallel", "metrics", "packed"),
     ("checkpoint", "hf", "lora", "gguf_export", "int8"),
     ("loading",),
     ("generate", "evaluate", "trainer", "bench"),

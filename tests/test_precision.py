@@ -63,7 +63,7 @@ def simulated(monkeypatch):
 
     def timed_forward(self, idx, *args, **kwargs):
         what = "decode" if kwargs.get("cache") is not None else "train" if torch.is_grad_enabled() else "forward"
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.lm_head.weight.dtype
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.transformer.wte.weight.dtype
         n = clock.calls.count((what, dtype))
         clock.calls.append((what, dtype))
         clock.now += clock.cost(what, dtype, n)
@@ -158,6 +158,8 @@ def test_train_probe_is_quick_valid_and_leaves_the_rng_and_threads_alone():
 
 
 def test_decode_probe_is_quick_valid_and_leaves_the_model_and_rng_alone():
+    from gpt2lab.packed import PackedLinear
+
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2-tiny")).train()  # training mode: the probe must not use dropout
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -170,8 +172,10 @@ def test_decode_probe_is_quick_valid_and_leaves_the_model_and_rng_alone():
     assert choice.source == "measured" and choice.kind == "decode" and choice.rates["fp32"] > 0 < choice.rates["bf16"]
     assert choice.dtype is decide(choice.rates["fp32"], choice.rates["bf16"])
     assert model.training and model.transformer.wte.weight.dtype == torch.float32
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # same values (layout aside)
+    # laid out for decoding in place (packed linear layers): the same values
+    weights = {**model.state_dict(), **{f"{name}.weight": m.dense_weight() for name, m in model.named_modules()
+                                        if isinstance(m, PackedLinear)}}
+    assert weights.keys() == before.keys() and all(torch.equal(before[k], v) for k, v in weights.items())
     with pytest.raises(ValueError, match="fp32 weights"):
         Decoding(GPT(GPTConfig.from_preset("gpt2-tiny")).to(torch.bfloat16)).measure()
 
@@ -557,14 +561,21 @@ def test_bench_auto_shows_the_choice(capsys, fake_rates):
     assert "note: --dtype auto -> fp32" in out.err
 
 
-def test_the_low_precision_copy_is_row_major_whatever_the_fp32_layout():
-    """A column-major fp32 model (the fp32 decode layout) must not hand its strides to the bf16 copy:
-    bf16 matrix-vector products are ~10x slower column-major, and the probe would pick fp32 wrongly."""
+def test_the_low_precision_copy_is_row_major_whatever_the_fp32_layout(monkeypatch):
+    """A column-major fp32 model (the fp32 decode layout where oneDNN cannot pack) must not hand its
+    strides to the bf16 copy: bf16 matrix-vector products are ~10x slower column-major, and the probe
+    would pick fp32 wrongly. A packed model's copy is packed again in bf16."""
+    import gpt2lab.packed as packed
     from gpt2lab.dtype_choice import _copy_in
     from gpt2lab.generate import optimize_for_decoding
     from gpt2lab.model import GPT, GPTConfig
 
-    model = optimize_for_decoding(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)))
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    if packed.packable(torch.bfloat16):
+        twin = _copy_in(optimize_for_decoding(GPT(config)), torch.bfloat16)
+        assert {m.weight_packed.dtype for m in twin.modules() if isinstance(m, packed.PackedLinear)} == {torch.bfloat16}
+    monkeypatch.setattr(packed, "_AVAILABLE", {torch.float32: False, torch.bfloat16: False})
+    model = optimize_for_decoding(GPT(config))
     assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()
     twin = _copy_in(model, torch.bfloat16)
     assert all(p.is_contiguous() and p.dtype == torch.bfloat16 for p in twin.parameters())

@@ -383,15 +383,19 @@ def decode_bench(adapter: ModelAdapter, vocab_size: int, batch_size: int, prompt
 
 def weight_read_pass(model: nn.Module) -> Callable[[], None]:
     """A callable doing what a batch-1 decode step cannot do without: one vector-matrix product per
-    weight matrix (every Linear, the LM head included), in model order, layout and dtype, nothing
-    else. Each call streams all the weights, as a decode step does; its time is the step's floor."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    inputs = [torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+    weight matrix (every Linear, the LM head included; packed ones through their own kernel), in model
+    order, layout and dtype, nothing else. Each call streams all the weights, as a decode step does;
+    its time is the step's floor."""
+    from gpt2lab.packed import PackedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    weights = [m.weight_packed if isinstance(m, PackedLinear) else m.weight for m in layers]
+    inputs = [torch.zeros(1, m.in_features, dtype=w.dtype, device=w.device) for m, w in zip(layers, weights)]
 
     @torch.no_grad()
     def one_pass() -> None:
-        for m, x in zip(linears, inputs):
-            torch.nn.functional.linear(x, m.weight, m.bias)
+        for m, x in zip(layers, inputs):
+            m(x)
 
     return one_pass
 

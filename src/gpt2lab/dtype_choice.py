@@ -219,7 +219,7 @@ class Decoding(Work):
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"decoding is measured on a CPU model with fp32 weights, got {weight.dtype} on "
                              f"{weight.device}")
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = _n_params(model)
         what = f"{_model_identity(model)}, layout {getattr(self.layout, '__name__', None)}"
 
         def measure() -> Choice:
@@ -284,12 +284,18 @@ class MuonIterations(Work):
 
 
 def _model_identity(model: nn.Module) -> str:
-    """What a measurement of `model` depends on, for the cache key: its size and shape."""
+    """What a measurement of `model` depends on, for the cache key: its size and shape (whatever the
+    layout its linear layers have been given for decoding)."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"{n} params ({trained} trained), n_layer {c.n_layer}, n_embd {c.n_embd}, n_head {c.n_head}, "
-            f"n_kv_head {c.n_kv_head}, vocab {c.vocab_size}")
+    trained = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)  # adapters
+    return (f"{_n_params(model)} params ({trained} trained), n_layer {c.n_layer}, n_embd {c.n_embd}, "
+            f"n_head {c.n_head}, n_kv_head {c.n_kv_head}, vocab {c.vocab_size}")
+
+
+def _n_params(model: nn.Module) -> int:
+    """The model's parameters with the tied embedding counted once and any LoRA adapters, counted
+    from its config (packed or int8 linear layers hold their weights outside `.parameters()`)."""
+    return model_stats(model.config).params + sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,7 +344,7 @@ def _model_steps(kind: str, model: nn.Module, batch_size: int, seq_len: int, low
             p.grad = grad
     if rates is None:
         return too_long
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = _n_params(model)
     detail = f"{batch_size}x{seq_len} tokens of this model ({n_params / 1e6:.2g}M params)"
     return measured_choice(kind, detail, rates, low, threshold, time.perf_counter() - start, busy or gate.busy,
                            matmul_speedup=gate.speedup)

@@ -20,18 +20,24 @@ from gpt2lab.tokenizer import StreamDecoder, Tokenizer
 
 
 def optimize_for_decoding(model: GPT) -> GPT:
-    """Store each Linear weight (out, in) in the memory layout a decode step reads fastest; in place,
-    for inference only (call it after any dtype change; training and saving expect the default).
+    """Lay out each Linear weight the way one-token steps (and other inference passes) read it
+    fastest on the device; in place, for inference only (call it after any dtype change; training
+    and saving expect the default).
 
-    A decode step multiplies one vector by every weight matrix. On CPU in float32, MKL's
-    matrix-vector product is ~1.3-1.6x faster when the weight is stored column-major (as HF's
-    Conv1D does), so there the weights get `w.t().contiguous().t()`: same values and shapes, new
-    strides. Except a weight with more inputs than outputs (the MLP's down projection), which MKL
-    reads faster row-major: the whole gpt2 (124M) decode step ran 1.08-1.14x faster with those
-    row-major than with every weight column-major. bfloat16 (oneDNN) and GPUs prefer the default
-    row-major layout, which they get back. The tied embedding / LM head stays tied (it is one Parameter).
+    On a CPU in float32 or bfloat16, every plain Linear becomes a `gpt2lab.packed.PackedLinear`
+    holding its weight in oneDNN's packed layout: a gpt2 (124M) decode step's matrices ran 1.4x
+    (float32) and 1.5x (bfloat16) faster than through `F.linear`, a 16-row step 3x, and each row's
+    result no longer depends on how many rows share the batch. The tied LM head gets its own packed
+    copy; LoRA layers stay as they are. Where oneDNN cannot pack (another dtype, a torch without
+    it), float32 weights are stored column-major (`w.t().contiguous().t()`, the layout MKL's
+    matrix-vector product reads ~1.3-1.6x faster) except those with more inputs than outputs, and
+    everything else keeps the default row-major layout (GPUs included).
     """
+    from gpt2lab.packed import pack_linears
+
     w = model.transformer.wte.weight
+    if w.device.type == "cpu" and pack_linears(model):
+        return model
     fp32_cpu = w.device.type == "cpu" and w.dtype == torch.float32
     with torch.no_grad():
         for module in model.modules():
@@ -40,7 +46,6 @@ def optimize_for_decoding(model: GPT) -> GPT:
                 column_major = fp32_cpu and module.in_features <= module.out_features
                 module.weight.data = data.t().contiguous().t() if column_major else data.contiguous()
     return model
-
 
 
 def stream_text(

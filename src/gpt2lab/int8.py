@@ -18,14 +18,15 @@ import torch.nn as nn
 
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
+from gpt2lab.packed import PackedLinear
 
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W held as int8 rows times float scales (weight-only quantization)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear | PackedLinear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
+        w = (linear.dense_weight() if isinstance(linear, PackedLinear) else linear.weight.detach()).float()
         # the scale the kernel multiplies by is bfloat16 (its activations' dtype): round with that one
         scale = (w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127).to(torch.bfloat16)  # (out,)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -58,7 +59,7 @@ def check_int8(device: torch.device | str) -> None:
 
 @torch.no_grad()
 def quantize_int8(model: GPT) -> GPT:
-    """Replace every nn.Linear of `model` (CPU, inference only) by an `Int8Linear`, in place.
+    """Replace every nn.Linear of `model` (CPU, inference only; packed ones too) by an `Int8Linear`, in place.
 
     The model can no longer be trained or saved as a checkpoint; its logits are within int8
     rounding of the original's (per row, |error| <= max |W[r]| / 254 per weight)."""
@@ -66,7 +67,7 @@ def quantize_int8(model: GPT) -> GPT:
     model.eval()
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, (nn.Linear, PackedLinear)):
                 setattr(module, child_name, Int8Linear(child))
     return model
 

@@ -37,6 +37,7 @@ class GPT2LabLM(HarnessLM):
         from gpt2lab.devices import resolve_device
         from gpt2lab.dtype_choice import ForwardPasses, load_dtype, resolve
         from gpt2lab.errors import UserError
+        from gpt2lab.generate import optimize_for_decoding
         from gpt2lab.loading import load_model
 
         if unused:
@@ -56,6 +57,7 @@ class GPT2LabLM(HarnessLM):
             model.to(resolved.dtype)
         if resolved.line:
             say(f"note: {resolved.line}")
+        optimize_for_decoding(model.eval())  # inference only: on a CPU, oneDNN-packed linear layers
         super().__init__(model, tokenizer, batch_size=rows, max_length=max_length)
         self.init = str(init)
 

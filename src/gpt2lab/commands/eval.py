@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2lab.devices import dtype_name
     from gpt2lab.dtype_choice import ForwardPasses, load_dtype, resolve
     from gpt2lab.fileio import check_output_file
+    from gpt2lab.generate import optimize_for_decoding
     from gpt2lab.loading import load_model
 
     task = get_task(args.task)
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             dtype = args.dtype if resolved.dtype is None else dtype_name(resolved.dtype)
             if resolved.line:
                 say(f"note: {resolved.line}")
+            optimize_for_decoding(model)  # inference only: on a CPU, oneDNN-packed linear layers
         start = time.perf_counter()
         metrics = task.run(model, tokenizer, examples, args, env=env, batch_size=batch_size,
                            show_progress=True)

@@ -112,8 +112,9 @@ def test_the_speedrun_replaces_only_its_own_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_lm_eval_reports_both_backends(tmp_path):
+def test_bench_lm_eval_reports_both_backends(tmp_path, shared_data, monkeypatch):
     pytest.importorskip("lm_eval")
+    monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(shared_data))  # its HellaSwag file
     out = run_script("bench_lm_eval.py", "--limit", "4", "--preset", "gpt2-tiny", "--json", tmp_path=tmp_path)
     record = json.loads(out.strip().splitlines()[-1])
     assert set(record["seconds"]) == {"gpt2lab", "hf"} and record["ratio"] > 0
@@ -121,7 +122,8 @@ def test_bench_lm_eval_reports_both_backends(tmp_path):
     assert "x faster; metrics equal" in out
 
 
-def test_bench_tokenizer_reports_training_and_the_prepare_ratio(tmp_path):
+def test_bench_tokenizer_reports_training_and_the_prepare_ratio(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("GPT2LAB_SHARED_DATA", str(shared_data))  # its corpus
     out = run_script("bench_tokenizer.py", "--mb", "0.3", "--train-mb", "0.2", "--vocab-size", "600", "--repeats", "1",
                      "--json", tmp_path=tmp_path)
     record = json.loads(out.strip().splitlines()[-1])

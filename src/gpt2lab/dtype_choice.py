@@ -287,15 +287,19 @@ def _model_identity(model: nn.Module) -> str:
     """What a measurement of `model` depends on, for the cache key: its size and shape (whatever the
     layout its linear layers have been given for decoding)."""
     c = model.config
-    trained = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)  # adapters
-    return (f"{_n_params(model)} params ({trained} trained), n_layer {c.n_layer}, n_embd {c.n_embd}, "
-            f"n_head {c.n_head}, n_kv_head {c.n_kv_head}, vocab {c.vocab_size}")
+    return (f"{_n_params(model)} params ({_adapter_params(model)} trained), n_layer {c.n_layer}, "
+            f"n_embd {c.n_embd}, n_head {c.n_head}, n_kv_head {c.n_kv_head}, vocab {c.vocab_size}")
+
+
+def _adapter_params(model: nn.Module) -> int:
+    """Parameters of the model's LoRA adapters (0 without)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
 
 
 def _n_params(model: nn.Module) -> int:
     """The model's parameters with the tied embedding counted once and any LoRA adapters, counted
     from its config (packed or int8 linear layers hold their weights outside `.parameters()`)."""
-    return model_stats(model.config).params + sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    return model_stats(model.config).params + _adapter_params(model)
 
 
 # --------------------------------------------------------------------------------------------------

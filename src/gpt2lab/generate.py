@@ -35,9 +35,9 @@ def optimize_for_decoding(model: GPT) -> GPT:
     """
     from gpt2lab.packed import pack_linears
 
-    w = model.transformer.wte.weight
-    if w.device.type == "cpu" and pack_linears(model):
+    if pack_linears(model):  # CPU layers only
         return model
+    w = model.transformer.wte.weight
     fp32_cpu = w.device.type == "cpu" and w.dtype == torch.float32
     with torch.no_grad():
         for module in model.modules():

@@ -48,18 +48,19 @@ def _check(dtype: torch.dtype) -> bool:
         w, x = torch.randn(24, 40, generator=g).to(dtype), torch.randn(3, 40, generator=g).to(dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
         return bool(torch.allclose(y.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2))
-    except (RuntimeError, AttributeError, NotImplementedError):  # a torch without these ops, or built without oneDNN
+    except (RuntimeError, AttributeError):  # a torch without these ops or kernels (built without oneDNN)
         return False
 
 
 class PackedLinear(nn.Module):
     """y = x W^T + b with W held in oneDNN's packed layout (inference only)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """weight (out, in) and bias (out,) are copied: the packed weight, and a clone of the bias."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("bias", linear.bias.detach().clone() if linear.bias is not None else None)
-        self.weight_packed = _pack(linear.weight.detach())
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.weight_packed = _pack(weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype (the weight's)."""
@@ -74,13 +75,8 @@ class PackedLinear(nn.Module):
         self.weight_packed = _pack(fn(self.dense_weight()))
         return self
 
-    def __deepcopy__(self, memo):  # an opaque oneDNN tensor has no storage to copy
-        twin = PackedLinear.__new__(PackedLinear)
-        nn.Module.__init__(twin)
-        twin.in_features, twin.out_features = self.in_features, self.out_features
-        twin.register_buffer("bias", self.bias.clone() if self.bias is not None else None)
-        twin.weight_packed = _pack(self.dense_weight())
-        memo[id(self)] = twin
+    def __deepcopy__(self, memo):  # an opaque oneDNN tensor has no storage to copy: pack a copy afresh
+        twin = memo[id(self)] = PackedLinear(self.dense_weight(), self.bias)
         return twin
 
     def extra_repr(self) -> str:
@@ -104,7 +100,7 @@ def pack_linears(model: nn.Module) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.device.type == "cpu" and packable(child.weight.dtype):
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child.weight, child.bias))
                 replaced += 1
     return replaced
 

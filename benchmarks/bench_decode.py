@@ -4,8 +4,10 @@
     python benchmarks/bench_decode.py --reps 9 --threads 2 --no-bf16
 
 Both models get the same random GPT-2 weights (`gpt2` preset, copied through `gpt2lab.hf`). gpt2lab
-runs as `gpt2lab sample` does, after `optimize_for_decoding` (the weight layout a one-token step reads
-fastest); "gpt2lab fp32 row-major" is the model as built, for comparison. Each repetition times one
+runs as `gpt2lab sample` does, after `optimize_for_one_row` (the compiled one-row step of
+`gpt2lab.native_decode` where it builds, over weights moved onto huge pages); "gpt2lab fp32 torch
+step" is torch's own step over oneDNN-packed layers (`optimize_for_decoding`, as `serve` lays a model
+out), for comparison. Each repetition times one
 greedy `generate` call of every variant, in alternating order (ABBA) so drifting machine load hits all
 alike; medians are reported. tokens/s = new tokens / wall time of the whole call (prefill included).
 Each rate is also given as a fraction of the weight-read floor measured in the same repetition
@@ -46,7 +48,7 @@ import torch
 from gpt2lab.bench import cpu_description, weight_read_pass
 from gpt2lab.devices import dtype_name
 from gpt2lab.dtype_choice import Decoding, decoding_int8, resolve
-from gpt2lab.generate import optimize_for_decoding
+from gpt2lab.generate import optimize_for_decoding, optimize_for_one_row
 from gpt2lab.hf import gpt2lab_to_hf_state, hf_config
 from gpt2lab.int8 import quantize_int8
 from gpt2lab.model import GPT, GPTConfig, model_stats
@@ -171,21 +173,25 @@ def main() -> None:
                                   min_new_tokens=n, do_sample=False, use_cache=True,
                                   pad_token_id=0)[0, args.prompt_len:].tolist()
 
-    model_fp32 = optimize_for_decoding(copy(torch.float32))
-    runs = {"gpt2lab fp32": ours(model_fp32, "gpt2lab fp32"), "transformers fp32": theirs(hf),
-            "gpt2lab fp32 row-major": ours(model, "gpt2lab fp32 row-major")}
-    models = {"gpt2lab fp32": model_fp32, "gpt2lab fp32 row-major": model}
+    # as `gpt2lab sample` lays it out (the compiled one-row step where it runs), and as `serve` does
+    # (oneDNN-packed layers: torch's step)
+    model_fp32 = optimize_for_one_row(copy(torch.float32))
+    runs = {"gpt2lab fp32": ours(model_fp32, "gpt2lab fp32"), "transformers fp32": theirs(hf)}
+    models = {"gpt2lab fp32": model_fp32, "gpt2lab fp32 torch step": optimize_for_decoding(copy(torch.float32))}
+    runs["gpt2lab fp32 torch step"] = ours(models["gpt2lab fp32 torch step"], "gpt2lab fp32 torch step")
     runs["floor fp32"] = floor(model_fp32)
     if args.bf16:
-        model_bf16 = optimize_for_decoding(copy(torch.bfloat16))
+        model_bf16 = optimize_for_one_row(copy(torch.bfloat16))
         runs["gpt2lab bf16"] = ours(model_bf16, "gpt2lab bf16")
         models["gpt2lab bf16"] = model_bf16
+        models["gpt2lab bf16 torch step"] = optimize_for_decoding(copy(torch.bfloat16))
+        runs["gpt2lab bf16 torch step"] = ours(models["gpt2lab bf16 torch step"], "gpt2lab bf16 torch step")
         runs["transformers bf16"] = theirs(hf_twin(model, torch.bfloat16))
         runs["floor bf16"] = floor(model_bf16)
     models["gpt2lab int8"] = quantize_int8(copy(torch.float32))  # as `gpt2lab sample --dtype int8` decodes
     runs["gpt2lab int8"] = ours(models["gpt2lab int8"], "gpt2lab int8")
     if args.compile:  # the one-token step under torch.compile, over a static cache (sampling.stream(compile=True))
-        for name in [name for name in models if name != "gpt2lab fp32 row-major"]:
+        for name in [name for name in models if not name.endswith("torch step")]:
             runs[f"{name} compiled"] = ours(models[name], f"{name} compiled", compile=True)
     llama_note = ""
     if args.llama:
@@ -253,6 +259,10 @@ def main() -> None:
         print(f"\ngpt2lab auto ({dtype_name(choice.dtype)}) / gpt2lab fp32: {rate[auto] / rate['gpt2lab fp32']:.2f}x, "
               f"/ transformers fp32: {rate[auto] / rate['transformers fp32']:.2f}x")
     print(f"\ngpt2lab / transformers, fp32: {rate['gpt2lab fp32'] / rate['transformers fp32']:.2f}x")
+    for name in [name for name in rate if name.endswith(" torch step")]:
+        base = name.removesuffix(" torch step")
+        print(f"{base} / {name}: {rate[base] / rate[name]:.2f}x "
+              f"(greedy tokens equal: {sum(a == b for a, b in zip(outputs[base], outputs[name]))}/{n})")
     agree = sum(a == b for a, b in zip(outputs["gpt2lab fp32"], outputs["transformers fp32"]))
     print(f"greedy tokens equal to transformers fp32: {agree}/{n}")
     for name in [name for name in outputs if name.endswith(" compiled")]:

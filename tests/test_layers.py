@@ -16,7 +16,7 @@ PACKAGE = Path(gpt2lab.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "console", "lm_eval_plugin"),
     ("losses", "download", "devices", "fileio", "timing"),
-    ("configparse", "tokenizer", "timebudget", "architecture", "precision"),
+    ("configparse", "tokenizer", "timebudget", "architecture", "precision", "native_decode"),
     ("config", "chat_template"),
     ("sampling",),
     ("model",),

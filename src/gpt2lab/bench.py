@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from gpt2lab.devices import cpu_flags, cpu_name, dtype_name
 from gpt2lab.errors import UserError
+from gpt2lab.sampling import one_token_step
 from gpt2lab.timing import take_turns, time_call
 
 # --------------------------------------------------------------------------------------------------
@@ -267,12 +268,11 @@ class GPTAdapter(ModelAdapter):
     def prefill(self, idx, max_len, cache_dtype):
         cache = self.model.new_cache(idx.shape[0], max_len, dtype=cache_dtype)
         logits, _ = self.model(idx, cache=cache, last_only=True)
-        return logits[:, -1], cache
+        return logits[:, -1], (cache, one_token_step(self.model, cache))  # the step `gpt2lab sample` takes
 
     def decode(self, token, state, position):
-        pos = torch.full_like(token, position)
-        logits, _ = self.model(token, pos=pos, cache=state)
-        return logits[:, -1], state
+        cache, step = state
+        return step(self.model, cache, token, torch.full_like(token, position)), state
 
 
 class HFAdapter(ModelAdapter):

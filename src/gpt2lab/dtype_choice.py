@@ -62,7 +62,7 @@ from gpt2lab.precision import (
     probe,
     train_precision,
 )
-from gpt2lab.sampling import decode_one_token, sample_next
+from gpt2lab.sampling import one_token_step, sample_next
 from gpt2lab.timing import Turns, take_turns
 
 GATE = 1.0
@@ -422,17 +422,18 @@ def _compare_decoding(model: nn.Module, twin: nn.Module) -> Rates:
 
 def _decode_step(model: nn.Module, max_len: int) -> Callable[[], None]:
     """A callable taking the next greedy decode step of `model` at batch 1, as `sampling.stream` does:
-    the token from the last logits (`sample_next`), then `decode_one_token` through a KV cache at its
+    the token from the last logits (`sample_next`), then `one_token_step` through a KV cache at its
     position; at most `max_len` calls."""
     with torch.inference_mode():
         cache = model.new_cache(1, max_len)
         state = {"logits": torch.zeros(1, model.config.vocab_size, dtype=next(model.parameters()).dtype),
                  "pos": torch.zeros((1, 1), dtype=torch.long)}
+    decode = one_token_step(model, cache)
 
     @torch.inference_mode()
     def step() -> None:
         token = sample_next(state["logits"], temperature=0)  # (1,)
-        state["logits"] = decode_one_token(model, cache, token[:, None], state["pos"])
+        state["logits"] = decode(model, cache, token[:, None], state["pos"])
         state["pos"] += 1
 
     return step

@@ -19,12 +19,18 @@ from gpt2lab.sampling import stream
 from gpt2lab.tokenizer import StreamDecoder, Tokenizer
 
 
-def optimize_for_decoding(model: GPT) -> GPT:
+def optimize_for_decoding(model: GPT, *, rows: int | None = None) -> GPT:
     """Lay out each Linear weight the way one-token steps (and other inference passes) read it
     fastest on the device; in place, for inference only (call it after any dtype change; training
     and saving expect the default).
 
-    On a CPU in float32 or bfloat16, every plain Linear becomes a `gpt2lab.packed.PackedLinear`
+    rows=1 (one sequence at a time: `gpt2lab sample`, `chat`): where the compiled one-row step
+    (`gpt2lab.native_decode`) runs this model, the weight matrices stay row-major, which is how it
+    reads them, moved onto huge pages (`native_decode.lay_out`); it decodes faster than torch's step
+    over packed layers (docs/benchmarks.md).
+
+    Otherwise (batches: `serve`, `eval`, lm-eval), on a CPU in float32 or bfloat16, every plain
+    Linear becomes a `gpt2lab.packed.PackedLinear`
     holding its weight in oneDNN's packed layout: a gpt2 (124M) decode step's matrices ran 1.4x
     (float32) and 1.5x (bfloat16) faster than through `F.linear`, a 16-row step 3x, and each row's
     result no longer depends on how many rows share the batch. The tied LM head gets its own packed
@@ -33,6 +39,11 @@ def optimize_for_decoding(model: GPT) -> GPT:
     matrix-vector product reads ~1.3-1.6x faster) except those with more inputs than outputs, and
     everything else keeps the default row-major layout (GPUs included).
     """
+    if rows == 1:
+        from gpt2lab.native_decode import lay_out, runs
+
+        if runs(model):
+            return lay_out(model)
     from gpt2lab.packed import pack_linears
 
     if pack_linears(model):  # CPU layers only
@@ -46,6 +57,12 @@ def optimize_for_decoding(model: GPT) -> GPT:
                 column_major = fp32_cpu and module.in_features <= module.out_features
                 module.weight.data = data.t().contiguous().t() if column_major else data.contiguous()
     return model
+
+
+def optimize_for_one_row(model: GPT) -> GPT:
+    """`optimize_for_decoding(model, rows=1)`: the layout for decoding one sequence at a time, as
+    `gpt2lab sample` and `chat` do."""
+    return optimize_for_decoding(model, rows=1)
 
 
 def stream_text(

@@ -223,6 +223,8 @@ def stream(
 
     try:
         logits, next_pos, filled = prefill(rows)  # filled: cache columns in use
+        if not (static_cache or compile):
+            decode = one_token_step(model, cache)
         for step in range(max_new_tokens):
             tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             new = tokens.tolist()
@@ -255,6 +257,16 @@ def decode_one_token(model: torch.nn.Module, cache: Any, token: torch.Tensor, po
     """
     logits, _ = model(token, pos=pos, cache=cache)
     return logits[:, -1]
+
+
+def one_token_step(model: torch.nn.Module, cache: Any) -> Callable[[torch.nn.Module, Any, torch.Tensor, torch.Tensor],
+                                                                    torch.Tensor]:
+    """The fastest plain decode step for `model` into `cache`, called as `decode_one_token`: the
+    compiled one-row C step (`gpt2lab.native_decode`) where it runs (one row, a CPU model it
+    covers), else `decode_one_token` itself. Call it again after replacing the cache."""
+    from gpt2lab.native_decode import native_step
+
+    return native_step(model, cache) or decode_one_token
 
 
 @functools.cache

@@ -79,9 +79,11 @@ def _read_prompt(args: argparse.Namespace) -> str | list[dict]:
     return read_text(path)
 
 
-def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple[Any, Any]]) -> tuple[Any, Any]:
+def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple[Any, Any]], *,
+                      batched: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) from `load(device, dtype)` for --device and --dtype, in eval mode and laid
-    out for decoding (also used by `gpt2lab chat`).
+    out for decoding one sequence at a time (`generate.optimize_for_one_row`; also used by
+    `gpt2lab chat`), or batches of them (`batched`: `gpt2lab serve`).
 
     --dtype auto on CPU loads fp32 weights, times decoding them against bf16, then against int8
     linear layers (gpt2lab.dtype_choice: once per machine and model, then cached) and keeps the
@@ -90,8 +92,16 @@ def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple
     (gpt2lab.int8; a LoRA adapter is merged first)."""
     from gpt2lab.devices import resolve_device
     from gpt2lab.dtype_choice import Decoding, decoding_int8, load_dtype, resolve
-    from gpt2lab.generate import optimize_for_decoding
+    from gpt2lab.generate import optimize_for_decoding, optimize_for_one_row
     from gpt2lab.int8 import quantize_int8
+    from gpt2lab.native_decode import missing_build_note
+
+    layout = optimize_for_decoding if batched else optimize_for_one_row
+
+    def ready(model: Any, tokenizer: Any) -> tuple[Any, Any]:  # before the layout, which packs for torch
+        if not batched and (note := missing_build_note(model)):
+            say(f"note: {note}")
+        return model, tokenizer
 
     device = resolve_device(args.device)
     if args.dtype == "int8":
@@ -100,19 +110,19 @@ def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple
 
         check_int8(device)  # before loading
         model, tokenizer = load(device, "fp32")
-        return quantize_int8(merge_lora(model)), tokenizer
+        return ready(quantize_int8(merge_lora(model)), tokenizer)
     model, tokenizer = load(device, load_dtype(args.dtype, device))
     model.eval()
-    resolved = resolve(args.dtype, device, Decoding(model, layout=optimize_for_decoding))
+    resolved = resolve(args.dtype, device, Decoding(model, layout=layout))
     if args.dtype == "auto" and device.type == "cpu" and (int8 := decoding_int8(model, resolved)) is not None:
         say(f"note: {int8.note('--dtype', 'auto')}")
-        return quantize_int8(model), tokenizer
+        return ready(quantize_int8(model), tokenizer)
     if resolved.dtype is not None:
         model.to(resolved.dtype)
     if resolved.line:
         say(f"note: {resolved.line}")
-    optimize_for_decoding(model)
-    return model, tokenizer
+    ready(model, tokenizer)
+    return layout(model), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

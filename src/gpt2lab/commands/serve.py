@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         why = (e.strerror or str(e)).split(" (while attempting")[0]  # create_server appends the address
         raise UserError(f"cannot listen on {args.host}:{args.port}: {why}; choose another --port or --host") from None
     with sock:
-        model, tokenizer = load_for_decoding(args, lambda device, dtype: load_model(args.init, device=device, dtype=dtype))
+        model, tokenizer = load_for_decoding(args, lambda device, dtype: load_model(args.init, device=device, dtype=dtype),
+                                             batched=True)
         return serve(model, tokenizer, sock, args, api_key, template)
 
 

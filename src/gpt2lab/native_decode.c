@@ -16,14 +16,14 @@
  *     multiply by int8 rows times a bfloat16 scale and round the product to bfloat16 before the
  *     float32 bias (torch._weight_int8pack_mm's contract); the products are integer ones over the
  *     input rounded to 16 bits (split_input).
- * Compiled with -march=native: the AVX-512 paths below run where the CPU has them (F, BF16, VNNI),
- * plain loops (vectorized by the compiler through `omp simd`) elsewhere.
+ * Compiled with -march=native: the AVX2/FMA and AVX-512 (BF16, VNNI) paths below run where the CPU
+ * has them, plain loops (vectorized by the compiler through `omp simd`) elsewhere.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -77,23 +77,28 @@ static inline float gelu_tanh(float x) { /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.04
  * hardware prefetcher follows at close to the memory's bandwidth (several rows interleaved read
  * ~25% slower on a Zen 4). */
 
+/* float32 weights, with 256-bit FMAs even where AVX-512 is there: on a Zen 4 they streamed the weights
+ * 4-8% faster than 512-bit ones (as fast as a plain read), and they run on AVX2 machines too */
 static void rows_f32(const float* W, const float* x, float* y, long K, long r0, long r1) {
     long r = r0;
-#if defined(__AVX512F__)
-    if (K % 16 == 0) {
-        long K64 = K / 64 * 64;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (K % 8 == 0) {
+        long K32 = K / 32 * 32;
         for (; r < r1; r++) {
             const float* w = W + r * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             long k = 0;
-            for (; k < K64; k += 64) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+            for (; k < K32; k += 32) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
             }
-            for (; k < K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-            y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            for (; k < K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+            __m256 sum = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            y[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
         }
     }
 #endif

@@ -205,8 +205,9 @@ def main() -> None:
             runs.update(llama_runs(model, prompt[0].tolist(), n, torch.get_num_threads(), folder, steps_s))
     read, read_bytes = read_bandwidth(args.bandwidth_mb)
     runs[f"read {args.bandwidth_mb} MB"] = read
-    resolved = resolve("auto", torch.device("cpu"), Decoding(copy(torch.float32), layout=optimize_for_one_row))  # as sample
-    choice = decoding_int8(copy(torch.float32), resolved) or resolved.choice
+    work = Decoding(copy(torch.float32), layout=optimize_for_one_row)  # as `gpt2lab sample` resolves auto
+    resolved = resolve("auto", torch.device("cpu"), work)
+    choice = decoding_int8(work, resolved) or resolved.choice
 
     print(f"{args.preset}, batch 1, prompt {args.prompt_len} tokens, {n} new tokens, greedy, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gpt2lab
+from gpt2lab import native_decode
 from gpt2lab.cli import main
 from gpt2lab.errors import UserError
 from gpt2lab.int8 import Int8Linear, check_int8, is_int8, quantize_int8
@@ -181,5 +182,7 @@ def test_auto_picks_int8_only_where_it_measures_faster(bf16_rate, int8_rate, pic
     model, _ = load_for_decoding(args, lambda device, dtype: load_model("random:gpt2-tiny", device, dtype))
     got = "int8" if is_int8(model) else {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.transformer.wte.weight.dtype]
     assert got == picked
+    if native_decode.library() is not None:  # the int8 probe lays the model out as sample does, never packs it
+        assert native_decode.runs(model)
     err = capsys.readouterr().err
     assert f"--dtype auto -> {picked} (" in err

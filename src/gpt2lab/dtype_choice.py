@@ -10,7 +10,7 @@ What a run repeats, the work it hands over:
     TrainingSteps(model, batch_size, seq_len)   forward + backward of a micro-batch, under autocast (train, bench)
     ForwardPasses(model, batch_size, seq_len)   forward passes with the weights converted (eval)
     Decoding(model)                             batch-1 one-token steps with the weights converted (sample, chat)
-    decoding_int8(model, resolved)              ... and with int8 linear layers: auto's third candidate (sample, chat)
+    decoding_int8(work, resolved)               ... and with int8 linear layers: auto's third candidate (sample, chat)
     MuonIterations(n_embd)                      Muon's Newton-Schulz iterations (optim.muon_dtype)
 
 Off a CPU, "auto" is the device's (`devices.resolve_dtype`; eval and sample keep the stored weights).
@@ -246,16 +246,17 @@ class Decoding(Work):
         return torch_dtype(name)  # auto off a CPU: the weights as stored
 
 
-def decoding_int8(model: nn.Module, resolved: Resolution) -> Choice | None:
-    """For `--dtype auto` on a CPU, after `resolve` chose fp32 or bf16 for decoding fp32 `model`: the
-    measured Choice of int8 linear layers when they decode THRESHOLD times faster than fp32 and than
-    the bf16 auto took (int8 costs more precision than bf16), else None. Cached like every probe;
-    GPT2LAB_CPU_DTYPE (fp32|bf16) rules int8 out; a model with unmerged LoRA layers is not measured."""
+def decoding_int8(work: Decoding, resolved: Resolution) -> Choice | None:
+    """For `--dtype auto` on a CPU, after `resolve(..., work)` chose fp32 or bf16 for decoding the fp32
+    model of `work`: the measured Choice of int8 linear layers (laid out by the same `work.layout`)
+    when they decode THRESHOLD times faster than fp32 and than the bf16 auto took (int8 costs more
+    precision than bf16), else None. Cached like every probe; GPT2LAB_CPU_DTYPE (fp32|bf16) rules
+    int8 out; a model with unmerged LoRA layers is not measured."""
     from gpt2lab.lora import lora_modules
 
-    if not hasattr(torch, "_weight_int8pack_mm") or lora_modules(model):
+    if not hasattr(torch, "_weight_int8pack_mm") or lora_modules(work.model):
         return None
-    choice = Decoding(model).measure(torch.int8)
+    choice = work.measure(torch.int8)
     if choice.dtype != torch.int8:
         return None
     taken = resolved.choice

@@ -113,8 +113,9 @@ def load_for_decoding(args: argparse.Namespace, load: Callable[[Any, str], tuple
         return ready(quantize_int8(merge_lora(model)), tokenizer)
     model, tokenizer = load(device, load_dtype(args.dtype, device))
     model.eval()
-    resolved = resolve(args.dtype, device, Decoding(model, layout=layout))
-    if args.dtype == "auto" and device.type == "cpu" and (int8 := decoding_int8(model, resolved)) is not None:
+    work = Decoding(model, layout=layout)
+    resolved = resolve(args.dtype, device, work)
+    if args.dtype == "auto" and device.type == "cpu" and (int8 := decoding_int8(work, resolved)) is not None:
         say(f"note: {int8.note('--dtype', 'auto')}")
         return ready(quantize_int8(model), tokenizer)
     if resolved.dtype is not None:

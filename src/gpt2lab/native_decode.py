@@ -1,23 +1,24 @@
 """One-sequence decoding on a CPU through one compiled C function per token.
 
-    step = native_step(model, cache)   # None where it cannot run; `sampling.stream` asks by itself
+    step = native_step(model, cache)   # None where it cannot run; `sampling.one_token_step` asks by itself
     logits = step(model, cache, token, pos)      # (1, V), like sampling.decode_one_token
 
 A decode step reads every weight once, so its floor is the memory's bandwidth. Through torch, a
 gpt2 (124M) step also pays for ~150 operator calls, each with its dispatch, allocation and
 thread-pool hand-off, and for kernels that reach part of the bandwidth on one row; on a 2-core
-Zen 4 that held a bfloat16 step at 16 ms where llama.cpp takes 9. `native_decode.c` computes the
+Zen 4 that held a bfloat16 step at 16 ms where llama.cpp took 9. `native_decode.c` computes the
 same step (GPT.forward for one token, at the model's precision: float32, bfloat16 or gpt2lab.int8)
-in one call over the weights where they are, with its matrix-vector products split between
-torch's OpenMP threads: no copy of the model, no layout change. `sampling.stream` uses it for every
-one-row step where `native_step` says it can, so `gpt2lab sample`, `chat` and `gpt2lab.generate`
-get it without asking.
+in one call over the weights where they lie, its matrix-vector products split between torch's
+OpenMP threads. `sampling.one_token_step` picks it for every one-row step it covers, so
+`gpt2lab sample`, `chat` and `gpt2lab.generate` get it without asking; `lay_out` (what
+`generate.optimize_for_one_row` does) moves the weight matrices onto huge pages once, for a faster
+stream.
 
 The C file is compiled once per machine with the system's C compiler (`cc`, or $CC) for this CPU
-(-march=native) into gpt2lab's cache folder ($GPT2LAB_CACHE, else ~/.cache/gpt2lab), keyed by the source, the compiler and the CPU's
-flags. Where there is no compiler, the build fails, or the model is not one it covers (LoRA layers,
-oneDNN-packed layers, another device or dtype), `native_step` returns None and decoding goes
-through torch as before. GPT2LAB_NATIVE_DECODE=0 turns it off.
+(-march=native) into gpt2lab's cache folder ($GPT2LAB_CACHE, else ~/.cache/gpt2lab), keyed by the
+source, the compiler and the CPU. Where there is no compiler, the build fails, or the model is not
+one it covers (LoRA layers, oneDNN-packed layers, another device or dtype), `native_step` returns
+None and decoding goes through torch. GPT2LAB_NATIVE_DECODE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gpt2lab.devices import cpu_flags, cpu_name
 from gpt2lab.download import cache_dir
 
 SOURCE = Path(__file__).with_name("native_decode.c")
@@ -48,20 +50,10 @@ WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 GLOBAL_PTRS, LAYER_PTRS = 8, 19  # as native_decode.c counts them
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled step for this machine (built on first use), or None where it cannot be built:
-    not Linux/macOS on x86-64 or arm64, no C compiler, or a failed build (`build_error()` says why)."""
+    """The compiled step for this machine (built on first use), or None where it cannot be built: no
+    C compiler, or a failed build, e.g. a compiler without OpenMP (`build_error()` says why)."""
     global _BUILD_ERROR
     if os.environ.get(ENV_SWITCH, "1") == "0":
         _BUILD_ERROR = f"{ENV_SWITCH}=0"
@@ -72,8 +64,9 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_flags(),
-                                        platform.machine(), torch.__version__]).encode()).hexdigest()[:16]
+        cpu = [cpu_name(), " ".join(sorted(cpu_flags())), platform.machine()]  # -march=native builds for this CPU
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), *cpu,
+                                        torch.__version__]).encode()).hexdigest()[:16]
         out = cache_dir() / "native" / f"decode-{key}.so"
         try:
             lib = ctypes.CDLL(str(out)) if out.exists() else None

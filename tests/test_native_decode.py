@@ -306,3 +306,17 @@ def test_the_one_row_layout_moves_weights_without_changing_them(precision):
     twin = copy.deepcopy(after)
     assert generate(twin, prompt, max_new_tokens=12, temperature=0) == generate(after, prompt, max_new_tokens=12,
                                                                                  temperature=0)
+
+
+def test_threads_decoding_at_once_get_what_each_gets_alone():
+    """The step releases the GIL (ctypes) and each stream has its own cache and scratch: four Python
+    threads generating at once from one model get the tokens each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build("rope-gqa", "bf16")
+    prompts = [[5, 17, 42], [7, 7], [250, 1, 2, 3], [99]]
+    alone = [generate(model, [p], max_new_tokens=24, temperature=0, stop_ids=[]) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: generate(model, [p], max_new_tokens=24, temperature=0, stop_ids=[]),
+                                 prompts))
+    assert together == alone

@@ -236,11 +236,9 @@ typedef struct {
     Int8Input in8;
 } Scratch;
 
-static long n_threads(void) { return omp_get_num_threads(); }
-
 /* Rows [r0, r1) of this thread's share of N rows (blocks of 16 rows: whole cache lines of y). */
 static void my_rows(long N, long* r0, long* r1) {
-    long nt = n_threads(), t = omp_get_thread_num();
+    long nt = omp_get_num_threads(), t = omp_get_thread_num();
     long chunk = ((N + nt - 1) / nt + 15) / 16 * 16;
     *r0 = t * chunk < N ? t * chunk : N;
     *r1 = *r0 + chunk < N ? *r0 + chunk : N;
@@ -355,13 +353,48 @@ static void store_act(void* p, long i, float v, int bf16) {
     else ((float*)p)[i] = v;
 }
 
-/* Per layer, in this order: ln_1 weight, bias; c_attn (weight, bias, scale); attn.c_proj (3);
- * ln_2 weight, bias; c_fc (3); mlp.c_proj (3); k cache, v cache (1, nkv, S, hs); slot positions
- * (1, S) int64. */
-enum { LAYER_PTRS = 19 };
+/* The pointers a step reads (native_decode.py lists them in this order). First the model's: wte,
+ * wpe, ln_f weight and bias, the head's weight and scale, the rotary cos and sin tables. Then per
+ * layer: ln_1 weight and bias; c_attn, attn.c_proj (weight, bias, scale each); ln_2 weight and
+ * bias; c_fc, mlp.c_proj (3 each); k and v cache (1, nkv, S, hs); slot positions (1, S) int64. */
+enum { G_WTE, G_WPE, G_LNF_W, G_LNF_B, G_HEAD, G_HEAD_SCALE, G_COS, G_SIN, GLOBAL_PTRS };
+enum { L_LN1_W, L_LN1_B, L_ATTN, L_PROJ = L_ATTN + 3, L_LN2_W = L_PROJ + 3, L_LN2_B, L_FC, L_MPROJ = L_FC + 3,
+       L_K = L_MPROJ + 3, L_V, L_SLOTS, LAYER_PTRS };
 
-/* Global pointers: wte, wpe, ln_f weight, ln_f bias, head weight, head scale, rope cos, rope sin. */
-enum { GLOBAL_PTRS = 8 };
+static Config config_of(const int64_t* cfg, const float* fcfg) {
+    Config c = {cfg[0], cfg[1], cfg[2], cfg[3], cfg[4], cfg[5], cfg[6], (int)cfg[7], (int)cfg[8], (int)cfg[9],
+                (int)cfg[10], fcfg ? fcfg[0] : 0, fcfg ? fcfg[1] : 0};
+    return c;
+}
+
+static long max_slots_of(const Config* c, const int64_t* slots) {
+    long most = 1;
+    for (long l = 0; l < c->n_layer; l++) most = slots[l] > most ? slots[l] : most;
+    return most;
+}
+
+/* Lay the step's activations out in `base` (NULL: only count them); the floats they take. */
+static long carve_scratch(const Config* c, long max_slots, float* base, Scratch* s) {
+    long C = c->n_embd, big = C > c->n_ffn ? C : c->n_ffn, at = 0;
+#define TAKE(field, type, floats) do { if (base) s->field = (type)(base + at); at += (floats); } while (0)
+    TAKE(x, float*, C);
+    TAKE(xn, float*, big);
+    TAKE(qkv, float*, (c->n_head + 2 * c->n_kv_head) * c->head_size);
+    TAKE(att, float*, C);
+    TAKE(h, float*, c->n_ffn);
+    TAKE(out, float*, C);
+    TAKE(scores, float*, c->n_head * max_slots);
+    TAKE(xb, uint16_t*, (big + 1) / 2);   /* bfloat16: half a float each */
+    TAKE(xhi, int8_t*, (big + 3) / 4);    /* bytes: a quarter */
+    TAKE(xlo, uint8_t*, (big + 3) / 4);
+#undef TAKE
+    return at;
+}
+
+/* x += out, rounded as torch stores the residual stream (one thread). */
+static void add_residual(const Config* c, float* x, const float* out) {
+    for (long i = 0; i < c->n_embd; i++) x[i] = c->act_bf16 ? round_bf16(x[i] + out[i]) : x[i] + out[i];
+}
 
 static Linear linear_at(void* const* p) {
     Linear L = {p[0], p[1], p[2]};
@@ -374,31 +407,19 @@ static Linear linear_at(void* const* p) {
 int gpt2lab_decode_step(const int64_t* cfg, const float* fcfg, const int64_t* slots, void* const* ptrs,
                         float* scratch, int64_t token, int64_t pos, int64_t col, int64_t threads,
                         float* logits) {
-    Config c = {cfg[0], cfg[1], cfg[2], cfg[3], cfg[4], cfg[5], cfg[6], (int)cfg[7], (int)cfg[8], (int)cfg[9],
-                (int)cfg[10], fcfg[0], fcfg[1]};
+    Config c = config_of(cfg, fcfg);
     long C = c.n_embd, hs = c.head_size, nh = c.n_head, nkv = c.n_kv_head;
     long qkv_n = (nh + 2 * nkv) * hs, group = nh / nkv;
-    long max_slots = 1;
-    for (long l = 0; l < c.n_layer; l++) max_slots = slots[l] > max_slots ? slots[l] : max_slots;
+    long max_slots = max_slots_of(&c, slots);
     Scratch s;
-    float* p = scratch;
-    s.x = p; p += C;
-    s.xn = p; p += C > c.n_ffn ? C : c.n_ffn;
-    s.qkv = p; p += qkv_n;
-    s.att = p; p += C;
-    s.h = p; p += c.n_ffn;
-    s.out = p; p += C;
-    s.scores = p; p += nh * max_slots;
-    s.xb = (uint16_t*)p;
-    s.xhi = (int8_t*)(s.xb + (C > c.n_ffn ? C : c.n_ffn));
-    s.xlo = (uint8_t*)(s.xhi + (C > c.n_ffn ? C : c.n_ffn));
-    const float* cos_p = c.rope ? (const float*)ptrs[6] + pos * (hs / 2) : NULL;
-    const float* sin_p = c.rope ? (const float*)ptrs[7] + pos * (hs / 2) : NULL;
+    carve_scratch(&c, max_slots, scratch, &s);
+    const float* cos_p = c.rope ? (const float*)ptrs[G_COS] + pos * (hs / 2) : NULL;
+    const float* sin_p = c.rope ? (const float*)ptrs[G_SIN] + pos * (hs / 2) : NULL;
 
     for (long i = 0; i < C; i++) {
-        float v = load_act(ptrs[0], token * C + i, c.act_bf16);
+        float v = load_act(ptrs[G_WTE], token * C + i, c.act_bf16);
         if (c.learned_pos) {
-            v += load_act(ptrs[1], pos * C + i, c.act_bf16);
+            v += load_act(ptrs[G_WPE], pos * C + i, c.act_bf16);
             if (c.act_bf16) v = round_bf16(v);
         }
         s.x[i] = v;
@@ -408,12 +429,12 @@ int gpt2lab_decode_step(const int64_t* cfg, const float* fcfg, const int64_t* sl
     {
         for (long l = 0; l < c.n_layer; l++) {
             void* const* lp = ptrs + GLOBAL_PTRS + l * LAYER_PTRS;
-            Linear attn = linear_at(lp + 2), proj = linear_at(lp + 5), fc = linear_at(lp + 10),
-                   mproj = linear_at(lp + 13);
+            Linear attn = linear_at(lp + L_ATTN), proj = linear_at(lp + L_PROJ), fc = linear_at(lp + L_FC),
+                   mproj = linear_at(lp + L_MPROJ);
             long S = slots[l], slot = col % S, n = col + 1 < S ? col + 1 : S;
 #pragma omp single
             {
-                layer_norm(&c, s.x, lp[0], lp[1], s.xn);
+                layer_norm(&c, s.x, lp[L_LN1_W], lp[L_LN1_B], s.xn);
                 prepare_input(&c, &s, s.xn, C);
             }
             linear_rows(&c, &attn, &s, s.xn, s.qkv, qkv_n, C, 0);
@@ -429,16 +450,16 @@ int gpt2lab_decode_step(const int64_t* cfg, const float* fcfg, const int64_t* sl
                 }
                 for (long h = 0; h < nkv; h++)
                     for (long i = 0; i < hs; i++) {
-                        store_act(lp[16], (h * S + slot) * hs + i, k[h * hs + i], c.act_bf16);
-                        store_act(lp[17], (h * S + slot) * hs + i, v[h * hs + i], c.act_bf16);
+                        store_act(lp[L_K], (h * S + slot) * hs + i, k[h * hs + i], c.act_bf16);
+                        store_act(lp[L_V], (h * S + slot) * hs + i, v[h * hs + i], c.act_bf16);
                     }
-                ((int64_t*)lp[18])[slot] = pos;
+                ((int64_t*)lp[L_SLOTS])[slot] = pos;
             }
 #pragma omp for schedule(static)
             for (long h = 0; h < nh; h++) {
                 long kvh = h / group;
                 size_t off = (size_t)kvh * S * hs * (c.act_bf16 ? 2 : 4);
-                attend_head(&c, s.qkv + h * hs, (const char*)lp[16] + off, (const char*)lp[17] + off, n,
+                attend_head(&c, s.qkv + h * hs, (const char*)lp[L_K] + off, (const char*)lp[L_V] + off, n,
                             s.scores + h * max_slots, s.att + h * hs);
             }
 #pragma omp single
@@ -447,8 +468,8 @@ int gpt2lab_decode_step(const int64_t* cfg, const float* fcfg, const int64_t* sl
 #pragma omp barrier
 #pragma omp single
             {
-                for (long i = 0; i < C; i++) s.x[i] = c.act_bf16 ? round_bf16(s.x[i] + s.out[i]) : s.x[i] + s.out[i];
-                layer_norm(&c, s.x, lp[8], lp[9], s.xn);
+                add_residual(&c, s.x, s.out);
+                layer_norm(&c, s.x, lp[L_LN2_W], lp[L_LN2_B], s.xn);
                 prepare_input(&c, &s, s.xn, C);
             }
             linear_rows(&c, &fc, &s, s.xn, s.h, c.n_ffn, C, 1);
@@ -458,14 +479,14 @@ int gpt2lab_decode_step(const int64_t* cfg, const float* fcfg, const int64_t* sl
             linear_rows(&c, &mproj, &s, s.h, s.out, C, c.n_ffn, 0);
 #pragma omp barrier
 #pragma omp single
-            for (long i = 0; i < C; i++) s.x[i] = c.act_bf16 ? round_bf16(s.x[i] + s.out[i]) : s.x[i] + s.out[i];
+            add_residual(&c, s.x, s.out);
         }
 #pragma omp single
         {
-            layer_norm(&c, s.x, ptrs[2], ptrs[3], s.xn);
+            layer_norm(&c, s.x, ptrs[G_LNF_W], ptrs[G_LNF_B], s.xn);
             prepare_input(&c, &s, s.xn, C);
         }
-        Linear head = {ptrs[4], NULL, ptrs[5]};
+        Linear head = {ptrs[G_HEAD], NULL, ptrs[G_HEAD_SCALE]};
         linear_rows(&c, &head, &s, s.xn, logits, c.vocab, C, 0);
     }
     return 0;
@@ -473,10 +494,6 @@ int gpt2lab_decode_step(const int64_t* cfg, const float* fcfg, const int64_t* sl
 
 /* Floats of scratch a step needs (the caller allocates them). */
 int64_t gpt2lab_scratch_floats(const int64_t* cfg, const int64_t* slots) {
-    long C = cfg[1], nh = cfg[2], nkv = cfg[3], hs = cfg[4], ffn = cfg[5];
-    long max_slots = 1;
-    for (long l = 0; l < cfg[0]; l++) max_slots = slots[l] > max_slots ? slots[l] : max_slots;
-    long big = C > ffn ? C : ffn;
-    /* x, xn, qkv, att, h, out, scores, then xb (bfloat16: half a float each), xhi and xlo (a quarter) */
-    return C + big + (nh + 2 * nkv) * hs + C + ffn + C + nh * max_slots + big + 16;
+    Config c = config_of(cfg, NULL);
+    return carve_scratch(&c, max_slots_of(&c, slots), NULL, NULL);
 }

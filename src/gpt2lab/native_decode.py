@@ -47,7 +47,10 @@ SOURCE = Path(__file__).with_name("native_decode.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 ENV_SWITCH = "GPT2LAB_NATIVE_DECODE"
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-GLOBAL_PTRS, LAYER_PTRS = 8, 19  # as native_decode.c counts them
+# The pointer list, as native_decode.c numbers it (G_*, L_*): 8 of the model's, then 19 per layer.
+GLOBAL_PTRS, LAYER_PTRS = 8, 19
+GLOBAL_ACT, HEAD = (0, 1, 2, 3), 4  # wte, wpe, ln_f weight and bias; the head's weight
+LAYER_NORMS, LAYER_MATRICES, LAYER_CACHE = (0, 1, 8, 9), (2, 5, 10, 13), 16  # LayerNorms; weights; k, v, slots
 
 
 @functools.cache
@@ -146,7 +149,7 @@ class NativeStep:
         slots = [layer.size for layer in cache.layers]
         tensors = list(plan.tensors)
         for i, layer in enumerate(cache.layers):  # the cache's three slots of each layer's pointers
-            at = GLOBAL_PTRS + i * LAYER_PTRS + 16
+            at = GLOBAL_PTRS + i * LAYER_PTRS + LAYER_CACHE
             tensors[at: at + 3] = [layer.k, layer.v, layer.slot_pos]
         self._keep = tensors  # the pointers below stay valid while these tensors live
         self._ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
@@ -283,8 +286,8 @@ def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
 def _is_streamed(index: int) -> bool:
     """Whether the tensor at `index` of the pointer list is a weight matrix the step reads whole."""
     if index < GLOBAL_PTRS:
-        return index == 4  # the head
-    return (index - GLOBAL_PTRS) % LAYER_PTRS in (2, 5, 10, 13)
+        return index == HEAD
+    return (index - GLOBAL_PTRS) % LAYER_PTRS in LAYER_MATRICES
 
 
 def missing_build_note(model: Any) -> str | None:
@@ -299,9 +302,9 @@ def missing_build_note(model: Any) -> str | None:
 def native_step(model: Any, cache: Any) -> NativeStep | None:
     """The C step for `model` decoding into `cache`, or None where it does not apply (see `_plan`,
     `library`; the cache must hold one row and its dtype be the model's, and CPU autocast be off)."""
-    plan = _plan(model)
     if torch.is_autocast_enabled("cpu"):  # torch's step would compute in the autocast dtype
         return None
+    plan = _plan(model)
     if plan is None or cache.layers[0].k.shape[0] != 1 or cache.layers[0].k.dtype != model.transformer.wte.weight.dtype:
         return None
     if model.config.pos_emb == "rope" and model.rope_len < cache.max_len:
@@ -314,8 +317,8 @@ def _is_act_tensor(index: int) -> bool:
     """Whether the tensor at `index` of the pointer list is stored in the activation dtype: the
     embeddings, LayerNorms and KV caches (not weights, int8 scales, rotary tables or slot positions)."""
     if index < GLOBAL_PTRS:
-        return index in (0, 1, 2, 3)
-    return (index - GLOBAL_PTRS) % LAYER_PTRS in (0, 1, 8, 9, 16, 17)
+        return index in GLOBAL_ACT
+    return (index - GLOBAL_PTRS) % LAYER_PTRS in (*LAYER_NORMS, LAYER_CACHE, LAYER_CACHE + 1)
 
 
 if __name__ == "__main__":  # python -m gpt2lab.native_decode: build it now and say where
